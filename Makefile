@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench venv clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## FedProx vs FedAvg on Synthetic(1,1) with 90% stragglers (offline): table + plot in runs/demo
+demo: $(STAMP)
+	$(BIN)/python experiments/demo.py --out runs/demo
+
+## the fast test suite (what CI runs)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2
+
+## the heavier tests, on purpose
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench_round.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

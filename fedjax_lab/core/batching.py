@@ -1,0 +1,105 @@
+"""Local batches drawn on device: (key, client ids) -> example indices and a step mask.
+
+Each client's examples form a stream of shuffled passes (epochs) over its own data; step s of
+client c takes stream positions s*B ... s*B + B - 1. Two modes:
+
+* steps mode  (`epochs=None`): every client does `local_steps` steps of B examples.
+* epochs mode (`epochs=E`):    client c does ceil(E * n_c / B) steps, i.e. E passes over its data
+  (the last batch is topped up from the start of the stream); the array holds the largest
+  client's count and the step mask turns the rest off.
+
+Shuffling (`shuffle`):
+* "epoch": each pass is a fresh uniform permutation of the client's n_c examples (sort of random
+  keys over the static width max_client_size; examples beyond n_c sort last). No example repeats
+  within a pass.
+* "replacement": every position is an independent uniform draw from the client's examples.
+* "auto" (default): "epoch" unless the permutations would take more than 2**24 random keys
+  per round (many passes of tiny clients next to a huge one), then "replacement".
+
+Batches depend only on (key, client id), not on which other clients were sampled, so a per-client
+reference loop given the same key draws the same batches.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+SHUFFLE_BUDGET = 1 << 24
+
+
+class Batches(NamedTuple):
+    idx: jax.Array        # [C, S, B] int32 rows of the flat data arrays
+    step_mask: jax.Array  # [C, S] bool: step s of client c is real work
+    num_steps: jax.Array  # [C] int32 number of real steps
+
+
+def plan_steps(data, *, local_steps=None, epochs=None, batch_size: int):
+    """Static number of scan steps S for this data (the largest client's in epochs mode)."""
+    if epochs is None:
+        return int(local_steps)
+    return max(1, math.ceil(epochs * data.max_client_size / batch_size))
+
+
+def full_steps(sizes, *, local_steps=None, epochs=None, batch_size: int):
+    """[C] steps each client would do without stragglers."""
+    if epochs is None:
+        return jnp.full(sizes.shape, local_steps, jnp.int32)
+    return jnp.ceil(epochs * sizes / batch_size).astype(jnp.int32)
+
+
+def _passes_needed(data, num_steps, batch_size, epochs):
+    if epochs is not None:
+        return int(epochs)
+    return max(1, math.ceil(num_steps * batch_size / max(data.min_client_size, 1)))
+
+
+def resolve_shuffle(shuffle: str, data, num_clients: int, num_steps: int, batch_size: int, epochs):
+    if shuffle not in ("auto", "epoch", "replacement"):
+        raise ValueError(f"shuffle must be 'auto', 'epoch' or 'replacement', got {shuffle!r}")
+    if shuffle != "auto":
+        return shuffle
+    cost = num_clients * _passes_needed(data, num_steps, batch_size, epochs) * data.max_client_size
+    return "epoch" if cost <= SHUFFLE_BUDGET else "replacement"
+
+
+def client_batches(key, lo, n, *, num_steps: int, batch_size: int, passes: int, width: int,
+                   shuffle: str, stream_len=None):
+    """[S, B] row indices of one client with rows lo ... lo + n - 1 (the un-vmapped core)."""
+    pos = jnp.arange(num_steps * batch_size).reshape(num_steps, batch_size)
+    n_safe = jnp.maximum(n, 1)
+    if stream_len is not None:             # epochs mode: wrap the last batch to the stream start
+        pos = pos % jnp.maximum(stream_len, 1)
+    if shuffle == "replacement":
+        local = jax.random.randint(key, pos.shape, 0, n_safe)
+    else:
+        u = jax.random.uniform(key, (passes, width))
+        u = jnp.where(jnp.arange(width) < n, u, 2.0)
+        perms = jnp.argsort(u, axis=1).astype(jnp.int32)     # [passes, width]; first n are a perm
+        epoch = jnp.minimum(pos // n_safe, passes - 1)
+        local = perms[epoch, pos % n_safe]
+    return (lo + local).astype(jnp.int32)
+
+
+def draw_batches(key, data, ids, *, batch_size: int, local_steps=None, epochs=None,
+                 shuffle: str = "auto", num_steps=None) -> Batches:
+    """Batches for the sampled clients `ids` ([C] int). See the module docstring."""
+    S = plan_steps(data, local_steps=local_steps, epochs=epochs, batch_size=batch_size) \
+        if num_steps is None else num_steps
+    C = ids.shape[0]
+    mode = resolve_shuffle(shuffle, data, C, S, batch_size, epochs)
+    lo = data.offsets[ids]
+    n = data.offsets[ids + 1] - lo
+    steps = full_steps(n, local_steps=local_steps, epochs=epochs, batch_size=batch_size)
+    steps = jnp.where(n > 0, jnp.minimum(steps, S), 0)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+    stream_len = None if epochs is None else epochs * n
+    fn = lambda k, lo_, n_, sl: client_batches(
+        k, lo_, n_, num_steps=S, batch_size=batch_size, width=max(data.max_client_size, 1),
+        passes=_passes_needed(data, S, batch_size, epochs), shuffle=mode, stream_len=sl)
+    idx = jax.vmap(fn, in_axes=(0, 0, 0, None if stream_len is None else 0))(keys, lo, n, stream_len)
+    idx = jnp.minimum(idx, max(data.num_examples - 1, 0))
+    mask = jnp.arange(S)[None, :] < steps[:, None]
+    return Batches(idx=idx, step_mask=mask, num_steps=steps)

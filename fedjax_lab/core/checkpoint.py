@@ -1,0 +1,41 @@
+"""Orbax checkpoints of the algorithm state plus the run's config, for exact resumption."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(out: str) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(out, "checkpoints")), options=options)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict):
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                           meta=ocp.args.JsonSave(meta)))
+    mgr.wait_until_finished()
+
+
+def latest_step(mgr: ocp.CheckpointManager):
+    return mgr.latest_step()
+
+
+def restore(mgr: ocp.CheckpointManager, step: int, like):
+    """State restored with the structure, shapes and dtypes of `like`, and the saved meta."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                    meta=ocp.args.JsonRestore()))
+    return got["state"], got["meta"]
+
+
+def config_diff(saved: dict, now: dict, *, ignore=("rounds",)) -> list[str]:
+    keys = sorted(set(saved) | set(now))
+    return [f"{k}: checkpoint has {saved.get(k, '<missing>')!r}, this run has {now.get(k, '<missing>')!r}"
+            for k in keys if k not in ignore and _norm(saved.get(k)) != _norm(now.get(k))]
+
+
+def _norm(v):
+    return json.loads(json.dumps(v))

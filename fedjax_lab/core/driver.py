@@ -1,0 +1,175 @@
+"""The run driver: `eval_every` rounds per jitted `lax.scan`, then evaluation, logging,
+checkpoints and the progress bar on the host.
+
+Round r (1-based) uses the key fold_in(k_rounds, r), so a run resumed from a checkpoint at round
+r replays exactly the rounds an uninterrupted run would: same seed, same metrics.jsonl, bit for bit
+on one backend. The jitted chunk takes the Algorithm as a static argument (identity-hashed), so
+repeated chunks and repeated `run` calls with the same algorithm and shapes compile once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lab.core import checkpoint as ckpt
+from fedjax_lab.core import validate
+from fedjax_lab.core.evaluate import evaluation_metrics, evaluation_sums
+from fedjax_lab.core.types import Algorithm
+
+
+@dataclasses.dataclass
+class RunResult:
+    state: Any
+    history: list          # one dict per evaluation, as written to metrics.jsonl
+
+
+@functools.partial(jax.jit, static_argnames=("alg", "length"), donate_argnames=("state",))
+def run_rounds(alg: Algorithm, state, data, key, first_round, length: int):
+    """Rounds first_round + 1 ... first_round + length in one XLA program; per-round metrics stacked."""
+    def body(state, r):
+        return alg.round(state, data, jax.random.fold_in(key, r))
+    return jax.lax.scan(body, state, first_round + 1 + jnp.arange(length))
+
+
+evaluate = jax.jit(evaluation_sums, static_argnums=0)
+
+
+def data_fingerprint(data) -> str:
+    """Cheap identity of a dataset (sizes, shapes and a checksum), stored with checkpoints."""
+    h = hashlib.sha1()
+    for split in (data, data.test):
+        if split is None:
+            continue
+        h.update(np.asarray(split.offsets).tobytes())
+        h.update(str((split.x.shape, str(split.x.dtype))).encode())
+        h.update(np.float64(jnp.sum(split.x.astype(jnp.float32))).tobytes())
+        h.update(np.asarray(split.y).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _as_key(key):
+    if isinstance(key, (int, np.integer)):
+        return jax.random.key(int(key)), int(key)
+    if not isinstance(key, jax.Array):
+        raise ValueError(f"key must be an int seed or a jax PRNG key, got {type(key).__name__}")
+    raw = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return key, np.asarray(raw).tolist()
+
+
+def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Optional[str] = None,
+        checkpoint_every: Optional[int] = None, resume: bool = False, progress: bool = True,
+        extra_config: Optional[dict] = None) -> RunResult:
+    """Train `alg` on `data` for `rounds` rounds; evaluate every `eval_every` rounds.
+
+    out: directory for config.json, metrics.jsonl and checkpoints/ (orbax).
+    checkpoint_every: save every so many rounds (a multiple of eval_every) and at the end.
+    resume: continue from the last checkpoint in `out`; its config must match this run's.
+    A non-finite training or evaluation loss stops the run with FloatingPointError naming the round.
+    """
+    validate.positive("rounds", rounds, integer=True)
+    validate.positive("eval_every", eval_every, integer=True)
+    if checkpoint_every is not None:
+        validate.positive("checkpoint_every", checkpoint_every, integer=True)
+        if checkpoint_every % eval_every:
+            raise ValueError(f"checkpoint_every={checkpoint_every} must be a multiple of "
+                             f"eval_every={eval_every}")
+        if out is None:
+            raise ValueError("checkpoint_every needs out= (the directory to write checkpoints to)")
+    if resume and out is None:
+        raise ValueError("resume=True needs out= (the directory holding the checkpoints)")
+    alg.check(data)
+    key, key_repr = _as_key(key)
+    k_init, k_rounds = jax.random.split(key)
+    config = dict(alg.config, rounds=rounds, eval_every=eval_every, key=key_repr,
+                  data=data_fingerprint(data), **(extra_config or {}))
+
+    mgr = ckpt.manager(out) if (out is not None and (checkpoint_every or resume)) else None
+    history: list = []
+    start = 0
+    state = alg.init(k_init, data)
+    if resume:
+        step = ckpt.latest_step(mgr)
+        if step is None:
+            raise FileNotFoundError(f"resume=True but there is no checkpoint in "
+                                    f"{os.path.join(out, 'checkpoints')}")
+        state, meta = ckpt.restore(mgr, step, state)
+        diff = ckpt.config_diff(meta["config"], config)
+        if diff:
+            raise ValueError("cannot resume: the checkpoint was written by a different config:\n  "
+                             + "\n  ".join(diff))
+        start = int(step)
+        history = _read_history(out, upto=start)
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        _write_history(out, history)
+
+    bar = _progress(rounds, start, progress)
+    totals = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("total_")}
+    t = start
+    while t < rounds:
+        length = min(eval_every, rounds - t)
+        state, per_round = run_rounds(alg, state, data, k_rounds, jnp.int32(t), length)
+        per_round = jax.device_get(per_round)
+        _stop_if_not_finite(per_round, "local_loss", first_round=t)
+        t += length
+        record = {"round": t}
+        record.update(evaluation_metrics(jax.device_get(evaluate(alg, state, data))))
+        for name, values in per_round.items():
+            values = np.asarray(values, np.float64)
+            if name.startswith("bytes_"):
+                totals[f"total_{name}"] = totals.get(f"total_{name}", 0.0) + float(values.sum())
+            record[name] = float(values.mean())
+        record.update(totals)
+        for name in ("train_loss", "test_loss"):
+            if name in record and not np.isfinite(record[name]):
+                raise FloatingPointError(f"non-finite {name} ({record[name]}) at round {t}")
+        history.append(record)
+        if out is not None:
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        if mgr is not None and checkpoint_every and (t % checkpoint_every == 0 or t == rounds):
+            ckpt.save(mgr, t, state, {"config": config, "round": t})
+        bar.update(length)
+        bar.set_postfix({k: f"{record[k]:.4f}" for k in ("train_loss", "test_accuracy") if k in record})
+    bar.close()
+    return RunResult(state=state, history=history)
+
+
+def _stop_if_not_finite(per_round: dict, name: str, *, first_round: int):
+    if name not in per_round:
+        return
+    bad = np.flatnonzero(~np.isfinite(np.asarray(per_round[name])))
+    if bad.size:
+        r = first_round + int(bad[0]) + 1
+        raise FloatingPointError(f"non-finite training loss ({name}) at round {r}; lower the "
+                                 "learning rate or check the data")
+
+
+def _read_history(out: str, *, upto: int) -> list:
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r["round"] <= upto]
+
+
+def _write_history(out: str, history: list):
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        for r in history:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="round", leave=False)

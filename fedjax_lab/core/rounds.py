@@ -1,0 +1,114 @@
+"""Pieces of a round shared by all algorithms: server state, local-work plan, sampling + batches,
+client weights and the FedOpt server step (Reddi et al., ICLR 2021)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from fedjax_lab.core import validate
+from fedjax_lab.core.batching import Batches, draw_batches, plan_steps
+from fedjax_lab.core.sampling import sample_clients, straggler_steps
+from fedjax_lab.core.tree import tree_scale
+
+
+@struct.dataclass
+class ServerState:
+    params: Any
+    opt_state: Any
+    round: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalWork:
+    """How clients are picked and how much each trains in a round.
+
+    clients_per_round C; batch_size B; either `local_steps` (steps mode) or `epochs` (epochs mode,
+    which overrides local_steps); `stragglers`: fraction of sampled clients doing a random
+    amount of work in [1, E) epochs or [1, local_steps) steps (FedProx Sec. 5.2); `sampling`:
+    "uniform" or "size"; `weighting`: "examples" (n_k) or "uniform" aggregation weights.
+    """
+    clients_per_round: int = 10
+    batch_size: int = 10
+    local_steps: int = 20
+    epochs: Optional[int] = None
+    stragglers: float = 0.0
+    sampling: str = "uniform"
+    weighting: str = "examples"
+    shuffle: str = "auto"
+
+    def __post_init__(self):
+        validate.positive("clients_per_round", self.clients_per_round, integer=True)
+        validate.positive("batch_size", self.batch_size, integer=True)
+        validate.positive("local_steps", self.local_steps, integer=True)
+        if self.epochs is not None:
+            validate.positive("epochs", self.epochs, integer=True)
+        validate.fraction("stragglers", self.stragglers)
+        validate.one_of("sampling", self.sampling, {"uniform", "size"})
+        validate.one_of("weighting", self.weighting, {"examples", "uniform"})
+        validate.one_of("shuffle", self.shuffle, {"auto", "epoch", "replacement"})
+
+    def check(self, data):
+        validate.clients_per_round(self.clients_per_round, data.num_clients)
+        if data.max_client_size == 0:
+            raise ValueError("data: every client is empty; there is nothing to train on")
+
+    def num_steps(self, data) -> int:
+        return plan_steps(data, local_steps=self.local_steps, epochs=self.epochs,
+                          batch_size=self.batch_size)
+
+
+class Participation(struct.PyTreeNode):
+    ids: jax.Array            # [C] sampled client ids
+    batches: Batches          # idx [C, S, B], step_mask [C, S] (stragglers applied)
+    is_straggler: jax.Array   # [C] bool
+    num_examples: jax.Array   # [C] client train sizes n_k
+
+
+def participate(key, data, work: LocalWork) -> Participation:
+    """Sample clients, draw their batches on device and cut stragglers' work with the step mask."""
+    k_sample, k_batch, k_strag = jax.random.split(key, 3)
+    ids = sample_clients(k_sample, data.num_clients, work.clients_per_round,
+                         client_sizes=data.client_sizes, scheme=work.sampling)
+    batches = draw_batches(k_batch, data, ids, batch_size=work.batch_size,
+                           local_steps=work.local_steps, epochs=work.epochs, shuffle=work.shuffle)
+    n = data.client_sizes[ids]
+    if work.epochs is None:
+        unit_steps, units = jnp.ones_like(n, jnp.float32), work.local_steps
+    else:
+        unit_steps, units = n / work.batch_size, work.epochs
+    steps, is_straggler = straggler_steps(k_strag, batches.num_steps, work.stragglers,
+                                          unit_steps=unit_steps, units=units)
+    mask = jnp.arange(batches.idx.shape[1])[None, :] < steps[:, None]
+    return Participation(ids=ids, batches=Batches(batches.idx, mask, steps),
+                         is_straggler=is_straggler, num_examples=n)
+
+
+def client_weights(part: Participation, work: LocalWork, *, drop_stragglers: bool):
+    """Aggregation weights p_k: n_k or 1, zero for dropped stragglers and clients with no steps."""
+    w = part.num_examples.astype(jnp.float32) if work.weighting == "examples" \
+        else jnp.ones(part.ids.shape, jnp.float32)
+    w = w * (part.batches.num_steps > 0)
+    return jnp.where(part.is_straggler, 0.0, w) if drop_stragglers else w
+
+
+def server_update(server_optimizer: optax.GradientTransformation, state: ServerState, mean_delta):
+    """FedOpt: the pseudo-gradient is -mean_k(w_k - w_t); FedAvg is SGD with lr 1 on it."""
+    pseudo_grad = tree_scale(mean_delta, -1.0)
+    updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
+    return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                         round=state.round + 1)
+
+
+def init_server(server_optimizer, params) -> ServerState:
+    return ServerState(params=params, opt_state=server_optimizer.init(params),
+                       round=jnp.zeros((), jnp.int32))
+
+
+def weighted_mean_scalar(values, weights):
+    total = jnp.sum(weights)
+    return jnp.where(total > 0, jnp.sum(values * weights) / jnp.where(total > 0, total, 1.0), 0.0)

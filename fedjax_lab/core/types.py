@@ -1,0 +1,71 @@
+"""The two records everything is built on: Model and Algorithm.
+
+Both are frozen dataclasses compared by identity, so a jitted driver can take them as static
+arguments and compile once per (algorithm, shapes), however many rounds or `run` calls follow.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any
+PRNGKey = jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """Pure functions over a params pytree.
+
+    init(key, sample_x) -> params
+    apply(params, x, *, train=False, rng=None) -> logits
+    features(params, x, *, train=False, rng=None) -> z and head(params, z) -> logits, where the split
+    is meaningful (apply == head o features).
+    loss(logits, y) -> per-example loss (softmax cross-entropy with integer labels by default).
+    """
+    init: Callable[..., Params]
+    apply: Callable[..., jax.Array]
+    features: Optional[Callable[..., jax.Array]] = None
+    head: Optional[Callable[..., jax.Array]] = None
+    loss: Callable[[jax.Array, jax.Array], jax.Array] = None  # type: ignore[assignment]
+    name: str = "model"
+
+    def __post_init__(self):
+        if self.loss is None:
+            object.__setattr__(self, "loss", cross_entropy)
+
+
+def cross_entropy(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+def batch_loss(model: Model, params, x, y, rng=None, *, train=True):
+    """Mean loss of `model` on one batch."""
+    return jnp.mean(model.loss(model.apply(params, x, train=train, rng=rng), y))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Algorithm:
+    """An algorithm is an immutable record of pure functions (in the spirit of optax):
+
+    state = alg.init(key, data)                 # server state + stacked per-client rows [N, ...]
+    state, metrics = alg.round(state, data, key)  # pure and jittable: sample, train, aggregate
+    params = alg.client_params(state, ids)      # what clients `ids` deploy, stacked [len(ids), ...]
+    params = alg.global_params(state)           # the global model (None for purely personal methods)
+
+    `check(data)` raises ValueError on bad hyperparameters for this data, before any compilation;
+    `config` holds the factory's hyperparameters (written to config.json and checkpoints).
+    `bytes_per_round(data)` is filled by algorithms that account for communication.
+    """
+    name: str
+    init: Callable[[PRNGKey, Any], Any]
+    round: Callable[[Any, Any, PRNGKey], tuple[Any, dict]]
+    client_params: Callable[[Any, jax.Array], Params]
+    model: Model
+    global_params: Optional[Callable[[Any], Params]] = None
+    personalized: bool = False
+    check: Callable[[Any], None] = lambda data: None
+    config: dict = dataclasses.field(default_factory=dict)
