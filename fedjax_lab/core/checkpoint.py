@@ -31,7 +31,7 @@ def restore(mgr: ocp.CheckpointManager, step: int, like):
     return got["state"], got["meta"]
 
 
-def config_diff(saved: dict, now: dict, *, ignore=("rounds",)) -> list[str]:
+def config_diff(saved: dict, now: dict, *, ignore=("rounds", "command")) -> list[str]:
     keys = sorted(set(saved) | set(now))
     return [f"{k}: checkpoint has {saved.get(k, '<missing>')!r}, this run has {now.get(k, '<missing>')!r}"
             for k in keys if k not in ignore and _norm(saved.get(k)) != _norm(now.get(k))]
