@@ -10,11 +10,20 @@ from fedjax_lab.models.base import from_linen
 
 
 class Logistic(nn.Module):
+    """features(x) is the flattened input (the identity representation) and head(z) = W z + b, so
+    representation-level algorithms (FedRep-style heads, FedProto's prototypes) accept the linear
+    model too: its body is empty and its whole parameter set is the head."""
     num_classes: int
 
+    def features(self, x, train: bool = False):
+        return x.reshape(x.shape[0], -1)
+
     @nn.compact
+    def head(self, z):
+        return nn.Dense(self.num_classes)(z)   # param path "Dense_0", as before the split
+
     def __call__(self, x, train: bool = False):
-        return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+        return self.head(self.features(x, train))
 
 
 class MLP(nn.Module):

@@ -1,0 +1,72 @@
+"""Two-conv-layer CNNs: the FedAvg paper's MNIST CNN and the CIFAR CNN of PFLlib.
+
+Both are  conv5x5(32) -> ReLU -> maxpool2 -> conv5x5(64) -> ReLU -> maxpool2 -> flatten
+-> Dense(512) -> ReLU -> [dropout] -> Dense(num_classes)  (the softmax lives in the loss).
+They differ only in the convolutions' padding:
+
+* `cnn` (McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+  Data", AISTATS 2017, Sec. 3): "two 5x5 convolution layers (the first with 32 channels, the
+  second with 64, each followed with 2x2 max pooling), a fully connected layer with 512 units and
+  ReLU activation, and a final softmax output layer (1,663,370 total parameters)". That count
+  holds with SAME padding (28 -> 14 -> 7, 7*7*64 = 3136 inputs to the 512-unit layer):
+  832 + 51,264 + 1,606,144 + 5,130 = 1,663,370 parameters on 28x28x1 MNIST with 10 classes.
+* `cnn_cifar`: `FedAvgCNN` of PFLlib (Zhang et al., github.com/TsingZ0/PFLlib,
+  system/flcore/trainmodel/models.py), the CNN its FedProto, FedGen and Ditto baselines train on
+  CIFAR-10/100: same layers with VALID padding (`dim=1600` = 5*5*64 for 32x32 inputs):
+  2,432 + 51,264 + 819,712 + 5,130 = 878,538 parameters on 32x32x3 CIFAR-10 (924,708 with 100
+  classes). On 28x28x1 inputs (`dim=1024`) it has 582,026 parameters.
+
+features(x) is the 512-unit ReLU layer (after dropout in training), head(z) the last Dense layer,
+the same base/head split as PFLlib's `BaseHeadSplit`. Neither paper uses dropout; `dropout > 0`
+adds it on the 512 features, keyed by the `rng` that local training folds per client and step.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+
+from fedjax_lab.core import validate
+from fedjax_lab.core.types import Model
+from fedjax_lab.models.base import from_linen
+
+
+class CNN(nn.Module):
+    num_classes: int
+    padding: str = "SAME"
+    dropout: float = 0.0
+
+    def setup(self):
+        self.conv1 = nn.Conv(32, (5, 5), padding=self.padding)
+        self.conv2 = nn.Conv(64, (5, 5), padding=self.padding)
+        self.fc1 = nn.Dense(512)
+        self.drop = nn.Dropout(self.dropout)
+        self.fc = nn.Dense(self.num_classes)
+
+    def features(self, x, train: bool = False):
+        pool = lambda z: nn.max_pool(z, (2, 2), strides=(2, 2))
+        z = pool(nn.relu(self.conv1(x)))
+        z = pool(nn.relu(self.conv2(z)))
+        z = nn.relu(self.fc1(z.reshape(z.shape[0], -1)))
+        return self.drop(z, deterministic=not train or self.dropout == 0.0)
+
+    def head(self, z):
+        return self.fc(z)
+
+    def __call__(self, x, train: bool = False):
+        return self.head(self.features(x, train))
+
+
+def _check(num_classes, dropout):
+    validate.positive("num_classes", num_classes, integer=True)
+    validate.fraction("dropout", dropout, closed_right=False)
+
+
+def cnn(num_classes: int, *, dropout: float = 0.0) -> Model:
+    """FedAvg's MNIST CNN (SAME padding): 1,663,370 parameters on 28x28x1 with 10 classes."""
+    _check(num_classes, dropout)
+    return from_linen(CNN(num_classes, "SAME", float(dropout)), "cnn")
+
+
+def cnn_cifar(num_classes: int, *, dropout: float = 0.0) -> Model:
+    """PFLlib's FedAvgCNN (VALID padding): 878,538 parameters on 32x32x3 with 10 classes."""
+    _check(num_classes, dropout)
+    return from_linen(CNN(num_classes, "VALID", float(dropout)), "cnn_cifar")
