@@ -1,0 +1,141 @@
+"""Byzantine attacks on the stacked client updates of one round, and label-flipping data poisoning.
+
+Update attacks share one signature and are vectorized over the client axis:
+
+    updates = attack(updates [C, ...], is_attacker [C] bool, key, *, weights=None, scale=...)
+
+Rows with `is_attacker` False are returned unchanged; `weights` (the aggregation weights, 0 for
+absent clients) only matter to attacks that use the honest clients' statistics (ALIE).
+
+    sign_flip   u_k -> -scale * u_k                                   (scale 1: plain sign flip)
+    gaussian    u_k -> scale * N(0, I)                                (Blanchard et al. 2017)
+    scaled      u_k -> scale * u_k      model replacement / boosting   (Bagdasaryan et al. 2020)
+    alie        u_k -> mu - z_max * sd  per coordinate, mu, sd over the honest present updates;
+                z_max = Phi^{-1}((n - s) / n), s = floor(n / 2 + 1) - f   ("A little is enough",
+                Baruch et al. 2019); `scale` > 0 overrides z_max.
+Label flipping is data poisoning: malicious clients train on y -> num_classes - 1 - y
+(Tolpegin et al. 2020; Fang et al. 2020), see `flip_labels`.
+
+Who attacks: `malicious_clients(num_clients, fraction)` is a fixed set of round(fraction * N)
+client ids drawn once from `seed` (Byzantine clients stay Byzantine); a round's attackers are the
+sampled clients in that set, `is_attacker = malicious[ids]`. `sample_attackers` instead picks exactly
+round(fraction * C) of the C sampled rows (a fixed count per round, as in Byzantine-worker studies).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import ndtri
+
+from fedjax_lab.core import validate
+
+ATTACKS = {
+    "none": "no attack",
+    "sign_flip": "attackers send -attack_scale * their update",
+    "gaussian": "attackers send attack_scale * N(0, I) noise",
+    "scaled": "attackers send attack_scale * their update (model replacement / boosting)",
+    "alie": "'a little is enough': mean - z_max * std of the honest updates, per coordinate",
+    "label_flip": "data poisoning: attackers train on labels num_classes - 1 - y",
+}
+UPDATE_ATTACKS = ("sign_flip", "gaussian", "scaled", "alie")
+DEFAULT_SCALE = {"sign_flip": 1.0, "gaussian": 1.0, "scaled": 10.0, "alie": 0.0}
+
+
+def check_attack(attack: str, attack_fraction: float, attack_scale=None):
+    """ValueError naming the argument: unknown attack, fraction outside [0, 1), bad scale."""
+    validate.one_of("attack", attack, ATTACKS)
+    validate.fraction("attack_fraction", attack_fraction, closed_right=False)
+    if attack == "none" and attack_fraction > 0:
+        raise ValueError(f"attack_fraction={attack_fraction} needs an attack; expected attack in "
+                         f"{sorted(set(ATTACKS) - {'none'})} or attack_fraction=0")
+    if attack_scale is not None:
+        validate.non_negative("attack_scale", attack_scale)
+
+
+def malicious_clients(num_clients: int, fraction: float, *, seed: int = 0):
+    """[N] bool: a fixed random set of round(fraction * N) malicious clients (jittable, static N)."""
+    validate.fraction("attack_fraction", fraction, closed_right=False)
+    k = int(round(fraction * num_clients))
+    perm = jax.random.permutation(jax.random.key(seed), num_clients)
+    return jnp.zeros(num_clients, bool).at[perm[:k]].set(True)
+
+
+def sample_attackers(key, num_sampled: int, fraction: float):
+    """[C] bool with exactly round(fraction * C) attackers at random positions."""
+    validate.fraction("attack_fraction", fraction, closed_right=False)
+    k = int(round(fraction * num_sampled))
+    return jnp.zeros(num_sampled, bool).at[jax.random.permutation(key, num_sampled)[:k]].set(True)
+
+
+def _expand(v, x):
+    return v.reshape(v.shape + (1,) * (x.ndim - 1))
+
+
+def _replace(updates, is_attacker, bad):
+    return jax.tree.map(lambda u, b: jnp.where(_expand(is_attacker, u), b.astype(u.dtype), u),
+                        updates, bad)
+
+
+def sign_flip(updates, is_attacker, key=None, *, weights=None, scale: float = 1.0):
+    return _replace(updates, is_attacker, jax.tree.map(lambda u: -scale * u, updates))
+
+
+def gaussian(updates, is_attacker, key, *, weights=None, scale: float = 1.0):
+    leaves, treedef = jax.tree.flatten(updates)
+    keys = jax.random.split(key, len(leaves))
+    noise = [scale * jax.random.normal(k, u.shape, jnp.float32) for k, u in zip(keys, leaves)]
+    return _replace(updates, is_attacker, jax.tree.unflatten(treedef, noise))
+
+
+def scaled(updates, is_attacker, key=None, *, weights=None, scale: float = 10.0):
+    return _replace(updates, is_attacker, jax.tree.map(lambda u: scale * u, updates))
+
+
+def alie_z(n, f):
+    """Baruch et al.'s z_max for n clients of which f attack: Phi^{-1}((n - s) / n), s = floor(n/2+1) - f."""
+    n = jnp.asarray(n, jnp.float32)
+    s = jnp.floor(n / 2 + 1) - f
+    return ndtri(jnp.clip((n - s) / jnp.maximum(n, 1.0), 1e-6, 1 - 1e-6))
+
+
+def alie(updates, is_attacker, key=None, *, weights=None, scale: float = 0.0):
+    """Every attacker sends mu - z * sd (coordinate-wise over the honest present updates)."""
+    present = jnp.ones(is_attacker.shape, bool) if weights is None else jnp.asarray(weights) > 0
+    honest = (present & ~is_attacker).astype(jnp.float32)
+    n_h = jnp.maximum(jnp.sum(honest), 1.0)
+    z = jnp.where(scale > 0, scale, alie_z(jnp.sum(present), jnp.sum(present & is_attacker)))
+
+    def leaf(u):
+        h = _expand(honest, u)
+        mu = jnp.sum(h * u, axis=0) / n_h
+        sd = jnp.sqrt(jnp.sum(h * jnp.square(u - mu), axis=0) / n_h)
+        return jnp.broadcast_to(mu - z * sd, u.shape)
+    return _replace(updates, is_attacker, jax.tree.map(leaf, updates))
+
+
+_FNS = {"sign_flip": sign_flip, "gaussian": gaussian, "scaled": scaled, "alie": alie}
+
+
+def apply_attack(name: str, updates, is_attacker, key, *, weights=None, scale=None):
+    """Dispatch on `name` (a static string); "none" and "label_flip" leave the updates untouched."""
+    if name in ("none", "label_flip"):
+        return updates
+    validate.one_of("attack", name, ATTACKS)
+    scale = DEFAULT_SCALE[name] if scale is None else scale
+    return _FNS[name](updates, is_attacker, key, weights=weights, scale=scale)
+
+
+def flip_labels(data, is_malicious, *, num_classes=None):
+    """FederatedArrays whose malicious clients' training labels are num_classes - 1 - y (jittable).
+
+    `is_malicious` is [num_clients] bool; the test split is left clean.
+    """
+    num_classes = num_classes or data.num_classes
+    if num_classes < 2:
+        raise ValueError(f"flip_labels needs num_classes >= 2, got {num_classes}")
+    bad = jnp.asarray(is_malicious)[data.client_ids()]
+    return data.replace(y=jnp.where(bad, num_classes - 1 - data.y, data.y).astype(data.y.dtype))
+
+
+__all__ = ["ATTACKS", "UPDATE_ATTACKS", "check_attack", "malicious_clients", "sample_attackers",
+           "sign_flip", "gaussian", "scaled", "alie", "alie_z", "apply_attack", "flip_labels"]

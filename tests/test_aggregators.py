@@ -1,0 +1,156 @@
+"""Aggregators against plain numpy per-client references; absent (zero-weight) clients; errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_lab import aggregators as agg
+
+
+def _updates(C=7, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"w": rng.normal(size=(C, 3, 2)).astype(np.float32),
+            "b": rng.normal(size=(C, 4)).astype(np.float32)}
+
+
+def _weights(C=7):
+    w = np.arange(1, C + 1, dtype=np.float32)
+    w[2] = 0.0                      # an absent client (dropped straggler)
+    return w
+
+
+def _flat_np(u):
+    leaves = jax.tree.leaves(u)
+    return np.concatenate([np.asarray(x).reshape(x.shape[0], -1) for x in leaves], axis=1)
+
+
+def _unflat_like(vec, u):
+    out, i = [], 0
+    leaves, treedef = jax.tree.flatten(u)
+    for x in leaves:
+        n = int(np.prod(x.shape[1:]))
+        out.append(vec[i:i + n].reshape(x.shape[1:]))
+        i += n
+    return jax.tree.unflatten(treedef, out)
+
+
+# ---- per-client references (plain loops, no vmap, no jit) ------------------------------------
+
+def ref_mean(X, w):
+    return sum(w[k] * X[k] for k in range(len(w))) / w.sum()
+
+
+def ref_median(X, w):
+    rows = [X[k] for k in range(len(w)) if w[k] > 0]
+    return np.median(np.stack(rows), axis=0)
+
+
+def ref_trimmed(X, w, beta):
+    rows = np.stack([X[k] for k in range(len(w)) if w[k] > 0])
+    m = rows.shape[0]
+    k = int(np.floor(beta * m))
+    s = np.sort(rows, axis=0)
+    return s[k:m - k].mean(axis=0)
+
+
+def ref_sign(X, w):
+    return np.sign(sum(np.sign(X[k]) for k in range(len(w)) if w[k] > 0))
+
+
+def ref_clip(X, w, tau):
+    rows = [X[k] * min(1.0, tau / np.linalg.norm(X[k])) for k in range(len(w))]
+    return sum(w[k] * rows[k] for k in range(len(w))) / w.sum()
+
+
+def ref_geomed(X, w, iters, nu=1e-6):
+    z = ref_mean(X, w)
+    for _ in range(iters):
+        b = np.array([w[k] / max(nu, np.linalg.norm(X[k] - z)) for k in range(len(w))])
+        z = sum(b[k] * X[k] for k in range(len(w))) / b.sum()
+    return z
+
+
+def ref_krum(X, w, f, m):
+    ids = [k for k in range(len(w)) if w[k] > 0]
+    n = len(ids)
+    scores = {}
+    for i in ids:
+        d = sorted(float(np.sum((X[i] - X[j]) ** 2)) for j in ids if j != i)
+        scores[i] = sum(d[:n - f - 2])
+    best = sorted(ids, key=lambda i: scores[i])[:m]
+    return np.mean([X[i] for i in best], axis=0)
+
+
+CASES = [
+    ("mean", {}, ref_mean),
+    ("median", {}, ref_median),
+    ("trimmed_mean", {"trim_beta": 0.2}, lambda X, w: ref_trimmed(X, w, 0.2)),
+    ("sign", {}, ref_sign),
+    ("norm_clip", {"clip_norm": 1.5}, lambda X, w: ref_clip(X, w, 1.5)),
+    ("geometric_median", {"gm_iters": 6}, lambda X, w: ref_geomed(X, w, 6)),
+    ("krum", {"krum_f": 1}, lambda X, w: ref_krum(X, w, 1, 1)),
+    ("multi_krum", {"krum_f": 1, "krum_m": 3}, lambda X, w: ref_krum(X, w, 1, 3)),
+]
+
+
+@pytest.mark.parametrize("name,opts,ref", CASES, ids=[c[0] for c in CASES])
+def test_matches_per_client_reference_with_absent_client(name, opts, ref):
+    u, w = _updates(), _weights()
+    a = agg.make_aggregator(name, **opts)
+    got = jax.jit(a.aggregate)(jax.tree.map(jnp.asarray, u), jnp.asarray(w))
+    want = _unflat_like(ref(_flat_np(u), w), u)
+    jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5), got, want)
+
+
+@pytest.mark.parametrize("name,opts,ref", CASES, ids=[c[0] for c in CASES])
+def test_absent_client_is_ignored_whatever_its_value(name, opts, ref):
+    """A zero-weight row full of huge values must not move any aggregate."""
+    u, w = _updates(), _weights()
+    poisoned = jax.tree.map(lambda x: x.copy(), u)
+    for x in jax.tree.leaves(poisoned):
+        x[2] = 1e6
+    a = agg.make_aggregator(name, **opts)
+    g1, g2 = a(u, jnp.asarray(w)), a(poisoned, jnp.asarray(w))
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, atol=1e-5), g1, g2)
+
+
+def test_even_count_median_averages_middle_values():
+    u = {"x": jnp.array([[1.0], [2.0], [10.0], [4.0], [100.0]])}
+    got = agg.median(u, jnp.array([1.0, 1.0, 1.0, 1.0, 0.0]))
+    np.testing.assert_allclose(got["x"], [3.0])
+
+
+def test_no_client_present_gives_zeros():
+    u = _updates()
+    for name, opts, _ in CASES:
+        out = agg.make_aggregator(name, **opts)(u, jnp.zeros(7))
+        for leaf in jax.tree.leaves(out):
+            assert np.all(np.asarray(leaf) == 0), name
+
+
+def test_robust_aggregators_resist_one_outlier_that_moves_the_mean():
+    u = {"x": jnp.concatenate([jnp.ones((6, 3)), jnp.full((1, 3), 1e3)])}
+    w = jnp.ones(7)
+    assert float(agg.mean(u, w)["x"][0]) > 100
+    for name, opts in [("median", {}), ("trimmed_mean", {"trim_beta": 0.2}),
+                       ("geometric_median", {"gm_iters": 20}), ("krum", {"krum_f": 1})]:
+        np.testing.assert_allclose(agg.make_aggregator(name, **opts)(u, w)["x"], 1.0, atol=1e-3)
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match="aggregator"):
+        agg.make_aggregator("mode")
+    with pytest.raises(ValueError, match="trim_beta.*every client"):
+        agg.make_aggregator("trimmed_mean", trim_beta=0.5)
+    with pytest.raises(ValueError, match="trim_beta"):
+        agg.make_aggregator("trimmed_mean", trim_beta=-0.1)
+    with pytest.raises(ValueError, match="krum_f"):
+        agg.make_aggregator("krum", krum_f=-1)
+    a = agg.make_aggregator("krum", krum_f=2)
+    a.check(7)
+    with pytest.raises(ValueError, match="krum_f=2 is too large for 6 clients"):
+        a.check(6)
+    with pytest.raises(ValueError, match="krum_m"):
+        agg.make_aggregator("multi_krum", krum_f=1, krum_m=7).check(7)
+    with pytest.raises(ValueError, match="clip_norm"):
+        agg.make_aggregator("norm_clip", clip_norm=0.0)
