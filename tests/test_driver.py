@@ -1,0 +1,110 @@
+"""run(): determinism, exact resumption, compile-once, non-finite loss, checkpoint errors."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_lab import algorithms, models, run
+from fedjax_lab.core.driver import run_rounds
+from tests.conftest import count_compiles
+
+
+def _alg(**kw):
+    args = dict(mu=0.1, client_lr=0.05, clients_per_round=4, local_steps=5, batch_size=8,
+                stragglers=0.5)
+    args.update(kw)
+    return algorithms.fedprox(models.logistic(10), **args)
+
+
+def _lines(path):
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return f.read().splitlines()
+
+
+def test_same_seed_gives_identical_metrics(tmp_path, synthetic_small):
+    alg = _alg()
+    run(alg, synthetic_small, rounds=6, key=3, eval_every=2, out=str(tmp_path / "a"), progress=False)
+    run(_alg(), synthetic_small, rounds=6, key=3, eval_every=2, out=str(tmp_path / "b"),
+        progress=False)
+    a, b = _lines(tmp_path / "a"), _lines(tmp_path / "b")
+    assert len(a) == 3 and a == b
+    rec = json.loads(a[-1])
+    for k in ("round", "train_loss", "test_loss", "test_accuracy", "test_accuracy_p10",
+              "test_accuracy_p50", "test_accuracy_p90", "total_bytes_up"):
+        assert k in rec
+    other = run(alg, synthetic_small, rounds=6, key=4, eval_every=2, progress=False)
+    assert other.history[-1]["train_loss"] != rec["train_loss"]
+
+
+def test_resume_equals_uninterrupted(tmp_path, synthetic_small):
+    alg = _alg()
+    run(alg, synthetic_small, rounds=8, key=1, eval_every=2, out=str(tmp_path / "full"),
+        progress=False)
+    # interrupted at round 4 (checkpoint), then resumed to 8
+    run(alg, synthetic_small, rounds=4, key=1, eval_every=2, checkpoint_every=4,
+        out=str(tmp_path / "cut"), progress=False)
+    res = run(alg, synthetic_small, rounds=8, key=1, eval_every=2, checkpoint_every=4,
+              out=str(tmp_path / "cut"), resume=True, progress=False)
+    assert _lines(tmp_path / "cut") == _lines(tmp_path / "full")
+    assert [h["round"] for h in res.history] == [2, 4, 6, 8]
+
+
+def test_resume_drops_metrics_written_after_the_checkpoint(tmp_path, synthetic_small):
+    alg = _alg()
+    out = str(tmp_path / "r")
+    run(alg, synthetic_small, rounds=6, key=1, eval_every=2, checkpoint_every=4, out=out,
+        progress=False)          # checkpoints at 4 and 6
+    ref = _lines(out)
+    # simulate a crash after round 4's checkpoint: remove the round-6 checkpoint
+    import shutil
+    shutil.rmtree(os.path.join(out, "checkpoints", "6"))
+    run(alg, synthetic_small, rounds=6, key=1, eval_every=2, checkpoint_every=4, out=out,
+        resume=True, progress=False)
+    assert _lines(out) == ref
+
+
+def test_resume_without_checkpoint_fails(tmp_path, synthetic_small):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(_alg(), synthetic_small, rounds=4, key=0, eval_every=2, out=str(tmp_path),
+            resume=True, progress=False)
+
+
+def test_resume_with_different_config_says_what_differs(tmp_path, synthetic_small):
+    run(_alg(), synthetic_small, rounds=2, key=0, eval_every=2, checkpoint_every=2,
+        out=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match=r"mu: checkpoint has 0\.1, this run has 0\.5"):
+        run(_alg(mu=0.5), synthetic_small, rounds=4, key=0, eval_every=2, checkpoint_every=2,
+            out=str(tmp_path), resume=True, progress=False)
+    with pytest.raises(ValueError, match="key: checkpoint has"):
+        run(_alg(), synthetic_small, rounds=4, key=9, eval_every=2, checkpoint_every=2,
+            out=str(tmp_path), resume=True, progress=False)
+
+
+def test_non_finite_loss_stops_with_the_round(synthetic_small):
+    alg = _alg(client_lr=1e30, stragglers=0.0)
+    with pytest.raises(FloatingPointError, match=r"at round \d+"):
+        run(alg, synthetic_small, rounds=6, key=0, eval_every=3, progress=False)
+
+
+def test_rounds_and_runs_compile_once(synthetic_small):
+    alg = _alg()
+    before = run_rounds._cache_size()
+    run(alg, synthetic_small, rounds=6, key=0, eval_every=2, progress=False)   # 3 chunks
+    assert run_rounds._cache_size() == before + 1
+    with count_compiles() as compiles:
+        run(alg, synthetic_small, rounds=6, key=5, eval_every=2, progress=False)
+    assert compiles == []
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(rounds=0), "rounds"), (dict(eval_every=0), "eval_every"),
+    (dict(checkpoint_every=3, eval_every=2, out="x"), "multiple of eval_every"),
+    (dict(resume=True), "needs out"),
+])
+def test_bad_run_arguments(kw, match, synthetic_small):
+    args = dict(rounds=4, key=0, eval_every=2, progress=False)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        run(_alg(), synthetic_small, **args)
