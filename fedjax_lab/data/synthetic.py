@@ -14,6 +14,10 @@ Choices where paper and its public generator (`data/synthetic_*/generate_niid.py
   * Client sizes: the generator's `lognormal(4, 2) + 50` (power law, at least 50), which the paper
     only calls "power law". `mean_size`/`sigma_size`/`min_size` expose it.
   * Each client's examples are split 90% train / 10% test as in the generator.
+  * A consequence of the model worth knowing: u_k is a common mean of all entries of W_k and b_k,
+    so it adds u_k * (sum_j x_j + 1) to *every* logit and never changes the argmax. alpha therefore
+    does not change the labels (given the same draws); local models differ through the N(., 1)
+    draws around u_k. We keep the generator's definition (the benchmark is defined by it).
   * Random numbers come from numpy's PCG64 with `seed`, so the values are not the generator's,
     only their distribution.
 """
