@@ -9,6 +9,12 @@ FedYogi and FedAdagrad are SGD+momentum, Adam, Yogi and Adagrad on the pseudo-gr
 
 Stragglers (FedProx's systems heterogeneity): with `drop_stragglers=True` (FedAvg's behaviour in
 the FedProx paper) clients that could not finish their work are left out of the average.
+
+Robust aggregation and attacks compose with all of these: `aggregator` replaces the weighted mean
+in Delta_t by any rule of `fedjax_lab.aggregators` (median, trimmed_mean, geometric_median, krum,
+...; zero-weight clients are absent), and `attack` lets a fixed set of round(attack_fraction * N)
+malicious clients (`fedjax_lab.attacks`) corrupt their w_k - w_t (sign_flip, gaussian, scaled,
+alie) or train on flipped labels (label_flip). The defaults (mean, none) are plain FedOpt.
 """
 from __future__ import annotations
 
@@ -17,13 +23,19 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from fedjax_lab import attacks as attacks_lib
+from fedjax_lab.aggregators import make_aggregator
+from fedjax_lab.core import comm
 from fedjax_lab.core.evaluate import client_params_of_global
 from fedjax_lab.core.local import local_train
 from fedjax_lab.core.optimizers import make_optimizer
 from fedjax_lab.core.rounds import (LocalWork, client_weights, init_server, participate,
                                     server_update, weighted_mean_scalar)
-from fedjax_lab.core.tree import tree_num_params, tree_sub, tree_weighted_mean
+from fedjax_lab.core.tree import tree_sub
 from fedjax_lab.core.types import Algorithm, Model
+
+
+ATTACK_STREAM = 0xA77AC  # fold_in constant: the attack's randomness, apart from sampling and training
 
 
 def fedopt(model: Model, *, client_optimizer="sgd", client_lr: float = 0.01,
@@ -31,11 +43,16 @@ def fedopt(model: Model, *, client_optimizer="sgd", client_lr: float = 0.01,
            server_momentum: float = 0.0, server_eps: float = 1e-3, clients_per_round: int = 10,
            local_steps: int = 20, epochs: Optional[int] = None, batch_size: int = 10,
            stragglers: float = 0.0, drop_stragglers: bool = True, sampling: str = "uniform",
-           weighting: str = "examples", shuffle: str = "auto",
+           weighting: str = "examples", shuffle: str = "auto", aggregator: str = "mean",
+           trim_beta: float = 0.1, krum_f: int = 1, krum_m: int = 1, clip_norm: float = 1.0,
+           gm_iters: int = 10, attack: str = "none", attack_fraction: float = 0.0,
+           attack_scale: Optional[float] = None, attack_seed: int = 0,
            extra_loss: Optional[Callable] = None, name: str = "fedopt") -> Algorithm:
     """FedOpt with any client and server optimizer (see module docstring).
 
     `extra_loss(w, w_t)` is added to every local objective (FedProx's proximal term uses it).
+    `aggregator` (+ trim_beta, krum_f, krum_m, clip_norm, gm_iters) picks the rule that combines
+    the w_k - w_t; `attack`, `attack_fraction`, `attack_scale`, `attack_seed` set up attackers.
     """
     work = LocalWork(clients_per_round=clients_per_round, batch_size=batch_size,
                      local_steps=local_steps, epochs=epochs, stragglers=stragglers,
@@ -44,13 +61,23 @@ def fedopt(model: Model, *, client_optimizer="sgd", client_lr: float = 0.01,
                                arg="client_optimizer")
     server_tx = make_optimizer(server_optimizer, server_lr, momentum=server_momentum,
                                eps=server_eps, arg="server_optimizer")
+    agg = make_aggregator(aggregator, trim_beta=trim_beta, krum_f=krum_f, krum_m=krum_m,
+                          clip_norm=clip_norm, gm_iters=gm_iters)
+    agg.check(clients_per_round)
+    attacks_lib.check_attack(attack, attack_fraction, attack_scale)
     config = dict(algorithm=name, model=model.name, client_optimizer=_name(client_optimizer),
                   client_lr=client_lr, client_momentum=client_momentum,
                   server_optimizer=_name(server_optimizer), server_lr=server_lr,
                   server_momentum=server_momentum, server_eps=server_eps,
                   clients_per_round=clients_per_round, local_steps=local_steps, epochs=epochs,
                   batch_size=batch_size, stragglers=stragglers, drop_stragglers=drop_stragglers,
-                  sampling=sampling, weighting=weighting, shuffle=shuffle)
+                  sampling=sampling, weighting=weighting, shuffle=shuffle, aggregator=aggregator,
+                  attack=attack, attack_fraction=attack_fraction)
+    config.update({"trim_beta": trim_beta} if aggregator == "trimmed_mean" else {})
+    config.update({"krum_f": krum_f, "krum_m": krum_m} if "krum" in aggregator else {})
+    config.update({"clip_norm": clip_norm} if aggregator == "norm_clip" else {})
+    config.update({"gm_iters": gm_iters} if aggregator == "geometric_median" else {})
+    config.update({"attack_scale": attack_scale, "attack_seed": attack_seed} if attack != "none" else {})
 
     def init(key, data):
         work.check(data)
@@ -63,16 +90,24 @@ def fedopt(model: Model, *, client_optimizer="sgd", client_lr: float = 0.01,
         extra = None if extra_loss is None else (lambda w: extra_loss(w, w_t))
         train = local_train(model, client_tx, extra_loss=extra)
         keys = jax.vmap(lambda i: jax.random.fold_in(k_train, i))(part.ids)
+        malicious = None if attack == "none" else attacks_lib.malicious_clients(
+            data.num_clients, attack_fraction, seed=attack_seed)
+        train_data = data if attack != "label_flip" else attacks_lib.flip_labels(data, malicious)
         res = jax.vmap(train, in_axes=(None, None, None, 0, 0, 0))(
-            w_t, data.x, data.y, part.batches.idx, part.batches.step_mask, keys)
+            w_t, train_data.x, train_data.y, part.batches.idx, part.batches.step_mask, keys)
         p = client_weights(part, work, drop_stragglers=drop_stragglers)
-        delta = tree_weighted_mean(jax.vmap(tree_sub, in_axes=(0, None))(res.params, w_t), p)
-        state = server_update(server_tx, state, delta)
-        num_bytes = 4 * tree_num_params(w_t)
+        deltas = jax.vmap(tree_sub, in_axes=(0, None))(res.params, w_t)
+        if attack in attacks_lib.UPDATE_ATTACKS:
+            deltas = attacks_lib.apply_attack(attack, deltas, malicious[part.ids],
+                                              jax.random.fold_in(key, ATTACK_STREAM), weights=p,
+                                              scale=attack_scale)
+        state = server_update(server_tx, state, agg(deltas, p))
+        num_up = jnp.sum(p > 0)
         metrics = dict(local_loss=weighted_mean_scalar(res.loss, p),
-                       clients_aggregated=jnp.sum(p > 0).astype(jnp.float32),
-                       bytes_down=jnp.float32(num_bytes * work.clients_per_round),
-                       bytes_up=jnp.sum(p > 0).astype(jnp.float32) * num_bytes)
+                       clients_aggregated=num_up.astype(jnp.float32),
+                       **comm.round_metrics(up_per_client=comm.dense_bytes(w_t),
+                                            down_per_client=comm.dense_bytes(w_t), num_up=num_up,
+                                            num_down=work.clients_per_round))
         return state, metrics
 
     return Algorithm(name=name, init=init, round=round, model=model,
@@ -84,13 +119,19 @@ def fedavg(model: Model, *, client_lr: float = 0.01, client_optimizer="sgd",
            client_momentum: float = 0.0, clients_per_round: int = 10, local_steps: int = 20,
            epochs: Optional[int] = None, batch_size: int = 10, stragglers: float = 0.0,
            drop_stragglers: bool = True, sampling: str = "uniform", weighting: str = "examples",
-           shuffle: str = "auto") -> Algorithm:
+           shuffle: str = "auto", aggregator: str = "mean", trim_beta: float = 0.1, krum_f: int = 1,
+           krum_m: int = 1, clip_norm: float = 1.0, gm_iters: int = 10, attack: str = "none",
+           attack_fraction: float = 0.0, attack_scale: Optional[float] = None,
+           attack_seed: int = 0) -> Algorithm:
     """FedAvg: FedOpt with server SGD at lr 1; drops stragglers by default (as in FedProx's study)."""
     return fedopt(model, client_optimizer=client_optimizer, client_lr=client_lr,
                   client_momentum=client_momentum, server_optimizer="sgd", server_lr=1.0,
                   clients_per_round=clients_per_round, local_steps=local_steps, epochs=epochs,
                   batch_size=batch_size, stragglers=stragglers, drop_stragglers=drop_stragglers,
-                  sampling=sampling, weighting=weighting, shuffle=shuffle, name="fedavg")
+                  sampling=sampling, weighting=weighting, shuffle=shuffle, aggregator=aggregator,
+                  trim_beta=trim_beta, krum_f=krum_f, krum_m=krum_m, clip_norm=clip_norm,
+                  gm_iters=gm_iters, attack=attack, attack_fraction=attack_fraction,
+                  attack_scale=attack_scale, attack_seed=attack_seed, name="fedavg")
 
 
 def _name(optimizer) -> str:

@@ -32,7 +32,10 @@ def fedprox(model: Model, *, mu: float = 0.01, client_lr: float = 0.01, client_o
             clients_per_round: int = 10, local_steps: int = 20, epochs: Optional[int] = None,
             batch_size: int = 10, stragglers: float = 0.0, drop_stragglers: bool = False,
             sampling: str = "uniform", weighting: str = "examples",
-            shuffle: str = "auto") -> Algorithm:
+            shuffle: str = "auto", aggregator: str = "mean", trim_beta: float = 0.1,
+            krum_f: int = 1, krum_m: int = 1, clip_norm: float = 1.0, gm_iters: int = 10,
+            attack: str = "none", attack_fraction: float = 0.0,
+            attack_scale: Optional[float] = None, attack_seed: int = 0) -> Algorithm:
     """FedProx; every keyword is a hyperparameter (and a CLI flag)."""
     validate.non_negative("mu", mu)
     alg = fedopt(model, client_optimizer=client_optimizer, client_lr=client_lr,
@@ -40,6 +43,9 @@ def fedprox(model: Model, *, mu: float = 0.01, client_lr: float = 0.01, client_o
                  server_lr=server_lr, clients_per_round=clients_per_round,
                  local_steps=local_steps, epochs=epochs, batch_size=batch_size,
                  stragglers=stragglers, drop_stragglers=drop_stragglers, sampling=sampling,
-                 weighting=weighting, shuffle=shuffle, extra_loss=proximal_term(mu), name="fedprox")
+                 weighting=weighting, shuffle=shuffle, aggregator=aggregator, trim_beta=trim_beta,
+                 krum_f=krum_f, krum_m=krum_m, clip_norm=clip_norm, gm_iters=gm_iters,
+                 attack=attack, attack_fraction=attack_fraction, attack_scale=attack_scale,
+                 attack_seed=attack_seed, extra_loss=proximal_term(mu), name="fedprox")
     alg.config["mu"] = mu
     return alg
