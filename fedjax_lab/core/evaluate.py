@@ -110,3 +110,37 @@ def client_params_of_global(state_params_fn):
         return jax.tree.map(lambda x: jnp.broadcast_to(x, (ids.shape[0],) + x.shape), params)
     return client_params
 
+
+
+def adapted_client_params(model, optimizer, train, *, steps: int, batch_size: int, lam: float = 0.0,
+                          shuffle: str = "auto"):
+    """client_params((params, key), ids) for clients that adapt a shared model themselves: client k
+    starts from v = params and takes `steps` steps of `optimizer` on its own train split with the
+    objective F_k(v) + lam/2 ||v - params||^2 (lam = 0: plain fine-tuning; lam > 0: Ditto's
+    personal objective). Batches depend only on (key, k), so chunking does not change the result."""
+    from fedjax_lab.core.batching import draw_batches
+    from fedjax_lab.core.local import local_train
+    from fedjax_lab.core.tree import tree_sq_norm, tree_sub
+
+    def client_params(state, ids):
+        params, key = state
+        extra = None if lam == 0 else (lambda v: 0.5 * lam * tree_sq_norm(tree_sub(v, params)))
+        train_fn = local_train(model, optimizer, extra_loss=extra)
+        b = draw_batches(key, train, ids, batch_size=batch_size, local_steps=steps, shuffle=shuffle)
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+        return jax.vmap(train_fn, in_axes=(None, None, None, 0, 0, 0))(
+            params, train.x, train.y, b.idx, b.step_mask, keys).params
+
+    return client_params
+
+
+def adapted_sums(model, optimizer, params, data, key, *, steps: int, batch_size: int,
+                 lam: float = 0.0, clients_per_chunk: int = 64):
+    """Per-client test sums after every client of `data` adapts `params` on its train split (see
+    adapted_client_params). On clients that never took part in training this is the "new client"
+    evaluation of a personalized method (`summarize("new_test", *sums)`); with lam = 0 on the
+    training clients it is the FedAvg + fine-tuning baseline."""
+    if data.test is None:
+        raise ValueError("data: adapted evaluation needs a per-client test split (data.test is None)")
+    fn = adapted_client_params(model, optimizer, data, steps=steps, batch_size=batch_size, lam=lam)
+    return personal_sums(model, fn, (params, key), data.test, clients_per_chunk=clients_per_chunk)
