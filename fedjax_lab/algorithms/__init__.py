@@ -5,8 +5,11 @@ factory's keyword-only parameters, so adding an algorithm is one line here.
 """
 import functools
 
+from fedjax_lab.algorithms.ditto import ditto
+from fedjax_lab.algorithms.fedamp import fedamp, heurfedamp
 from fedjax_lab.algorithms.fedavg import fedavg, fedopt
 from fedjax_lab.algorithms.fedprox import fedprox
+from fedjax_lab.algorithms.robust_median import mediansgd, noisy_mediansgd, noisy_signsgd, signsgd
 
 fedavgm = functools.partial(fedopt, server_optimizer="sgd", server_momentum=0.9, name="fedavgm")
 fedadam = functools.partial(fedopt, server_optimizer="adam", server_lr=0.01, name="fedadam")
@@ -21,6 +24,14 @@ ALGORITHMS = {
     "fedyogi": (fedyogi, "FedYogi: FedOpt with server Yogi"),
     "fedadagrad": (fedadagrad, "FedAdagrad: FedOpt with server Adagrad"),
     "fedprox": (fedprox, "FedProx (Li et al. 2020): proximal term mu/2||w-w_t||^2, keeps stragglers"),
+    "signsgd": (signsgd, "signSGD with majority vote (Bernstein et al. 2019); --sigma > 0: noisy signSGD (Chen et al. 2020)"),
+    "noisy_signsgd": (noisy_signsgd, "noisy signSGD (Chen et al. 2020): sign(g + sigma xi) votes track the mean"),
+    "mediansgd": (mediansgd, "medianSGD (Yin et al. 2018): coordinate-wise median of client gradients"),
+    "noisy_mediansgd": (noisy_mediansgd, "noisy medianSGD (Chen et al. 2020): median of g + sigma xi tracks the mean"),
+    "ditto": (ditto, "Ditto (Li et al. 2021): personal v_k on F_k(v) + lam/2||v-w||^2 beside a global model"),
+    "fedamp": (fedamp, "FedAMP (Huang et al. 2021): attentive message passing, cloud model per client"),
+    "heurfedamp": (heurfedamp, "HeurFedAMP (Huang et al. 2021): FedAMP with cosine attention"),
 }
 
-__all__ = ["fedavg", "fedopt", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ALGORITHMS"]
+__all__ = ["fedavg", "fedopt", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ditto",
+           "fedamp", "heurfedamp", "ALGORITHMS"]

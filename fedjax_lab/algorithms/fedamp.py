@@ -1,0 +1,204 @@
+"""FedAMP and HeurFedAMP (Huang, Chu, Zhou, Wang, Liu, Pei, Zhang, "Personalized Cross-Silo
+Federated Learning on Non-IID Data", AAAI 2021).
+
+Every client i owns a model w_i (a row of the state, [N, ...]). Objective:
+    min_W  sum_i F_i(w_i) + lam * sum_{i<j} A(||w_i - w_j||^2),   A(x) = 1 - exp(-x / sigma)
+with A increasing and concave, so that similar clients attract each other strongly and dissimilar
+ones hardly at all. Round k (sampled clients S_k; the paper's cross-silo setting samples everyone):
+
+  server, for i in S_k:  u_i = sum_j xi_ij w_j                      (personalized cloud model)
+      FedAMP:      xi_ij = alpha_k * A'(||w_i - w_j||^2)  (j != i),  A'(x) = exp(-x/sigma) / sigma
+                   xi_ii = 1 - sum_{j != i} xi_ij
+      HeurFedAMP:  xi_ij = (1 - xi_ii) * exp(sigma cos(w_i, w_j)) / sum_{h != i} exp(sigma cos(w_i, w_h))
+                   with the self-weight xi_ii = `self_weight` a hyperparameter
+  client i:  w_i <- argmin_w F_i(w) + lam / (2 alpha_k) * ||w - u_i||^2   (local_steps SGD steps)
+
+The pairwise distances are one matrix computation on the flattened models W [M, P] (never a double
+loop): ||w_i - w_j||^2 = g_ii + g_jj - 2 g_ij from the Gram matrix of the *centred* models (the
+distances do not change under a shift, and centring avoids cancellation in float32). Memory:
+W is M x P floats, the distance block C x M; both are computed in chunks of `attention_chunk`
+sampled clients with `lax.map`, so the peak is attention_chunk x M + M x P floats. At M = 1,000
+clients: the [1000, 1000] distance matrix is 4 MB, and W is 2.4 MB for the 610-parameter logistic
+model but 4 GB for a 1M-parameter CNN (then W, not the Gram matrix, is the limit).
+
+Paper vs. PFLlib's FedAMP (the code most people run; the authors' code is not public):
+  * PFLlib's proximal term uses `p.data`, so it contributes no gradient, and takes the norm without
+    squaring; we implement the paper's lam/(2 alpha_k) ||w - u_i||^2 (never the no-gradient bug).
+  * PFLlib computes the attention only among the models uploaded in the previous round;
+    the paper uses all clients' latest models. `neighbors="all"` (default, the paper) uses every
+    stored row; `neighbors="sampled"` only this round's sampled clients (the code's variant).
+  * Both start the local solver from the client's own w_i (`start="own"`); `start="cloud"` starts
+    from u_i instead. The paper only states the argmin, which both approximate.
+With neighbors="all" the self-weight is 1 - alpha_k * sum_j A'(.) >= 1 - alpha_k (M - 1) / sigma,
+which `check` requires to be >= 0 (at round 1 all models are equal and the bound is attained).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_lab.core import validate
+from fedjax_lab.core.client_state import ClientRows, RowAlgorithm
+from fedjax_lab.core.local import local_train
+from fedjax_lab.core.optimizers import make_optimizer
+from fedjax_lab.core.rounds import LocalWork, participate, weighted_mean_scalar
+from fedjax_lab.core.tree import flatten, tree_broadcast, tree_put, tree_sq_norm, tree_sub, tree_take
+from fedjax_lab.core.types import Model
+
+
+def pairwise_sq_dists(a, b):
+    """[A, B] squared Euclidean distances between rows of a [A, P] and b [B, P] via one Gram product."""
+    g = a @ b.T
+    return jnp.maximum(jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2.0 * g, 0.0)
+
+
+def cosine_similarity(a, b):
+    """[A, B] cosine similarities of the rows of a and b."""
+    na = a / jnp.maximum(jnp.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    nb = b / jnp.maximum(jnp.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return na @ nb.T
+
+
+def fedamp_attention(sq_dists, is_self, *, alpha_k: float, sigma: float):
+    """FedAMP's xi [C, M]: alpha_k A'(d_ij) off the diagonal, 1 - their sum on it (is_self)."""
+    off = jnp.where(is_self, 0.0, alpha_k * jnp.exp(-sq_dists / sigma) / sigma)
+    return jnp.where(is_self, 1.0 - jnp.sum(off, axis=1, keepdims=True), off)
+
+
+def heuristic_attention(cos, is_self, *, self_weight: float, sigma: float):
+    """HeurFedAMP's xi [C, M]: softmax of sigma * cos over j != i, scaled by 1 - self_weight."""
+    logits = jnp.where(is_self, -jnp.inf, sigma * cos)
+    off = (1.0 - self_weight) * jax.nn.softmax(logits, axis=1)
+    return jnp.where(is_self, self_weight, off)
+
+
+def attention_weights(flat_sampled, flat_all, self_col, *, attention: str, alpha_k: float,
+                      sigma: float, self_weight: float):
+    """xi [C, M] of the sampled clients (flat [C, P]) over the candidate models (flat [M, P]);
+    self_col [C] is each sampled client's own column in the candidates."""
+    is_self = jnp.arange(flat_all.shape[0])[None, :] == self_col[:, None]
+    if attention == "exp":
+        centre = jnp.mean(flat_all, axis=0)
+        d = pairwise_sq_dists(flat_sampled - centre, flat_all - centre)
+        return fedamp_attention(d, is_self, alpha_k=alpha_k, sigma=sigma)
+    return heuristic_attention(cosine_similarity(flat_sampled, flat_all), is_self,
+                               self_weight=self_weight, sigma=sigma)
+
+
+def fedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: float = 1.0,
+           attention: str = "exp", self_weight: float = 0.5, neighbors: str = "all",
+           start: str = "own", attention_chunk: int = 256, client_lr: float = 0.01,
+           client_optimizer="sgd", client_momentum: float = 0.0, clients_per_round: int = 10,
+           local_steps: int = 20, epochs: Optional[int] = None, batch_size: int = 10,
+           stragglers: float = 0.0, sampling: str = "uniform", shuffle: str = "auto",
+           name: str = "fedamp") -> RowAlgorithm:
+    """FedAMP (attention="exp") or HeurFedAMP (attention="cosine"); see the module docstring.
+
+    lam, alpha_k: the proximal weight is lam / alpha_k; sigma: A's scale (exp) or the softmax
+    temperature (cosine); self_weight: HeurFedAMP's xi_ii.
+    """
+    validate.positive("lam", lam)
+    validate.positive("alpha_k", alpha_k)
+    validate.positive("sigma", sigma)
+    validate.one_of("attention", attention, {"exp", "cosine"})
+    validate.fraction("self_weight", self_weight)
+    validate.one_of("neighbors", neighbors, {"all", "sampled"})
+    validate.one_of("start", start, {"own", "cloud"})
+    validate.positive("attention_chunk", attention_chunk, integer=True)
+    if client_optimizer == "sgd" and client_momentum == 0 and client_lr * lam / alpha_k >= 2.0:
+        raise ValueError(
+            f"client_lr * lam / alpha_k = {client_lr * lam / alpha_k:.3g} >= 2: local SGD on the "
+            f"proximal term lam/(2 alpha_k) ||w - u_i||^2 diverges; expected client_lr < "
+            f"2 alpha_k / lam = {2 * alpha_k / lam:.3g} (or a smaller lam / larger alpha_k)")
+    work = LocalWork(clients_per_round=clients_per_round, batch_size=batch_size,
+                     local_steps=local_steps, epochs=epochs, stragglers=stragglers,
+                     sampling=sampling, shuffle=shuffle)
+    client_tx = make_optimizer(client_optimizer, client_lr, momentum=client_momentum,
+                               arg="client_optimizer")
+    config = dict(algorithm=name, model=model.name, lam=lam, alpha_k=alpha_k, sigma=sigma,
+                  attention=attention, self_weight=self_weight, neighbors=neighbors, start=start,
+                  attention_chunk=attention_chunk, client_lr=client_lr,
+                  client_optimizer=client_optimizer if isinstance(client_optimizer, str) else "custom",
+                  client_momentum=client_momentum, clients_per_round=clients_per_round,
+                  local_steps=local_steps, epochs=epochs, batch_size=batch_size,
+                  stragglers=stragglers, sampling=sampling, shuffle=shuffle)
+
+    def check(data):
+        work.check(data)
+        m = data.num_clients if neighbors == "all" else clients_per_round
+        if attention == "exp" and alpha_k * (m - 1) / sigma > 1.0:
+            raise ValueError(
+                f"alpha_k={alpha_k} is too large for {m} clients in the attention with sigma={sigma}: "
+                f"the self-weight 1 - alpha_k (M - 1) / sigma would be negative at round 1; expected "
+                f"alpha_k <= sigma / (M - 1) = {sigma / max(m - 1, 1):.4g}")
+        if attention == "cosine" and m < 2:
+            raise ValueError(f"attention='cosine' needs at least 2 clients in the attention, got {m}")
+
+    def init(key, data):
+        check(data)
+        params = model.init(key, data.x[:1])
+        return ClientRows(server=jnp.zeros((), jnp.int32),
+                          rows=jax.tree.map(jnp.array, tree_broadcast(params, data.num_clients)))
+
+    def cloud_models(rows, ids, num_clients):
+        """u_i for the sampled ids, stacked [C, ...] like the rows."""
+        _, unravel = flatten(jax.tree.map(lambda x: x[0], rows))
+        ravel = jax.vmap(lambda r: flatten(r)[0])
+        if neighbors == "all":
+            flat_all, self_col = ravel(rows), ids
+        else:
+            flat_all, self_col = ravel(tree_take(rows, ids)), jnp.arange(ids.shape[0])
+        attend = functools.partial(attention_weights, attention=attention, alpha_k=alpha_k,
+                                   sigma=sigma, self_weight=self_weight)
+        own = flat_all[self_col]
+        chunk = min(attention_chunk, ids.shape[0])
+        pad = -ids.shape[0] % chunk
+        cols = jnp.concatenate([self_col, jnp.broadcast_to(self_col[:1], (pad,))]).reshape(-1, chunk)
+        def block(c):
+            xi = attend(flat_all[c], flat_all, c)
+            return xi @ flat_all, jnp.sum(jnp.where(jnp.arange(flat_all.shape[0]) == c[:, None],
+                                                    xi, 0.0), axis=1)
+        u, xi_self = jax.lax.map(block, cols)
+        u = u.reshape(-1, own.shape[1])[:ids.shape[0]]
+        return jax.vmap(unravel)(u), xi_self.reshape(-1)[:ids.shape[0]]
+
+    def round(state, data, key):
+        k_part, k_train = jax.random.split(key)
+        part = participate(k_part, data, work)
+        u, xi_self = cloud_models(state.rows, part.ids, data.num_clients)
+        own = tree_take(state.rows, part.ids)
+        coef = lam / (2.0 * alpha_k)
+        def train_one(w0, u_i, idx, mask, k):
+            prox = lambda w: coef * tree_sq_norm(tree_sub(w, u_i))
+            return local_train(model, client_tx, extra_loss=prox)(w0, data.x, data.y, idx, mask, k)
+        keys = jax.vmap(lambda i: jax.random.fold_in(k_train, i))(part.ids)
+        res = jax.vmap(train_one)(own if start == "own" else u, u, part.batches.idx,
+                                  part.batches.step_mask, keys)
+        ones = jnp.ones(part.ids.shape, jnp.float32)
+        metrics = dict(local_loss=weighted_mean_scalar(res.loss, ones),
+                       self_attention=jnp.mean(xi_self))
+        return ClientRows(server=state.server + 1, rows=tree_put(state.rows, part.ids, res.params)), \
+            metrics
+
+    return RowAlgorithm(name=name, model=model, init=init, round=round,
+                        client_params=lambda state, ids: tree_take(state.rows, ids),
+                        personalized=True, check=check, config=config)
+
+
+def heurfedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: float = 10.0,
+               self_weight: float = 0.5, neighbors: str = "all", start: str = "own",
+               attention_chunk: int = 256, client_lr: float = 0.01, client_optimizer="sgd",
+               client_momentum: float = 0.0, clients_per_round: int = 10, local_steps: int = 20,
+               epochs: Optional[int] = None, batch_size: int = 10, stragglers: float = 0.0,
+               sampling: str = "uniform", shuffle: str = "auto") -> RowAlgorithm:
+    """HeurFedAMP: FedAMP with cosine-similarity attention and a fixed self-weight."""
+    return fedamp(model, lam=lam, alpha_k=alpha_k, sigma=sigma, attention="cosine",
+                  self_weight=self_weight, neighbors=neighbors, start=start,
+                  attention_chunk=attention_chunk, client_lr=client_lr,
+                  client_optimizer=client_optimizer, client_momentum=client_momentum,
+                  clients_per_round=clients_per_round, local_steps=local_steps, epochs=epochs,
+                  batch_size=batch_size, stragglers=stragglers, sampling=sampling, shuffle=shuffle,
+                  name="heurfedamp")
