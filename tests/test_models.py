@@ -1,0 +1,242 @@
+"""Model zoo: parameter counts, output shapes, apply == head o features, vmap over stacked
+client parameters, dropout keyed per client and per step, GroupNorm's independence of the batch,
+and `models.get`'s errors."""
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedjax_lab import models
+from fedjax_lab.core.local import local_train
+from fedjax_lab.core.tree import tree_num_params
+from fedjax_lab.core.types import batch_loss
+from fedjax_lab.models.resnet import ResNet
+
+KEY = jax.random.key(0)
+
+
+def _count(model, shape, dtype=jnp.float32):
+    return tree_num_params(jax.eval_shape(model.init, KEY, jax.ShapeDtypeStruct((1,) + shape, dtype)))
+
+
+# (factory, kwargs, example shape, dtype, count): the counts written in the docstrings.
+PAPER_COUNTS = [
+    (models.logistic, dict(num_classes=10), (60,), jnp.float32, 610),
+    (models.mlp, dict(num_classes=10), (784,), jnp.float32, 199_210),
+    (models.cnn, dict(num_classes=10), (28, 28, 1), jnp.float32, 1_663_370),
+    (models.cnn_cifar, dict(num_classes=10), (32, 32, 3), jnp.float32, 878_538),
+    (models.cnn_cifar, dict(num_classes=100), (32, 32, 3), jnp.float32, 924_708),
+    (models.cnn_cifar, dict(num_classes=10), (28, 28, 1), jnp.float32, 582_026),
+    (models.resnet8, dict(num_classes=10), (32, 32, 3), jnp.float32, 78_042),
+    (models.resnet, dict(num_classes=10, depth=20), (32, 32, 3), jnp.float32, 272_474),
+    (models.char_lstm, dict(num_classes=80), (80,), jnp.int32, 817_872),
+    (models.char_gru, dict(num_classes=80), (80,), jnp.int32, 619_216),
+]
+
+
+@pytest.mark.parametrize("factory,kwargs,shape,dtype,count", PAPER_COUNTS,
+                         ids=lambda v: getattr(v, "__name__", None))
+def test_parameter_counts_match_docstrings(factory, kwargs, shape, dtype, count):
+    assert _count(factory(**kwargs), shape, dtype) == count
+    import sys
+    module_doc = sys.modules[factory.__module__].__doc__
+    assert f"{count:,}" in (factory.__doc__ or "") + module_doc
+
+
+def test_fedavg_cnn_count_is_the_papers_layer_by_layer():
+    params = jax.eval_shape(models.cnn(10).init, KEY, jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32))
+    per_layer = {k: tree_num_params(v) for k, v in params.items()}
+    assert per_layer == {"conv1": 832, "conv2": 51_264, "fc1": 1_606_144, "fc": 5_130}
+
+
+# Tiny configurations: (name, model, x) with a batch of 3 examples.
+def _cases():
+    rng = np.random.default_rng(0)
+    img = lambda *s: jnp.asarray(rng.normal(size=(3,) + s), jnp.float32)
+    return [
+        ("logistic", models.logistic(4), img(6)),
+        ("mlp", models.mlp(4, hidden=(8, 5)), img(6)),
+        ("cnn", models.cnn(4), img(12, 12, 1)),
+        ("cnn_dropout", models.cnn(4, dropout=0.5), img(12, 12, 1)),
+        ("cnn_cifar", models.cnn_cifar(4), img(20, 20, 3)),
+        ("resnet8", models.resnet8(4), img(8, 8, 3)),
+        ("char_lstm", models.char_lstm(7, hidden_size=16), jnp.asarray(rng.integers(0, 7, (3, 5)))),
+        ("char_gru", models.char_gru(7, hidden_size=16), jnp.asarray(rng.integers(0, 7, (3, 5)))),
+    ]
+
+
+CASES = _cases()
+IDS = [c[0] for c in CASES]
+_JITTED = {}
+
+
+def _random_params(model, x, seed=0):
+    """Params with init's structure and fan-in scaled normal values, drawn on the host: compiling
+    flax's initializers costs seconds per model on CPU, and these tests need no particular init."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(model.init, KEY, x[:1])
+    std = lambda s: 1.0 / np.sqrt(np.prod(s[:-1])) if len(s) > 1 else 0.1
+    return jax.tree.map(lambda v: jnp.asarray(std(v.shape) * rng.normal(size=v.shape), v.dtype),
+                        shapes)
+
+
+def _jitted(model):
+    """(init, outputs) jitted once per model: the tests below share their compilations."""
+    if model not in _JITTED:
+        def outputs(params, x, k):
+            z = model.features(params, x)
+            return (model.apply(params, x), z, model.head(params, z),
+                    model.apply(params, x, train=True, rng=k),
+                    model.head(params, model.features(params, x, train=True, rng=k)))
+        _JITTED[model] = (functools.partial(_random_params, model), jax.jit(outputs))
+    return _JITTED[model]
+
+
+@pytest.mark.parametrize("name,model,x", CASES, ids=IDS)
+def test_output_shape_and_head_of_features_is_apply(name, model, x):
+    init, outputs = _jitted(model)
+    params = init(x)
+    logits, z, head_z, train_logits, train_head_z = outputs(params, x, jax.random.key(3))
+    num_classes = 7 if name.startswith("char") else 4
+    chex.assert_shape(logits, (3, num_classes))
+    assert np.all(np.isfinite(np.asarray(logits)))
+    assert model.features is not None and model.head is not None
+    assert z.ndim == 2 and z.shape[0] == 3
+    chex.assert_trees_all_close(head_z, logits, atol=1e-5, rtol=1e-5)
+    # also in training mode, with the same dropout key
+    chex.assert_trees_all_close(train_head_z, train_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,model,x", CASES, ids=IDS)
+def test_vmap_over_stacked_client_params_matches_a_loop(name, model, x):
+    clients = 3
+    init, outputs = _jitted(model)
+    per_client = [init(x, seed) for seed in range(clients)]
+    stacked = jax.tree.map(lambda *v: jnp.stack(v), *per_client)
+    xs = jnp.stack([jnp.roll(x, c, axis=0) for c in range(clients)])   # [C, B, ...]
+    out = jax.jit(jax.vmap(lambda p, v: model.apply(p, v)))(stacked, xs)
+    for c in range(clients):   # one client at a time, no vmap
+        np.testing.assert_allclose(out[c], outputs(per_client[c], xs[c], KEY)[0], atol=1e-5,
+                                   rtol=1e-5)
+    assert not np.allclose(out[0], out[1])   # different clients' params give different outputs
+
+
+def test_logistic_features_are_the_flattened_input():
+    x = jnp.arange(12.0).reshape(2, 2, 3)
+    model = models.logistic(3)
+    params = model.init(KEY, x)
+    np.testing.assert_array_equal(model.features(params, x), x.reshape(2, 6))
+    assert set(params) == {"Dense_0"}   # the whole model is its head
+
+
+def _case(name):
+    _, model, x = CASES[IDS.index(name)]
+    init, outputs = _jitted(model)
+    return model, x, init(x), outputs
+
+
+def test_dropout_uses_the_rng_and_only_in_training():
+    model, x, params, outputs = _case("cnn_dropout")
+    logits, z, _, a, _ = outputs(params, x, jax.random.key(1))
+    logits2, _, _, a_again, _ = outputs(params, x, jax.random.key(1))
+    _, _, _, b, _ = outputs(params, x, jax.random.key(2))
+    np.testing.assert_array_equal(a, a_again)
+    assert not np.allclose(a, b)                    # a different key drops different units
+    assert not np.allclose(a, logits)               # training mode drops, evaluation does not
+    np.testing.assert_array_equal(logits, logits2)  # evaluation ignores the key
+    z_train = model.features(params, x, train=True, rng=jax.random.key(1))
+    dropped = float(jnp.mean((z_train == 0) & (z != 0)) / jnp.mean(z != 0))
+    assert 0.35 < dropped < 0.65                    # about half of the active units, rate 0.5
+    _, _, plain_params, plain = _case("cnn")
+    no_dropout_eval, _, _, no_dropout_train, _ = plain(plain_params, x, jax.random.key(1))
+    np.testing.assert_array_equal(no_dropout_eval, no_dropout_train)
+
+
+def test_dropout_is_keyed_per_client_and_per_step_in_local_training():
+    """vmap(local_train) over clients == a plain loop over clients and steps (no jit, no vmap)
+    that calls the model with fold_in(client_key, step)."""
+    model = models.cnn(3, dropout=0.5)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(8, 8, 8, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 8))
+    params = _random_params(model, x)
+    lr, steps, clients = 0.1, 3, 2
+    # both clients see the same batches from the same start: only their dropout keys differ
+    idx = jnp.asarray(np.repeat(rng.integers(0, 8, (1, steps, 2)), clients, axis=0))
+    mask = jnp.ones((clients, steps), bool)
+    keys = jax.random.split(jax.random.key(7), clients)
+    train = local_train(model, optax.sgd(lr))
+    res = jax.jit(jax.vmap(train, in_axes=(None, None, None, 0, 0, 0)))(params, x, y, idx, mask, keys)
+
+    grad = jax.jit(jax.grad(lambda p, xb, yb, k: batch_loss(model, p, xb, yb, k)))
+    for c in range(clients):
+        w = params
+        for s in range(steps):
+            rows = idx[c, s]
+            g = grad(w, x[rows], y[rows], jax.random.fold_in(keys[c], s))
+            w = jax.tree.map(lambda p, gi: p - lr * gi, w, g)
+        chex.assert_trees_all_close(jax.tree.map(lambda v: v[c], res.params), w, atol=1e-5, rtol=1e-5)
+
+    assert not np.allclose(res.params["fc"]["kernel"][0], res.params["fc"]["kernel"][1])
+
+
+def test_resnet_groupnorm_has_no_batch_statistics():
+    model, x, params, outputs = _case("resnet8")
+    logits, _, _, train_logits, _ = outputs(params, x, KEY)
+    # one example's logits do not depend on the rest of the batch (BatchNorm's would)
+    other = x.at[1:].set(5.0 * x[1:] + 1.0)
+    np.testing.assert_allclose(outputs(params, other, KEY)[0][0], logits[0], atol=1e-5)
+    np.testing.assert_allclose(train_logits, logits, atol=1e-6)   # no train/eval difference
+    names = {str(p[-2].key) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert any(n.startswith("GroupNorm") for n in names)
+    assert not any("BatchNorm" in n for n in names)
+    module = ResNet(4)
+    variables = jax.eval_shape(lambda: module.init(KEY, x[:1], train=True))
+    assert set(variables) == {"params"}                           # no batch_stats collection
+
+
+def test_char_rnn_reads_the_whole_sequence():
+    model, x, params, outputs = _case("char_lstm")
+    changed_first = x.at[:, 0].set((x[:, 0] + 1) % 7)
+    assert not np.allclose(outputs(params, x, KEY)[0], outputs(params, changed_first, KEY)[0])
+
+
+def test_get_builds_by_name_with_options():
+    m = models.get("cnn", 10, jnp.zeros((1, 28, 28, 1)), dropout=0.25)
+    assert m.name == "cnn"
+    assert models.get("resnet", 10, (32, 32, 3), depth=14).name == "resnet14"
+    assert models.get("char_gru", 80, np.zeros((2, 80), np.int32)).name == "char_gru"
+    assert models.get("logistic", 10).name == "logistic"
+    assert set(models.MODELS) >= {"logistic", "mlp", "cnn", "cnn_cifar", "resnet8", "char_lstm",
+                                  "char_gru"}
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    (("cnnn", 10), {}, r"unknown model 'cnnn'; valid models: \[.*'cnn'"),
+    (("cnn", 10), dict(dropuot=0.5), r"unknown option.*dropuot.*valid options: \['dropout'\]"),
+    (("cnn", 0), {}, "num_classes must be > 0"),
+    (("cnn", 10), dict(dropout=1.0), r"dropout must lie in \[0, 1\)"),
+    (("cnn", 10, (28, 28)), {}, r"input_shape.*\[height, width, channels\].*channel axis"),
+    (("cnn", 10, np.zeros((1, 784), np.float32)), {}, r"sample.*\[height, width, channels\]"),
+    (("cnn", 10, np.zeros((0, 28, 28, 1), np.float32)), {}, "non-empty batch"),
+    (("cnn", 10, np.zeros((1, 28, 28, 1), np.int32)), {}, "floating-point inputs"),
+    (("cnn_cifar", 10, (8, 8, 1)), {}, r"input_shape: model 'cnn_cifar' cannot take examples of shape \(8, 8, 1\)"),
+    (("char_lstm", 80, np.zeros((1, 80), np.float32)), {}, "integer token ids"),
+    (("resnet", 10), dict(depth=10), r"depth must be 6n \+ 2"),
+    (("resnet8", 10), dict(num_groups=3), "num_groups must divide"),
+    (("char_lstm", 80), dict(hidden_size=0), "hidden_size must be > 0"),
+    (("char_rnn_typo", 80), {}, "unknown model"),
+    (("mlp", 10, (-1,)), {}, "input_shape must be a tuple of positive ints"),
+])
+def test_bad_input_raises_value_error_naming_the_argument(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        models.get(*args, **kwargs)
+
+
+def test_char_rnn_cell_must_be_known():
+    with pytest.raises(ValueError, match=r"cell must be one of \['gru', 'lstm'\]"):
+        models.char_rnn(80, cell="rnn")
