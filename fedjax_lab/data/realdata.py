@@ -26,6 +26,9 @@ client), "power_law=2.0" (log-normal sigma of client sizes), or any callable
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import importlib.util
+import os
 import random
 from typing import Callable, Optional, Union
 
@@ -71,11 +74,13 @@ def make_partitioner(partition: Union[str, Partitioner] = "iid", value=None) -> 
 
 def _positive(value, what, cast):
     try:
-        v = cast(value)
+        v = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be a positive number, got {value!r}") from None
-    if cast is int and float(value) != v:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    if cast is int:
+        if v != int(v):
+            raise ValueError(f"{what} must be a positive integer, got {value!r}")
+        v = int(v)
     if not v > 0:
         raise ValueError(f"{what} must be > 0, got {value!r}")
     return v
@@ -167,10 +172,17 @@ def _require(module, extra="realdata"):
 
 @functools.lru_cache(maxsize=2)
 def _digits_arrays():
-    datasets = _require("sklearn.datasets")
-    d = datasets.load_digits()
-    x = (d.images.astype(np.float32) / 16.0)[..., None]
-    return x, d.target.astype(np.int32)
+    # load_digits reads sklearn/datasets/data/digits.csv.gz; reading that file directly skips
+    # importing scikit-learn (about 2 s), which matters for tests that build many datasets.
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.submodule_search_locations:
+        f = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data",
+                         "digits.csv.gz")
+        if os.path.isfile(f):
+            raw = np.loadtxt(f, delimiter=",", dtype=np.float32)
+            return (raw[:, :64] / 16.0).reshape(-1, 8, 8, 1), raw[:, 64].astype(np.int32)
+    d = _require("sklearn.datasets").load_digits()
+    return (d.images.astype(np.float32) / 16.0)[..., None], d.target.astype(np.int32)
 
 
 def digits(*, num_clients: int = 20, partition: Union[str, Partitioner] = "iid", seed: int = 0,
@@ -181,8 +193,28 @@ def digits(*, num_clients: int = 20, partition: Union[str, Partitioner] = "iid",
                     test_fraction=test_fraction, num_classes=10)
 
 
+def _cache_dir():
+    return os.environ.get("FEDJAX_LAB_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "fedjax_lab")
+
+
 @functools.lru_cache(maxsize=4)
 def _mnist1d_arrays(num_samples: int):
+    """Generated once per process, and kept on disk (under $FEDJAX_LAB_CACHE, default
+    ~/.cache/fedjax_lab, keyed by the mnist1d version) so later processes skip the seconds of
+    generation; an unwritable cache is ignored."""
+    try:
+        version = importlib.metadata.version("mnist1d")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    keys = ("x", "y", "x_test", "y_test")
+    path = os.path.join(_cache_dir(), f"mnist1d-{version}-{num_samples}.npz")
+    if version is not None and os.path.isfile(path):
+        try:
+            with np.load(path) as f:
+                return tuple(f[k] for k in keys)
+        except (OSError, ValueError, KeyError):
+            pass
     data_mod = _require("mnist1d.data")
     args = data_mod.get_dataset_args()
     args.num_samples = num_samples
@@ -193,8 +225,16 @@ def _mnist1d_arrays(num_samples: int):
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
-    return tuple(np.asarray(d[k], dt) for k, dt in
-                 (("x", np.float32), ("y", np.int32), ("x_test", np.float32), ("y_test", np.int32)))
+    out = tuple(np.asarray(d[k], dt) for k, dt in
+                zip(keys, (np.float32, np.int32, np.float32, np.int32)))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, **dict(zip(keys, out)))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return out
 
 
 def mnist1d(*, num_clients: int = 50, partition: Union[str, Partitioner] = "iid", seed: int = 0,
