@@ -161,7 +161,7 @@ def test_label_skew_makes_local_models_fail_on_other_classes():
 
     iid = local_accuracy(realdata.digits(num_clients=10, partition="iid", seed=0))
     skewed = local_accuracy(realdata.digits(num_clients=10, partition="dirichlet=0.1", seed=0))
-    assert iid > 0.85 and skewed < 0.5, (iid, skewed)
+    assert iid > 0.8 and skewed < 0.5, (iid, skewed)
 
 
 @pytest.mark.slow

@@ -91,6 +91,12 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
         load(f"cifar10:clients=3,data_dir={tmp_path}")
 
 
+def test_missing_dataset_in_default_dir_is_not_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    with pytest.raises(DatasetNotPrepared, match=f"no prepared copy under data_dir={tmp_path}"):
+        load_tfds("svhn", num_clients=2)
+
+
 def test_bad_names_and_options():
     with pytest.raises(ValueError, match="unknown TFDS dataset 'imagenet'; valid"):
         load_tfds("imagenet")

@@ -50,8 +50,12 @@ class DatasetNotPrepared(FileNotFoundError):
     """A TFDS dataset is not prepared (as ArrayRecord) under data_dir and cannot be downloaded."""
 
 
+def _where(data_dir):
+    return data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+
+
 def _how_to(tfds_name, data_dir, why):
-    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    where = _where(data_dir)
     return (f"TFDS dataset {tfds_name!r} is not available: {why}.\n"
             f"Prepare it once on a machine with internet (needs `pip install tensorflow "
             f"tensorflow-datasets`):\n"
@@ -67,16 +71,17 @@ def _open(tfds, tfds_name, split, data_dir, download):
                                 builder_kwargs={"file_format": "array_record"} if download else None)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise ValueError(f"TFDS has no dataset {tfds_name!r}: {str(e).splitlines()[0]}") from None
-    except (NotImplementedError, AssertionError, FileNotFoundError, OSError, ConnectionError) as e:
+    except (NotImplementedError, AssertionError, KeyError, FileNotFoundError, OSError,
+            ConnectionError) as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, NotImplementedError):
+        if isinstance(e, (NotImplementedError, KeyError)):
             try:
                 prepared = tfds.builder(tfds_name, data_dir=data_dir).is_prepared()
             except Exception:  # the builder itself may be unreadable; the message still helps
                 prepared = False
             why = ("it is prepared under data_dir as TFRecord, but random access without "
                    "TensorFlow needs ArrayRecord" if prepared else
-                   f"no prepared copy under data_dir={data_dir or '~/tensorflow_datasets'}")
+                   f"no prepared copy under data_dir={_where(data_dir)}")
         raise DatasetNotPrepared(_how_to(tfds_name, data_dir, why)) from None
     except Exception as e:  # downloads fail with many error types when there is no network
         if download:
