@@ -111,7 +111,6 @@ def client_params_of_global(state_params_fn):
     return client_params
 
 
-
 def adapted_client_params(model, optimizer, train, *, steps: int, batch_size: int, lam: float = 0.0,
                           shuffle: str = "auto"):
     """client_params((params, key), ids) for clients that adapt a shared model themselves: client k
@@ -144,3 +143,21 @@ def adapted_sums(model, optimizer, params, data, key, *, steps: int, batch_size:
         raise ValueError("data: adapted evaluation needs a per-client test split (data.test is None)")
     fn = adapted_client_params(model, optimizer, data, steps=steps, batch_size=batch_size, lam=lam)
     return personal_sums(model, fn, (params, key), data.test, clients_per_chunk=clients_per_chunk)
+
+
+def client_sums(model, params, split, ids):
+    """(loss_sum, correct_sum, count) [K] of clients `ids` [K] on `split`, client ids[i] evaluated
+    with row i of the stacked `params` (for rows that live outside the state, e.g. a host store)."""
+    width = max(split.max_client_size, 1)
+    last_row = max(split.num_examples - 1, 0)
+
+    def one(p, lo, size):
+        r = jnp.minimum(lo + jnp.arange(width), last_row)
+        m = (jnp.arange(width) < size).astype(jnp.float32)
+        loss, correct = _per_example(model, p, split.x[r], split.y[r])
+        return jnp.sum(loss * m), jnp.sum(correct * m)
+
+    lo = split.offsets[ids]
+    size = split.offsets[ids + 1] - lo
+    loss, correct = jax.vmap(one)(params, lo, size)
+    return loss, correct, size.astype(jnp.float32)
