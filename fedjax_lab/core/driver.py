@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lab.core import checkpoint as ckpt
-from fedjax_lab.core import validate
+from fedjax_lab.core import sharding, validate
 from fedjax_lab.core.evaluate import evaluation_metrics, evaluation_sums
 from fedjax_lab.core.types import Algorithm
 
@@ -66,13 +66,16 @@ def _as_key(key):
 
 def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Optional[str] = None,
         checkpoint_every: Optional[int] = None, resume: bool = False, progress: bool = True,
-        extra_config: Optional[dict] = None) -> RunResult:
+        extra_config: Optional[dict] = None, mesh=None) -> RunResult:
     """Train `alg` on `data` for `rounds` rounds; evaluate every `eval_every` rounds.
 
     out: directory for config.json, metrics.jsonl and checkpoints/ (orbax).
     checkpoint_every: save every so many rounds (a multiple of eval_every) and at the end.
     resume: continue from the last checkpoint in `out`; its config must match this run's.
     A non-finite training or evaluation loss stops the run with FloatingPointError naming the round.
+    mesh: a `jax.sharding.Mesh` with a 'clients' axis (`core.sharding.client_mesh()`): each round's
+    clients are split over its devices, across hosts after `jax.distributed.initialize`; every
+    process then calls `run` with the same data and key (see core/sharding.py).
     """
     validate.positive("rounds", rounds, integer=True)
     validate.positive("eval_every", eval_every, integer=True)
@@ -86,6 +89,8 @@ def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Op
     if resume and out is None:
         raise ValueError("resume=True needs out= (the directory holding the checkpoints)")
     alg.check(data)
+    if mesh is not None:
+        sharding.check_mesh(mesh)
     key, key_repr = _as_key(key)
     k_init, k_rounds = jax.random.split(key)
     config = dict(alg.config, rounds=rounds, eval_every=eval_every, key=key_repr,
@@ -107,6 +112,9 @@ def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Op
                              + "\n  ".join(diff))
         start = int(step)
         history = _read_history(out, upto=start)
+    if mesh is not None:
+        state, data = sharding.place_state(state, mesh), sharding.replicate(data, mesh)
+        k_rounds = sharding.replicate(k_rounds, mesh)
     if out is not None:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
@@ -118,12 +126,15 @@ def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Op
     t = start
     while t < rounds:
         length = min(eval_every, rounds - t)
-        state, per_round = run_rounds(alg, state, data, k_rounds, jnp.int32(t), length)
+        with sharding.use_mesh(mesh):
+            state, per_round = run_rounds(alg, state, data, k_rounds, jnp.int32(t), length)
         per_round = jax.device_get(per_round)
         _stop_if_not_finite(per_round, "local_loss", first_round=t)
         t += length
         record = {"round": t}
-        record.update(evaluation_metrics(jax.device_get(evaluate(alg, state, data))))
+        with sharding.use_mesh(mesh):
+            sums = evaluate(alg, state, data)
+        record.update(evaluation_metrics(jax.device_get(sums)))
         for name, values in per_round.items():
             values = np.asarray(values, np.float64)
             if name.startswith("bytes_"):

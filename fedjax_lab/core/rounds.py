@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_lab.core import validate
+from fedjax_lab.core import sharding, validate
 from fedjax_lab.core.batching import Batches, draw_batches, plan_steps
 from fedjax_lab.core.sampling import sample_clients, straggler_steps
 from fedjax_lab.core.tree import tree_scale
@@ -67,10 +67,18 @@ class Participation(struct.PyTreeNode):
     batches: Batches          # idx [C, S, B], step_mask [C, S] (stragglers applied)
     is_straggler: jax.Array   # [C] bool
     num_examples: jax.Array   # [C] client train sizes n_k
+    valid: Optional[jax.Array] = None  # [C] bool: a sampled client, not mesh padding
 
 
 def participate(key, data, work: LocalWork) -> Participation:
-    """Sample clients, draw their batches on device and cut stragglers' work with the step mask."""
+    """Sample clients, draw their batches on device and cut stragglers' work with the step mask.
+
+    Under a mesh with a 'clients' axis of size D (core/sharding.py) the C sampled clients are
+    padded to a multiple of D with dummy clients (id = num_clients, which gathers clamp and
+    scatters drop; no steps, num_examples 0, valid False, hence weight 0 in `client_weights`) and
+    every field is sharded along 'clients'. The real clients' ids, batches and stragglers are
+    exactly those of the unpadded round. Without a mesh nothing is padded.
+    """
     k_sample, k_batch, k_strag = jax.random.split(key, 3)
     ids = sample_clients(k_sample, data.num_clients, work.clients_per_round,
                          client_sizes=data.client_sizes, scheme=work.sampling)
@@ -84,8 +92,14 @@ def participate(key, data, work: LocalWork) -> Participation:
     steps, is_straggler = straggler_steps(k_strag, batches.num_steps, work.stragglers,
                                           unit_steps=unit_steps, units=units)
     mask = jnp.arange(batches.idx.shape[1])[None, :] < steps[:, None]
-    return Participation(ids=ids, batches=Batches(batches.idx, mask, steps),
-                         is_straggler=is_straggler, num_examples=n)
+    part = Participation(ids=ids, batches=Batches(batches.idx, mask, steps),
+                         is_straggler=is_straggler, num_examples=n, valid=jnp.ones(ids.shape, bool))
+    size = sharding.padded_size(work.clients_per_round)
+    if size != work.clients_per_round:
+        fill = Participation(ids=data.num_clients, batches=Batches(0, False, 0), is_straggler=False,
+                             num_examples=0, valid=False)
+        part = sharding.pad_clients(part, size, fill)
+    return sharding.shard_clients(part)
 
 
 def client_weights(part: Participation, work: LocalWork, *, drop_stragglers: bool):
@@ -93,6 +107,7 @@ def client_weights(part: Participation, work: LocalWork, *, drop_stragglers: boo
     w = part.num_examples.astype(jnp.float32) if work.weighting == "examples" \
         else jnp.ones(part.ids.shape, jnp.float32)
     w = w * (part.batches.num_steps > 0)
+    w = w if part.valid is None else w * part.valid
     return jnp.where(part.is_straggler, 0.0, w) if drop_stragglers else w
 
 
