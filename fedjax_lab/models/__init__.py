@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lab.core.types import Model
@@ -79,10 +80,10 @@ def _example_spec(name, sample_or_shape):
         hint = " (add a channel axis: x[..., None])" if len(shape) == 2 else ""
         raise ValueError(f"{what}: model {name!r} takes images of shape [height, width, channels] "
                          f"per example, got {shape}{hint}")
-    if kind == "tokens" and (len(shape) != 1 or not np.issubdtype(dtype, np.integer)):
+    if kind == "tokens" and (len(shape) != 1 or not jnp.issubdtype(dtype, jnp.integer)):
         raise ValueError(f"{what}: model {name!r} takes integer token ids of shape [sequence] per "
                          f"example, got shape {shape} and dtype {dtype}")
-    if kind != "tokens" and not np.issubdtype(dtype, np.floating):
+    if kind != "tokens" and not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"{what}: model {name!r} takes floating-point inputs, got dtype {dtype}")
     return what, shape, dtype
 
