@@ -9,6 +9,8 @@ from fedjax_lab.algorithms.ditto import ditto
 from fedjax_lab.algorithms.fedamp import fedamp, heurfedamp
 from fedjax_lab.algorithms.fedavg import fedavg, fedopt
 from fedjax_lab.algorithms.fedprox import fedprox
+from fedjax_lab.algorithms.fetchsgd import fetchsgd
+from fedjax_lab.algorithms.local_topk import local_topk
 from fedjax_lab.algorithms.robust_median import mediansgd, noisy_mediansgd, noisy_signsgd, signsgd
 
 fedavgm = functools.partial(fedopt, server_optimizer="sgd", server_momentum=0.9, name="fedavgm")
@@ -24,6 +26,8 @@ ALGORITHMS = {
     "fedyogi": (fedyogi, "FedYogi: FedOpt with server Yogi"),
     "fedadagrad": (fedadagrad, "FedAdagrad: FedOpt with server Adagrad"),
     "fedprox": (fedprox, "FedProx (Li et al. 2020): proximal term mu/2||w-w_t||^2, keeps stragglers"),
+    "fetchsgd": (fetchsgd, "FetchSGD (Rothchild et al. 2020): count-sketched gradients, momentum and error feedback in sketch space"),
+    "local_topk": (local_topk, "Local top-k sparsification with per-client error feedback (FetchSGD's baseline)"),
     "signsgd": (signsgd, "signSGD with majority vote (Bernstein et al. 2019); --sigma > 0: noisy signSGD (Chen et al. 2020)"),
     "noisy_signsgd": (noisy_signsgd, "noisy signSGD (Chen et al. 2020): sign(g + sigma xi) votes track the mean"),
     "mediansgd": (mediansgd, "medianSGD (Yin et al. 2018): coordinate-wise median of client gradients"),

@@ -1,0 +1,184 @@
+"""FetchSGD (Rothchild, Panda, Ullah, Ivkin, Stoica, Braverman, Gonzalez, Arora; ICML 2020),
+Algorithm 1: momentum and error feedback in count-sketch space, stateless clients.
+
+Round t, sampled clients c_1 ... c_W, count sketch S (r x c, hashes shared via a key), server lr eta,
+momentum rho:
+
+    client i:   g_i = gradient of its loss at w_t on a batch;  sends S(g_i)        (r c floats)
+    server:     S^t   = sum_i p_i S(g_i) / sum_i p_i          (= S(mean g): S is linear)
+                S_u   = rho S_u + S^t                          momentum, in sketch space
+                S_e   = S_e + eta S_u                          error accumulation, in sketch space
+                Delta = Top-k(U(S_e))                          unsketch: k heavy hitters
+                S_e   = S_e - S(Delta)                         error feedback: remove what was applied
+                S_u   = S_u - S(u_Delta)                       momentum masking (u_Delta = U(S_u) on
+                                                               Delta's support)
+                w_{t+1} = w_t - Delta
+
+Clients keep nothing between rounds: the paper's point is that momentum and error live on the
+server, so clients that participate once still contribute. p_i = 1 (the paper's 1/W average,
+`weighting="uniform"`, default) or n_i (`weighting="examples"`); either way the server weights the
+tables, and the weighted sum of tables is the table of the weighted sum.
+
+Variants (named options):
+  * `second_round=True`: the server picks `num_candidates` (>= k) candidates from U(S_e) and asks
+    the round's clients for the exact values of their g_i there (a second, k-float upload; the
+    candidate indices go down). Only the current round's contribution eta * g can be made exact
+    (clients are stateless; older rounds live only in the sketch), so a candidate's value is
+    U(S_e - eta S^t)_j + eta g_j and the k largest of these are applied. With rho = 0 and no carried
+    error this is the exact two-round top-k of Ivkin et al. (2019).
+  * `local_steps > 1` (our generalization; Algorithm 1 takes one gradient): the client runs local
+    SGD at `client_lr` and sends g_i = (w_t - w_i) / client_lr, the sum of its local gradients.
+  * `per_client_sketch=False`: the server sketches sum_i p_i g_i once instead of summing C tables;
+    identical up to float rounding (linearity), C times cheaper to simulate.
+
+Paper vs. official code (CommEfficient, `fed_aggregator._server_helper_sketched`): the code does
+not subtract S(Delta); it zeroes every cell of S_e and S_u that a coordinate of Delta hashes to
+("this should work but doesn't (model diverges)" is its comment on subtracting). It also applies
+eta after unsketching (S_e += S_u, w -= eta Delta), which is the same for a constant eta. The paper's
+rule is the default (`masking="subtract"`); the code's is `masking="zero_cells"`.
+`momentum_masking=False` leaves S_u alone (Algorithm 1 as printed lists no masking of S_u).
+
+Communication per round: up, W r c float32 (+ W k float32 in the second round); down, the dense
+model to each of the W clients (4 d bytes; sparse downloads of the changed weights are not
+modelled) (+ W k int32 candidate indices in the second round).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from fedjax_lab import compression as cz
+from fedjax_lab.core import comm, validate
+from fedjax_lab.core.evaluate import client_params_of_global
+from fedjax_lab.core.local import local_train
+from fedjax_lab.core.rounds import LocalWork, client_weights, participate, weighted_mean_scalar
+from fedjax_lab.core.tree import flatten
+from fedjax_lab.core.types import Algorithm, Model
+
+
+@struct.dataclass
+class FetchSGDState:
+    params: Any
+    momentum: jax.Array         # S_u [rows, cols]
+    error: jax.Array            # S_e [rows, cols]
+    sketch: cz.CountSketch      # hash seeds shared by server and clients
+    round: jax.Array
+
+
+def client_gradients(model, work: LocalWork, client_lr: float, w_t, data, part, key):
+    """[C, d] flat g_i = (w_t - w_i) / client_lr after each client's local SGD (one step: its
+    batch gradient), and the [C] local losses."""
+    train = local_train(model, optax.sgd(client_lr))
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(part.ids)
+    res = jax.vmap(train, in_axes=(None, None, None, 0, 0, 0))(
+        w_t, data.x, data.y, part.batches.idx, part.batches.step_mask, keys)
+    flat_t, _ = flatten(w_t)
+    flat_i = jax.vmap(lambda p: flatten(p)[0])(res.params)
+    return (flat_t[None, :] - flat_i) / client_lr, res.loss
+
+
+def normalized(p):
+    total = jnp.sum(p)
+    return jnp.where(total > 0, p / jnp.where(total > 0, total, 1.0), 0.0)
+
+
+def remove_support(cs, table, idx, values, masking: str):
+    """Take a sparse vector's contribution out of a table: subtract its sketch, or zero its cells."""
+    if masking == "subtract":
+        return table - cz.sketch_sparse(cs, idx, values)
+    buckets, _ = cz.hashes(cs, idx)
+    return table.at[jnp.arange(cs.rows)[:, None], buckets].set(0.0)
+
+
+def fetchsgd(model: Model, *, lr: float = 0.1, momentum: float = 0.9, k: int = 100,
+             sketch_rows: int = 5, sketch_cols: int = 1000, second_round: bool = False,
+             num_candidates: int = 0, masking: str = "subtract", momentum_masking: bool = True,
+             per_client_sketch: bool = True, clients_per_round: int = 10, local_steps: int = 1,
+             client_lr: float = 1.0, batch_size: int = 10, sampling: str = "uniform",
+             weighting: str = "uniform", shuffle: str = "auto") -> Algorithm:
+    """FetchSGD (see module docstring). num_candidates = 0 means k (second round only)."""
+    validate.positive("lr", lr)
+    validate.fraction("momentum", momentum, closed_right=False)
+    validate.positive("k", k, integer=True)
+    validate.positive("sketch_rows", sketch_rows, integer=True)
+    validate.positive("sketch_cols", sketch_cols, integer=True)
+    validate.positive("client_lr", client_lr)
+    validate.one_of("masking", masking, {"subtract", "zero_cells"})
+    if not isinstance(num_candidates, int) or num_candidates < 0:
+        raise ValueError(f"num_candidates must be an integer >= 0 (0 means k), got {num_candidates!r}")
+    if num_candidates and num_candidates < k:
+        raise ValueError(f"num_candidates must be >= k={k} (or 0 for k), got {num_candidates}")
+    m = num_candidates or k
+    work = LocalWork(clients_per_round=clients_per_round, batch_size=batch_size,
+                     local_steps=local_steps, sampling=sampling, weighting=weighting,
+                     shuffle=shuffle)
+    config = dict(algorithm="fetchsgd", model=model.name, lr=lr, momentum=momentum, k=k,
+                  sketch_rows=sketch_rows, sketch_cols=sketch_cols, second_round=second_round,
+                  num_candidates=num_candidates, masking=masking,
+                  momentum_masking=momentum_masking, per_client_sketch=per_client_sketch,
+                  clients_per_round=clients_per_round, local_steps=local_steps,
+                  client_lr=client_lr, batch_size=batch_size, sampling=sampling,
+                  weighting=weighting, shuffle=shuffle)
+
+    def check(data):
+        work.check(data)
+        params = jax.eval_shape(model.init, jax.random.key(0), data.x[:1])
+        d = sum(int(x.size) for x in jax.tree.leaves(params))
+        if m > d:
+            raise ValueError(f"k={k} (num_candidates={m}) exceeds the number of model parameters "
+                             f"d={d}; expected k <= num_candidates <= d")
+
+    def init(key, data):
+        check(data)
+        k_model, k_sketch = jax.random.split(key)
+        params = model.init(k_model, data.x[:1])
+        cs = cz.count_sketch(k_sketch, flatten(params)[0].shape[0], rows=sketch_rows,
+                             cols=sketch_cols)
+        shape = (sketch_rows, sketch_cols)     # two buffers: the driver donates the state
+        return FetchSGDState(params=params, momentum=jnp.zeros(shape), error=jnp.zeros(shape),
+                             sketch=cs,
+                             round=jnp.zeros((), jnp.int32))
+
+    def round(state, data, key):
+        k_part, k_train = jax.random.split(key)
+        cs = state.sketch
+        part = participate(k_part, data, work)
+        g, losses = client_gradients(model, work, client_lr, state.params, data, part, k_train)
+        p = client_weights(part, work, drop_stragglers=False)
+        pn = normalized(p)
+        if per_client_sketch:
+            table = jnp.tensordot(pn, cz.sketch(cs, g), axes=1)           # sum_i p_i S(g_i)
+        else:
+            table = cz.sketch(cs, pn @ g)                                 # S(sum_i p_i g_i)
+        s_u = momentum * state.momentum + table
+        s_e = state.error + lr * s_u
+        if second_round:
+            history = s_e - lr * table
+
+            def exact(cand):                         # clients send g_i[cand]; server weights them
+                return cz.query(cs, history, cand) + lr * (pn @ g[:, cand])
+            idx, delta = cz.heavy_hitters(cs, s_e, k, num_candidates=m, exact=exact)
+        else:
+            idx, delta = cz.heavy_hitters(cs, s_e, k)
+        s_e = remove_support(cs, s_e, idx, delta, masking)
+        if momentum_masking:
+            s_u = remove_support(cs, s_u, idx, cz.query(cs, s_u, idx), masking)
+        flat, unravel = flatten(state.params)
+        params = unravel(flat.at[idx].add(-delta))
+        num_up = jnp.sum(p > 0)
+        up = cs.num_bytes + (4 * m if second_round else 0)
+        down = 4 * cs.dim + (4 * m if second_round else 0)
+        metrics = dict(local_loss=weighted_mean_scalar(losses, p),
+                       clients_aggregated=num_up.astype(jnp.float32),
+                       update_norm=jnp.linalg.norm(delta),
+                       **comm.round_metrics(up_per_client=up, down_per_client=down,
+                                            num_up=num_up, num_down=work.clients_per_round))
+        return state.replace(params=params, momentum=s_u, error=s_e, round=state.round + 1), metrics
+
+    return Algorithm(name="fetchsgd", init=init, round=round, model=model,
+                     client_params=client_params_of_global(lambda s: s.params),
+                     global_params=lambda s: s.params, check=check, config=config)
