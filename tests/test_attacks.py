@@ -82,3 +82,54 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="attack_scale"):
         attacks.check_attack("scaled", 0.2, -1.0)
     attacks.check_attack("alie", 0.0)
+
+
+# ---- FedAvg composed with an attack and a robust aggregator, against a per-client loop ---------
+
+def _local_sgd(W, b, x, y, idx, mask, lr, flip, num_classes):
+    for s in range(idx.shape[0]):
+        if not mask[s]:
+            continue
+        xb, yb = x[idx[s]], y[idx[s]]
+        if flip:
+            yb = num_classes - 1 - yb
+        z = xb @ W + b
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        p[np.arange(len(yb)), yb] -= 1
+        W, b = W - lr * xb.T @ p / len(yb), b - lr * p.mean(0)
+    return W, b
+
+
+@pytest.mark.parametrize("attack,aggregator,ref_agg", [
+    ("sign_flip", "median", lambda M: np.median(M, 0)),
+    ("label_flip", "trimmed_mean", lambda M: np.sort(M, 0)[1:4].mean(0)),   # 5 clients, beta 0.2
+])
+def test_fedavg_with_attack_and_aggregator_matches_reference(attack, aggregator, ref_agg, tiny_data):
+    from fedjax_lab import algorithms, models
+    from fedjax_lab.core.rounds import LocalWork, participate
+    alg = algorithms.fedavg(models.logistic(3), client_lr=0.1, clients_per_round=5, local_steps=3,
+                            batch_size=4, aggregator=aggregator, trim_beta=0.2, attack=attack,
+                            attack_fraction=0.4, attack_scale=3.0)
+    work = LocalWork(clients_per_round=5, local_steps=3, batch_size=4)
+    malicious = np.asarray(attacks.malicious_clients(5, 0.4, seed=0))
+    state = alg.init(jax.random.key(0), tiny_data)
+    x, y = np.asarray(tiny_data.x, np.float64), np.asarray(tiny_data.y)
+    for t in range(2):
+        key = jax.random.key(30 + t)
+        part = participate(jax.random.split(key)[0], tiny_data, work)
+        W0 = np.asarray(state.params["Dense_0"]["kernel"], np.float64)
+        b0 = np.asarray(state.params["Dense_0"]["bias"], np.float64)
+        dW, db = [], []
+        for c, i in enumerate(np.asarray(part.ids)):          # reference loop over clients
+            W, b = _local_sgd(W0, b0, x, y, np.asarray(part.batches.idx[c]),
+                              np.asarray(part.batches.step_mask[c]), 0.1,
+                              flip=attack == "label_flip" and malicious[i], num_classes=3)
+            s = -3.0 if attack == "sign_flip" and malicious[i] else 1.0
+            dW.append(s * (W - W0)); db.append(s * (b - b0))
+        state, _ = jax.jit(alg.round)(state, tiny_data, key)
+        np.testing.assert_allclose(state.params["Dense_0"]["kernel"], W0 + ref_agg(np.stack(dW)),
+                                   atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(state.params["Dense_0"]["bias"], b0 + ref_agg(np.stack(db)),
+                                   atol=1e-5, rtol=1e-5)
+    assert malicious.sum() == 2
