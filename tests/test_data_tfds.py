@@ -40,6 +40,8 @@ def test_loads_every_dataset_with_unit_pixels(name, tfds_name, shape, classes):
     assert d.num_clients == 4 and d.num_classes == classes and d.x.shape[1:] == shape
     np.testing.assert_array_equal(np.asarray(d.client_sizes), [10, 10, 10, 10])
     assert d.test.num_examples == 40              # the TFDS test split, partitioned
+    if name.startswith("emnist"):                 # TFDS stores EMNIST transposed; we undo it
+        x_raw, xt_raw = np.swapaxes(x_raw, 1, 2), np.swapaxes(xt_raw, 1, 2)
     np.testing.assert_allclose(_rows(np.asarray(d.x) * 255), _rows(x_raw), atol=1e-3)
     np.testing.assert_allclose(_rows(np.asarray(d.test.x) * 255), _rows(xt_raw), atol=1e-3)
     np.testing.assert_array_equal(np.bincount(np.asarray(d.y), minlength=classes),
@@ -73,6 +75,14 @@ def test_spec_and_max_examples():
         e = load("emnist:digits,clients=3")
     assert d.num_examples == 30 and d.test.num_examples == 30 and float(d.x.max()) > 1.0
     assert e.num_classes == 10
+
+
+def test_emnist_upright_option():
+    with tfds.testing.mock_data(num_examples=20):
+        up = load_tfds("emnist/digits", num_clients=2, normalize="none")
+        raw = load_tfds("emnist/digits", num_clients=2, normalize="none", emnist_upright=False)
+    np.testing.assert_array_equal(np.asarray(up.x), np.swapaxes(np.asarray(raw.x), 1, 2))
+    assert not np.array_equal(np.asarray(up.x), np.asarray(raw.x))
 
 
 def test_letters_shift_and_check():

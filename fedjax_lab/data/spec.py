@@ -54,7 +54,7 @@ def _partitioned(loader, dataset, args, kwargs, seed, extra=None, positional=Non
         k = k.lower()
         if k in _PARTITION_KEYS:
             if k == "iid":
-                if v not in (True, "true", 1):
+                if str(v).lower() not in ("true", "1"):
                     continue
                 partition.append("iid")
             else:
@@ -99,6 +99,8 @@ def _tfds(name):
         from fedjax_lab.data.tfds import load_tfds
         extra = {"data_dir": "data_dir", "normalize": "normalize", "download": "download",
                  "max_examples": "max_examples"}
+        if name == "emnist":
+            extra["upright"] = "emnist_upright"
         if name == "emnist":
             extra["split"] = "split"
 

@@ -16,6 +16,9 @@ Normalization, as the usual papers (and their torchvision/TFDS pipelines) do:
   "unit"                uint8 / 255, in [0, 1] (McMahan et al. 2017's MNIST);
   "none"                raw pixel values as float32.
 EMNIST letters: TFDS labels the 26 letters 1..26; we shift them to 0..25 (26 classes).
+EMNIST orientation: TFDS keeps the EMNIST files' transposed images (tensorflow/datasets#812, noted
+in TFDS's catalog); `emnist_upright=True` (default) transposes them back to MNIST's orientation,
+which matters when EMNIST is mixed or compared with MNIST, and for looking at the images.
 
 No internet: a dataset that is not prepared under `data_dir` raises `DatasetNotPrepared` saying how
 to prepare it on a machine with internet (`tfds build NAME --file_format=array_record`) and where to
@@ -107,7 +110,8 @@ def _read(source, label_key):
 def load_tfds(name: str, *, partition: Union[str, Partitioner] = "iid", num_clients: int = 100,
               seed: int = 0, data_dir: Optional[str] = None, test: str = "partition",
               test_fraction: float = 0.2, normalize: str = "standard",
-              download: bool = False, max_examples: Optional[int] = None) -> FederatedArrays:
+              download: bool = False, max_examples: Optional[int] = None,
+              emnist_upright: bool = True) -> FederatedArrays:
     """Load a TFDS image classification dataset partitioned over `num_clients` clients.
 
     `max_examples` keeps the first n training (and n test) examples, for quick experiments.
@@ -134,6 +138,9 @@ def load_tfds(name: str, *, partition: Union[str, Partitioner] = "iid", num_clie
         test_src = _Head(test_src, max_examples) if test_src is not None else None
     x, y = _read(train_src, label_key)
     x_test, y_test = _read(test_src, label_key) if test_src is not None else (None, None)
+    if tfds_name.startswith("emnist") and emnist_upright:
+        x = np.swapaxes(x, 1, 2)
+        x_test = None if x_test is None else np.swapaxes(x_test, 1, 2)
     if tfds_name == "emnist/letters":
         y, y_test = _letters(y), (_letters(y_test) if y_test is not None else None)
     x, x_test = _normalize(x, x_test, normalize)
