@@ -59,3 +59,30 @@ def test_main_reports_bad_spec_without_traceback(capsys):
     assert stats.main(["nosuchdata"]) == 2
     err = capsys.readouterr().err
     assert "unknown dataset 'nosuchdata'" in err and "digits" in err
+
+
+def test_sparse_describe_matches_dense_reference():
+    rng = np.random.default_rng(0)
+    sizes = [5, 0, 12, 1, 30, 7]
+    ys = [rng.integers(0, 9, n) for n in sizes]
+    data = from_client_lists([np.zeros((n, 1), np.float32) for n in sizes], ys, num_classes=9,
+                             allow_empty=True)
+    counts = np.stack([np.bincount(y, minlength=9) for y in ys]).astype(float)
+    has = counts.sum(1) > 0
+    p = counts[has] / counts[has].sum(1, keepdims=True)
+    g = counts.sum(0) / counts.sum()
+    d = stats.describe(data)
+    assert d["label_tv"] == pytest.approx(0.5 * np.abs(p - g).sum(1).mean())
+    assert d["dominant_fraction"] == pytest.approx(p.max(1).mean())
+    assert d["classes_per_client"]["mean"] == pytest.approx((p > 0).sum(1).mean())
+    assert d["empty_clients"] == 1
+    np.testing.assert_array_equal(stats.label_counts(data), counts)
+    np.testing.assert_array_equal(stats.label_counts(data, [4, 0], [8, 2]), counts[[4, 0]][:, [8, 2]])
+
+
+def test_heatmap_of_a_large_vocabulary_shows_the_most_frequent_classes(tmp_path):
+    rng = np.random.default_rng(1)
+    ys = [rng.zipf(1.5, 40) % 500 for _ in range(30)]
+    data = from_client_lists([np.zeros((40, 1), np.float32)] * 30, ys, num_classes=500)
+    paths = stats.plot(data, str(tmp_path), max_clients=10, max_classes=20)
+    assert all((tmp_path / p.rsplit("/", 1)[1]).stat().st_size > 1000 for p in paths)

@@ -17,13 +17,31 @@ import sys
 import numpy as np
 
 
-def label_counts(data) -> np.ndarray:
-    """[num_clients, num_classes] example counts per client and class (host side)."""
-    sizes = np.asarray(data.client_sizes)
-    owner = np.repeat(np.arange(data.num_clients), sizes)
-    y = np.asarray(data.y).astype(np.int64)
-    k = max(int(data.num_classes), int(y.max()) + 1 if y.size else 1)
-    return np.bincount(owner * k + y, minlength=data.num_clients * k).reshape(data.num_clients, k)
+def _owner_labels(data):
+    owner = np.repeat(np.arange(data.num_clients), np.asarray(data.client_sizes))
+    return owner, np.asarray(data.y).astype(np.int64)
+
+
+def _num_classes(data, y):
+    return max(int(data.num_classes), int(y.max()) + 1 if y.size else 1)
+
+
+def label_counts(data, clients=None, classes=None) -> np.ndarray:
+    """[num_clients, num_classes] example counts per client and class (host side); `clients` /
+    `classes` select rows / columns (a dense table of every client and class can be huge, e.g.
+    Stack Overflow's 342k clients x 10k words)."""
+    owner, y = _owner_labels(data)
+    k = _num_classes(data, y)
+    clients = np.arange(data.num_clients) if clients is None else np.asarray(clients)
+    classes = np.arange(k) if classes is None else np.asarray(classes)
+    row = np.full(data.num_clients, -1)
+    row[clients] = np.arange(len(clients))
+    col = np.full(k, -1)
+    col[classes] = np.arange(len(classes))
+    keep = (row[owner] >= 0) & (col[y] >= 0)
+    flat = row[owner[keep]] * len(classes) + col[y[keep]]
+    return np.bincount(flat, minlength=len(clients) * len(classes)).reshape(len(clients),
+                                                                              len(classes))
 
 
 def _size_stats(sizes):
@@ -33,13 +51,22 @@ def _size_stats(sizes):
 
 
 def describe(data) -> dict:
-    """Summary of a FederatedArrays: clients, sizes, feature shape, label skew."""
-    counts = label_counts(data)
-    sizes = counts.sum(1)
+    """Summary of a FederatedArrays: clients, sizes, feature shape, label skew.
+
+    Works from the (client, class) pairs that occur, never a dense clients x classes table."""
+    owner, y = _owner_labels(data)
+    k = _num_classes(data, y)
+    pairs, n_kc = np.unique(owner * k + y, return_counts=True)
+    pk, pc = pairs // k, pairs % k
+    sizes = np.bincount(owner, minlength=data.num_clients)
     has = sizes > 0
-    p = counts[has] / sizes[has, None]
-    glob = counts.sum(0) / max(counts.sum(), 1)
-    present = (counts[has] > 0).sum(1)
+    glob = np.bincount(y, minlength=k) / max(y.size, 1)
+    p_kc = n_kc / sizes[pk]
+    present = np.bincount(pk, minlength=data.num_clients)[has]
+    # sum_c |p_kc - g_c| = sum over present c of (|p_kc - g_c| - g_c) + 1 (absent c add g_c)
+    l1 = np.bincount(pk, weights=np.abs(p_kc - glob[pc]) - glob[pc], minlength=data.num_clients) + 1
+    dominant = np.zeros(data.num_clients)
+    np.maximum.at(dominant, pk, p_kc)
     out = {
         "num_clients": int(data.num_clients),
         "num_classes": int(data.num_classes),
@@ -50,9 +77,9 @@ def describe(data) -> dict:
         "empty_clients": int((~has).sum()),
         "classes_per_client": {"mean": float(present.mean()), "min": int(present.min()),
                                "max": int(present.max())},
-        "label_tv": float(0.5 * np.abs(p - glob[None]).sum(1).mean()),
-        "dominant_fraction": float(p.max(1).mean()),
-        "global_label_counts": counts.sum(0).astype(int).tolist(),
+        "label_tv": float(0.5 * l1[has].mean()),
+        "dominant_fraction": float(dominant[has].mean()),
+        "global_label_counts": np.bincount(y, minlength=k).astype(int).tolist(),
     }
     if data.test is not None:
         tsizes = np.asarray(data.test.client_sizes)
@@ -83,13 +110,14 @@ def format_description(d: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def plot(data, out_dir, *, max_clients: int = 200, prefix: str = "") -> list:
+def plot(data, out_dir, *, max_clients: int = 200, max_classes: int = 100,
+         prefix: str = "") -> list:
     """Write `client_sizes.png` (sorted client sizes) and `label_heatmap.png` (per-client label
-    distribution, the `max_clients` largest clients) into out_dir; return their paths."""
+    distribution of the `max_clients` largest clients over at most `max_classes` most frequent
+    classes) into out_dir; return their paths."""
     from matplotlib.figure import Figure
     os.makedirs(out_dir, exist_ok=True)
-    counts = label_counts(data)
-    sizes = counts.sum(1)
+    sizes = np.asarray(data.client_sizes)
     order = np.argsort(-sizes, kind="stable")
     paths = []
 
@@ -106,12 +134,18 @@ def plot(data, out_dir, *, max_clients: int = 200, prefix: str = "") -> list:
     fig.savefig(paths[-1], dpi=120)
 
     shown = order[:max_clients]
-    frac = counts[shown] / np.maximum(sizes[shown, None], 1)
+    y = np.asarray(data.y)
+    classes = np.arange(_num_classes(data, y))
+    if len(classes) > max_classes:       # e.g. a 10k-word vocabulary: the most frequent classes
+        classes = np.sort(np.argsort(-np.bincount(y, minlength=len(classes)),
+                                     kind="stable")[:max_classes])
+    frac = label_counts(data, shown, classes) / np.maximum(sizes[shown, None], 1)
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(frac.T, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
     ax.set_xlabel(f"client ({len(shown)} largest)" if len(shown) < len(sizes) else "client")
-    ax.set_ylabel("class")
+    ax.set_ylabel("class" if len(classes) == data.num_classes else
+                  f"class ({len(classes)} most frequent)")
     ax.set_title("label distribution per client")
     fig.colorbar(im, ax=ax, label="fraction of client's examples")
     paths.append(os.path.join(out_dir, f"{prefix}label_heatmap.png"))
