@@ -1,8 +1,8 @@
 """FedAvg with the FedAvg paper's CNN, end to end through the CLI (`fedjax-lab run fedavg --model
 cnn`): on MNIST-shaped TFDS mock data (tfds.testing.mock_data through the data_source path, no
 TensorFlow), and learning on scikit-learn's real 8x8 digits. The paper's qualitative claim (more
-local computation per round, fewer rounds: FedAvg E=5, B=10 beats FedSGD on non-iid shards) runs
-on digits upsampled to 28x28 in a slow test."""
+local computation per round, fewer rounds: FedAvg beats FedSGD on non-iid shards) is a slow test.
+(A 28x28 version of it, digits upsampled, took over 2 CPU-minutes per run here: too heavy.)"""
 import json
 import os
 
@@ -12,7 +12,7 @@ import pytest
 from fedjax_lab import cli, models
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.core.driver import run
-from fedjax_lab.data.realdata import _digits_arrays, federate
+from fedjax_lab.data import load
 
 FEDAVG_CNN_PARAMS = 1_663_370
 
@@ -65,16 +65,14 @@ def test_cli_rejects_a_model_that_cannot_take_the_data(model, match):
 
 
 @pytest.mark.slow
-def test_fedavg_needs_fewer_rounds_than_fedsgd_with_the_cnn_on_noniid_28x28_digits():
+def test_fedavg_needs_fewer_rounds_than_fedsgd_with_the_cnn_on_noniid_digits():
     """McMahan et al. (2017), Table 2: on pathological non-iid MNIST (2 shards per client) the CNN
-    with E=5, B=10 reaches a target accuracy in far fewer rounds than FedSGD (E=1, B=inf). Here:
-    600 real digits upsampled to 28x28x1, 10 clients of 2 classes, 5 per round, 10 rounds; FedSGD
-    gets its best learning rate of {0.1, 0.3, 1.0}."""
-    x, y = _digits_arrays()
-    sel = np.random.default_rng(0).permutation(len(y))[:600]
-    x28 = np.pad(np.kron(x[sel], np.ones((1, 3, 3, 1), np.float32)), ((0, 0), (2, 2), (2, 2), (0, 0)))
-    data = federate(x28, y[sel], num_clients=10, partition="shards=2", seed=0, test="holdout",
-                    test_fraction=0.25)
+    with several local epochs of small batches reaches a target accuracy in far fewer rounds than
+    FedSGD (E=1, B=inf: one full-batch gradient step per client and round). Here: the real 8x8
+    digits (1,437 train), 10 clients of 2 classes, 5 per round, 10 rounds; FedAvg E=2, B=10,
+    lr 0.05 against FedSGD at its better learning rate of {0.1, 0.3}.
+    Measured: FedAvg 0.75 test accuracy; FedSGD 0.40 (lr 0.1), 0.37 (lr 0.3); 0.09 at lr 1."""
+    data = load("digits:shards=2,clients=10", seed=0)
     model = models.get("cnn", 10, data.x[:1])
 
     def accuracy(**kw):
@@ -82,7 +80,7 @@ def test_fedavg_needs_fewer_rounds_than_fedsgd_with_the_cnn_on_noniid_28x28_digi
         return run(alg, data, rounds=10, key=0, eval_every=10, progress=False).history[-1][
             "test_accuracy"]
 
-    fedavg_acc = accuracy(epochs=5, batch_size=10, client_lr=0.05)
+    fedavg_acc = accuracy(epochs=2, batch_size=10, client_lr=0.05)
     fedsgd_acc = max(accuracy(epochs=1, batch_size=data.max_client_size, client_lr=lr)
-                     for lr in (0.1, 0.3, 1.0))
+                     for lr in (0.1, 0.3))
     assert fedavg_acc > 0.6 and fedavg_acc > fedsgd_acc + 0.2
