@@ -1,0 +1,360 @@
+"""The client axis sharded over devices (and hosts): same numbers as one device, really split.
+
+Several CPU devices need XLA_FLAGS=--xla_force_host_platform_device_count set before jax is
+imported, so the multi-device checks run this file as a subprocess (`python test_sharding.py
+devices OUT`) that writes its measurements to OUT as JSON; the tests assert on them. The multi-host
+test starts two such processes (`host` mode) joined by `jax.distributed.initialize` over gloo.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_lab import algorithms, models
+from fedjax_lab.core import sharding
+from fedjax_lab.core.driver import run, run_rounds
+from fedjax_lab.core.rounds import LocalWork, participate
+from fedjax_lab.data import synthetic
+
+CASES = {  # name: (factory, clients_per_round, hyperparameters)
+    "fedavg_c8": ("fedavg", 8, dict(stragglers=0.5)),                  # 8 = 2 per device
+    "fedprox_c6": ("fedprox", 6, dict(mu=0.5, stragglers=0.5, weighting="uniform")),  # padded to 8
+}
+COMMON = dict(client_lr=0.05, local_steps=4, batch_size=5)
+
+
+_participate = jax.jit(participate, static_argnums=2)
+
+
+def _data():
+    return synthetic(1.0, 1.0, num_clients=12, dim=8, num_classes=10, seed=3, min_size=10, max_size=50)
+
+
+def _alg(kind, C, extra, model):
+    return getattr(algorithms, kind)(model, clients_per_round=C, **COMMON, **extra)
+
+
+def _reference_round(data, params, key, *, C, mu=0.0, drop_stragglers, weighting, stragglers):
+    """Plain per-client loop (numpy, no jit, no vmap) of one FedAvg/FedProx round, logistic model."""
+    work = LocalWork(clients_per_round=C, local_steps=COMMON["local_steps"],
+                     batch_size=COMMON["batch_size"], stragglers=stragglers, weighting=weighting)
+    k_part, _ = jax.random.split(key)
+    part = _participate(k_part, data, work)                   # no mesh: the C real clients
+    W0 = np.asarray(params["Dense_0"]["kernel"], np.float64)
+    b0 = np.asarray(params["Dense_0"]["bias"], np.float64)
+    x, y = np.asarray(data.x, np.float64), np.asarray(data.y)
+    idx, mask = np.asarray(part.batches.idx), np.asarray(part.batches.step_mask)
+    sizes, strag = np.asarray(part.num_examples, np.float64), np.asarray(part.is_straggler)
+    lr, dW, db, weights = COMMON["client_lr"], [], [], []
+    for c in range(C):                                        # reference loop over clients
+        W, b = W0.copy(), b0.copy()
+        for s in np.flatnonzero(mask[c]):
+            xb, yb = x[idx[c, s]], y[idx[c, s]]
+            z = xb @ W + b
+            p = np.exp(z - z.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            p[np.arange(len(yb)), yb] -= 1
+            W, b = (W - lr * (xb.T @ p / len(yb) + mu * (W - W0)),
+                    b - lr * (p.mean(0) + mu * (b - b0)))
+        dW.append(W - W0)
+        db.append(b - b0)
+        w = (sizes[c] if weighting == "examples" else 1.0) * (mask[c].sum() > 0)
+        weights.append(0.0 if (drop_stragglers and strag[c]) else w)
+    p = np.asarray(weights) / np.sum(weights)
+    return W0 + np.tensordot(p, np.stack(dW), 1), b0 + np.tensordot(p, np.stack(db), 1)
+
+
+def _maxdiff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocess workers (run with several host devices)
+
+
+def _hlo_facts(hlo, C):
+    padded = sharding.padded_size(C, 4)
+    return dict(num_partitions_4="num_partitions=4" in hlo, all_reduce=hlo.count("all-reduce("),
+                per_device_client_params=f"f32[{padded // 4},8,10]" in hlo,
+                full_client_params=f"f32[{C},8,10]" in hlo or f"f32[{padded},8,10]" in hlo)
+
+
+def _worker_devices(out_path):
+    """Measurements on 4 forced CPU devices: sharded vs unsharded vs reference loop, HLO facts.
+
+    fedavg_c8 runs jitted rounds directly; fedprox_c6 (padded) runs through run(..., mesh=).
+    """
+    assert jax.device_count() == 4, jax.devices()
+    data, mesh = _data(), sharding.client_mesh()
+    data_m = sharding.replicate(data, mesh)
+    model = models.logistic(data.num_classes)
+    report = {"device_count": jax.device_count(), "cases": {}}
+
+    kind, C, extra = CASES["fedavg_c8"]
+    alg = _alg(kind, C, extra, model)
+    state0 = alg.init(jax.random.key(0), data)
+    rnd = jax.jit(alg.round)
+    with jax.set_mesh(mesh):
+        sharded = sharding.place_state(state0, mesh)
+        compiled = rnd.lower(sharded, data_m, jax.random.key(0)).compile()
+    plain, m_diff = state0, 0.0
+    for t in range(2):
+        key = jax.random.key(10 + t)
+        plain, m_plain = rnd(plain, data, key)
+        sharded, m_sharded = compiled(sharded, data_m, key)
+        m_diff = max(m_diff, _maxdiff(m_plain, m_sharded))
+    report["cases"]["fedavg_c8"] = dict(
+        vs_unsharded=_maxdiff(plain.params, sharded.params), metrics_diff=m_diff,
+        aggregated=float(m_sharded["clients_aggregated"]),
+        expected_aggregated=float(m_plain["clients_aggregated"]),
+        params_spec=str(sharded.params["Dense_0"]["kernel"].sharding.spec),
+        **_hlo_facts(compiled.as_text(), C))
+
+    # Padded (6 clients on 4 devices) through the driver: round r uses fold_in(k_rounds, r).
+    kind, C, extra = CASES["fedprox_c6"]
+    alg = _alg(kind, C, extra, model)
+    res = run(alg, data, rounds=2, key=7, eval_every=2, progress=False, mesh=mesh)
+    k_init, k_rounds = jax.random.split(jax.random.key(7))
+    plain, rnd, ref_diff = alg.init(k_init, data), jax.jit(alg.round), 0.0
+    for r in (1, 2):
+        key = jax.random.fold_in(k_rounds, r)
+        W, b = _reference_round(data, plain.params, key, C=C, mu=extra["mu"], drop_stragglers=False,
+                                weighting=extra["weighting"], stragglers=extra["stragglers"])
+        plain, m_plain = rnd(plain, data, key)
+        ref_diff = max(ref_diff, _maxdiff(plain.params, {"Dense_0": {"kernel": W, "bias": b}}))
+    with jax.set_mesh(mesh):   # the driver's program (already compiled by run: a cache hit)
+        hlo = run_rounds.lower(alg, res.state, data_m, sharding.replicate(k_rounds, mesh),
+                               jnp.int32(0), 2).compile().as_text()
+    report["cases"]["fedprox_c6"] = dict(
+        vs_unsharded=_maxdiff(plain.params, res.state.params),
+        vs_reference=_maxdiff(res.state.params, {"Dense_0": {"kernel": W, "bias": b}}),
+        plain_vs_reference=ref_diff,
+        metrics_diff=max(abs(res.history[-1][k] - float(v)) for k, v in m_plain.items()
+                         if not k.startswith("local")),
+        aggregated=res.history[-1]["clients_aggregated"],
+        expected_aggregated=float(m_plain["clients_aggregated"]),
+        params_spec=str(res.state.params["Dense_0"]["kernel"].sharding.spec),
+        history=res.history, **_hlo_facts(hlo, C))
+
+    # The participation itself under the mesh: padded to 8, dummies last, sharded over 'clients'.
+    work = LocalWork(clients_per_round=6, local_steps=COMMON["local_steps"],      # as in the
+                     batch_size=COMMON["batch_size"], stragglers=0.5, weighting="uniform")  # ref.
+    with jax.set_mesh(mesh):
+        part = _participate(jax.random.key(5), data_m, work)
+    plain_part = _participate(jax.random.key(5), data, work)
+    report["participation"] = dict(
+        ids=np.asarray(part.ids).tolist(), plain_ids=np.asarray(plain_part.ids).tolist(),
+        valid=np.asarray(part.valid).tolist(),
+        steps=np.asarray(part.batches.num_steps).tolist(),
+        plain_steps=np.asarray(plain_part.batches.num_steps).tolist(),
+        num_examples=np.asarray(part.num_examples).tolist(),
+        plain_num_examples=np.asarray(plain_part.num_examples).tolist(),
+        idx_spec=str(part.batches.idx.sharding.spec),
+        idx_devices=len(part.batches.idx.sharding.device_set),
+        idx_shard_shape=list(part.batches.idx.addressable_shards[0].data.shape))
+    with open(out_path, "w") as f:
+        json.dump(report, f)
+
+
+def _worker_stateful(out_path):
+    """Ditto's rows [N, ...] on 4 devices with padding: the dummy id N must not be written."""
+    data, mesh = _data(), sharding.client_mesh()
+    alg = algorithms.ditto(models.logistic(data.num_classes), lam=0.5, clients_per_round=6, **COMMON)
+    state0 = alg.init(jax.random.key(0), data)
+    rnd, key = jax.jit(alg.round), jax.random.key(20)
+    plain, _ = rnd(state0, data, key)
+    with jax.set_mesh(mesh):
+        sharded, _ = rnd(sharding.place_state(state0, mesh), sharding.replicate(data, mesh), key)
+    leaf = jax.tree.leaves(sharded.rows)[0]
+    changed = np.asarray(leaf) != np.asarray(jax.tree.leaves(state0.rows)[0])
+    with open(out_path, "w") as f:
+        json.dump(dict(rows_diff=_maxdiff(plain.rows, sharded.rows),
+                       server_diff=_maxdiff(plain.server.params, sharded.server.params),
+                       rows_changed=int(np.sum(np.any(changed.reshape(12, -1), axis=1))),
+                       rows_spec=str(leaf.sharding.spec),
+                       rows_shard_shape=list(leaf.addressable_shards[0].data.shape)), f)
+
+
+def _worker_host(out_path, port, process_id):
+    """One of two processes (2 CPU devices each) running FedProx over a mesh of both."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                               process_id=process_id, initialization_timeout=60)
+    data, mesh = _data(), sharding.client_mesh()
+    alg = _alg("fedprox", 6, dict(mu=0.5, stragglers=0.5), models.logistic(data.num_classes))
+    res = run(alg, data, rounds=4, key=7, eval_every=2, progress=False, mesh=mesh)
+    params = jax.tree.map(lambda x: np.asarray(x).tolist(), res.state.params)
+    with open(out_path, "w") as f:
+        json.dump(dict(process_count=jax.process_count(), device_count=jax.device_count(),
+                       local_devices=jax.local_device_count(), history=res.history,
+                       params=params), f)
+    jax.distributed.shutdown()
+
+
+def _env(devices):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         env.get("PYTHONPATH", "")])
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Four devices in one process
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharding") / "devices.json"
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "devices", str(out)],
+                          env=_env(4), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_round_matches_unsharded(four_devices, case):
+    r = four_devices["cases"][case]
+    assert four_devices["device_count"] == 4
+    assert r["vs_unsharded"] < 1e-5, r
+    assert r["metrics_diff"] < 1e-5, r
+    assert r["aggregated"] == r["expected_aggregated"]   # dummies never count
+    assert r["params_spec"] == str(jax.sharding.PartitionSpec())   # server model replicated
+
+
+def test_padded_sharded_run_matches_the_reference_loop(four_devices):
+    r = four_devices["cases"]["fedprox_c6"]
+    assert r["plain_vs_reference"] < 1e-5, r
+    assert r["vs_reference"] < 1e-5, r
+    assert r["aggregated"] == 6.0                       # 6 real clients, 2 zero-weight dummies
+    assert r["history"][-1]["round"] == 2 and np.isfinite(r["history"][-1]["train_loss"])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_round_is_partitioned_over_four_devices(four_devices, case):
+    r = four_devices["cases"][case]
+    assert r["num_partitions_4"]
+    assert r["all_reduce"] >= 1                   # the weighted mean is a cross-device reduction
+    assert r["per_device_client_params"]          # each device trains C/4 clients' params
+    assert not r["full_client_params"]            # ... and no device holds all C of them
+
+
+def test_padding_adds_zero_weight_dummies_and_keeps_the_real_clients(four_devices):
+    p = four_devices["participation"]
+    assert p["ids"][:6] == p["plain_ids"] and p["ids"][6:] == [12, 12]   # N = 12 is the dummy id
+    assert p["valid"] == [True] * 6 + [False] * 2
+    assert p["steps"][:6] == p["plain_steps"] and p["steps"][6:] == [0, 0]
+    assert p["num_examples"] == p["plain_num_examples"] + [0, 0]
+    assert p["idx_spec"] == str(jax.sharding.PartitionSpec("clients"))
+    assert p["idx_devices"] == 4 and p["idx_shard_shape"] == [2, 4, 5]
+
+
+@pytest.mark.slow
+def test_stateful_rows_are_sharded_and_dummy_rows_are_not_written(tmp_path):
+    out = tmp_path / "stateful.json"
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "stateful", str(out)],
+                          env=_env(4), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    d = json.load(open(out))
+    assert d["rows_diff"] < 1e-5 and d["server_diff"] < 1e-5
+    assert d["rows_changed"] == 6                 # the 6 sampled rows moved; the dummy wrote nothing
+    assert d["rows_spec"] == str(jax.sharding.PartitionSpec("clients"))
+    assert d["rows_shard_shape"][0] == 3          # 12 rows over 4 devices
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes (multi-controller JAX over gloo)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    port = _free_port()
+    outs = [tmp_path / f"host{i}.json" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "host", str(outs[i]),
+                               str(port), str(i)], env=_env(2), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    errs = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+        errs.append(err)
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    results = [json.load(open(o)) for o in outs]
+
+    data = _data()
+    alg = _alg("fedprox", 6, dict(mu=0.5, stragglers=0.5), models.logistic(data.num_classes))
+    single = run(alg, data, rounds=4, key=7, eval_every=2, progress=False)
+    for r in results:
+        assert (r["process_count"], r["device_count"], r["local_devices"]) == (2, 4, 2)
+        assert _maxdiff(r["params"], single.state.params) < 1e-5
+        for a, b in zip(r["history"], single.history):
+            assert sorted(a) == sorted(b) and max(abs(a[k] - b[k]) for k in a) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# One device, in process
+
+
+def test_no_mesh_is_the_identity(synthetic_small):
+    work = LocalWork(clients_per_round=5, local_steps=3, batch_size=4)
+    part = _participate(jax.random.key(0), synthetic_small, work)
+    assert sharding.num_client_shards() == 1 and sharding.padded_size(5) == 5
+    assert part.ids.shape == (5,) and bool(jnp.all(part.valid))
+    x = jnp.arange(6.0)
+    assert sharding.shard_clients(x) is x
+
+
+def test_pad_clients_fills_rows():
+    tree = {"a": jnp.ones((3, 2)), "b": jnp.arange(3)}
+    out = sharding.pad_clients(tree, 4, {"a": 0.0, "b": -1})
+    np.testing.assert_array_equal(out["a"], np.vstack([np.ones((3, 2)), np.zeros((1, 2))]))
+    np.testing.assert_array_equal(out["b"], [0, 1, 2, -1])
+    assert sharding.padded_size(6, 4) == 8 and sharding.padded_size(8, 4) == 8
+    with pytest.raises(ValueError, match="size=2"):
+        sharding.pad_clients(tree, 2, {"a": 0.0, "b": 0})
+
+
+def test_one_device_mesh_gives_the_same_run(synthetic_small):
+    alg = algorithms.fedavg(models.logistic(synthetic_small.num_classes), clients_per_round=3,
+                            local_steps=3, batch_size=5)
+    kw = dict(rounds=1, key=1, eval_every=1, progress=False)
+    a = run(alg, synthetic_small, **kw)
+    b = run(alg, synthetic_small, mesh=sharding.client_mesh(jax.devices()[:1]), **kw)
+    assert a.history == b.history
+
+
+def test_bad_mesh_fails_with_a_clear_message(synthetic_small):
+    alg = algorithms.fedavg(models.logistic(synthetic_small.num_classes), clients_per_round=3)
+    with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh"):
+        run(alg, synthetic_small, rounds=1, key=0, mesh="gpu", progress=False)
+    other = jax.make_mesh((1,), ("batch",))
+    with pytest.raises(ValueError, match="mesh must have an axis named 'clients'"):
+        run(alg, synthetic_small, rounds=1, key=0, mesh=other, progress=False)
+    with pytest.raises(ValueError, match="devices must be a non-empty list"):
+        sharding.client_mesh([])
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "devices":
+        _worker_devices(sys.argv[2])
+    elif sys.argv[1] == "stateful":
+        _worker_stateful(sys.argv[2])
+    else:
+        _worker_host(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
