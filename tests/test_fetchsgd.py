@@ -1,0 +1,221 @@
+"""FetchSGD and local top-k: rounds equal a plain per-client reference loop (numpy count sketch,
+unjitted per-client SGD), bytes on the wire, the learning claim, and bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedjax_lab import models
+from fedjax_lab.algorithms import ALGORITHMS
+from fedjax_lab.algorithms.fetchsgd import fetchsgd
+from fedjax_lab.algorithms.local_topk import local_topk
+from fedjax_lab.core.rounds import LocalWork, participate
+from fedjax_lab.core.tree import flatten
+from fedjax_lab.core.types import batch_loss
+from test_compression import NumpyCountSketch
+
+
+_GRADS = {}
+
+
+def batch_grad(model):
+    """value_and_grad of one batch's loss, jitted once per model (only this leaf call is jitted)."""
+    if model not in _GRADS:
+        _GRADS[model] = jax.jit(jax.value_and_grad(
+            lambda p, x, y, rng: batch_loss(model, p, x, y, rng, train=True)))
+    return _GRADS[model]
+
+
+def client_grads_reference(model, data, part, w, unravel, key, client_lr):
+    """Per-client Python loop, no vmap: local SGD on each client's drawn batches."""
+    grad = batch_grad(model)
+    gs, losses = [], []
+    for i, cid in enumerate(np.asarray(part.ids)):
+        params = unravel(jnp.asarray(w))
+        kc = jax.random.fold_in(key, int(cid))
+        ls = []
+        for s in range(part.batches.idx.shape[1]):
+            if not bool(part.batches.step_mask[i, s]):
+                continue
+            rows = part.batches.idx[i, s]
+            loss, g = grad(params, data.x[rows], data.y[rows], jax.random.fold_in(kc, s))
+            params = jax.tree.map(lambda p, q: p - client_lr * q, params, g)
+            ls.append(float(loss))
+        gs.append((w - np.asarray(flatten(params)[0])) / client_lr)
+        losses.append(np.mean(ls))
+    return np.stack(gs), np.array(losses)
+
+
+participate_jit = jax.jit(participate, static_argnums=2)     # the shared sampler, tested elsewhere
+
+
+def weights_reference(part, weighting):
+    p = np.asarray(part.num_examples, np.float64) if weighting == "examples" \
+        else np.ones(part.ids.shape[0])
+    return p / p.sum()
+
+
+def topk_reference(v, k):
+    return np.argsort(-np.abs(v), kind="stable")[:k]
+
+
+def fetchsgd_reference(model, data, key, rounds, *, lr, momentum, k, rows, cols, second_round=False,
+                       num_candidates=0, masking="subtract", momentum_masking=True, local_steps=1,
+                       client_lr=1.0, batch_size=4, clients_per_round=3, weighting="uniform",
+                       per_client_sketch=True):
+    """Algorithm 1 of the paper, written out with numpy arrays and loops."""
+    k_init, k_rounds = jax.random.split(key)
+    alg = fetchsgd(model, lr=lr, momentum=momentum, k=k, sketch_rows=rows, sketch_cols=cols,
+                   clients_per_round=clients_per_round)
+    state = alg.init(k_init, data)                      # same initial params and hash seeds
+    w, unravel = flatten(state.params)
+    w = np.asarray(w)
+    d = w.shape[0]
+    ref = NumpyCountSketch(np.asarray(state.sketch.seeds), d, rows, cols)
+    work = LocalWork(clients_per_round=clients_per_round, batch_size=batch_size,
+                     local_steps=local_steps, weighting=weighting)
+    s_u, s_e = np.zeros((rows, cols)), np.zeros((rows, cols))
+    m = num_candidates or k
+
+    def remove(table, idx, vals):
+        if masking == "subtract":
+            dense = np.zeros(d)
+            dense[idx] = vals
+            return table - ref.sketch(dense)
+        table = table.copy()
+        for j in range(rows):
+            table[j, ref.buckets[j, idx].astype(np.int64)] = 0.0
+        return table
+
+    for r in range(1, rounds + 1):
+        k_part, k_train = jax.random.split(jax.random.fold_in(k_rounds, r))
+        part = participate_jit(k_part, data, work)
+        g, _ = client_grads_reference(model, data, part, w, unravel, k_train, client_lr)
+        p = weights_reference(part, weighting)
+        table = sum(p[i] * ref.sketch(g[i].astype(np.float64)) for i in range(g.shape[0]))
+        s_u = momentum * s_u + table
+        s_e = s_e + lr * s_u
+        est = ref.estimate(s_e)
+        if second_round:
+            cand = topk_reference(est, m)
+            vals = ref.estimate(s_e - lr * table)[cand] + lr * (p @ g)[cand]
+            keep = topk_reference(vals, k)
+            idx, delta = cand[keep], vals[keep]
+        else:
+            idx = topk_reference(est, k)
+            delta = est[idx]
+        s_e = remove(s_e, idx, delta)
+        if momentum_masking:
+            s_u = remove(s_u, idx, ref.estimate(s_u)[idx])
+        w = w.copy()
+        w[idx] -= delta.astype(np.float32)
+    return w, s_u, s_e
+
+
+def run_rounds(alg, data, key, rounds):
+    k_init, k_rounds = jax.random.split(key)
+    state = alg.init(k_init, data)
+    step = jax.jit(alg.round)
+    metrics = [flatten(state.params)[0]]
+    for r in range(1, rounds + 1):
+        state, m = step(state, data, jax.random.fold_in(k_rounds, r))
+        metrics.append(m)
+    return state, metrics
+
+
+CASES = {
+    "paper": dict(),
+    "second_round": dict(second_round=True, num_candidates=6),
+    "code_zero_cells": dict(masking="zero_cells"),
+    "local_steps_examples_weights": dict(local_steps=3, client_lr=0.5, weighting="examples",
+                                         momentum_masking=False),
+    # the server sketches sum_i p_i g_i once; the reference still sums per-client sketches
+    "sketch_of_the_sum": dict(per_client_sketch=False),
+}
+
+
+LOGISTIC = models.logistic(3)                      # d = 4 * 3 + 3 = 15, one model: one grad jit
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fetchsgd_rounds_equal_reference_loop(tiny_data, case):
+    model = LOGISTIC
+    hyper = dict(lr=0.5, momentum=0.9, k=3, rows=3, cols=5, **CASES[case])
+    key = jax.random.key(7)
+    w_ref, s_u_ref, s_e_ref = fetchsgd_reference(model, tiny_data, key, 3, **hyper)
+    kw = dict(hyper)
+    kw["sketch_rows"], kw["sketch_cols"] = kw.pop("rows"), kw.pop("cols")
+    alg = fetchsgd(model, clients_per_round=3, batch_size=4, **kw)
+    state, (w0, *metrics) = run_rounds(alg, tiny_data, key, 3)
+    np.testing.assert_allclose(np.asarray(flatten(state.params)[0]), w_ref, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.momentum), s_u_ref, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(state.error), s_e_ref, atol=1e-5)
+    moved = np.asarray(flatten(state.params)[0]) != np.asarray(w0)
+    assert 3 <= moved.sum() <= 9                    # at most k coordinates per round
+    up = 3 * 5 * 4 + (4 * 6 if case == "second_round" else 0)
+    assert float(metrics[0]["bytes_up"]) == 3 * up   # 3 clients, r x c float32 (+ k' floats)
+
+
+@pytest.mark.parametrize("error_feedback", [True, False])
+def test_local_topk_rounds_equal_reference_loop(tiny_data, error_feedback):
+    model = LOGISTIC
+    lr, rho, k, rounds = 0.5, 0.9, 4, 3
+    key = jax.random.key(3)
+    k_init, k_rounds = jax.random.split(key)
+    alg = local_topk(model, lr=lr, momentum=rho, k=k, error_feedback=error_feedback,
+                     clients_per_round=3, batch_size=4)
+    state, (_, *metrics) = run_rounds(alg, tiny_data, key, rounds)
+
+    w, unravel = flatten(alg.init(k_init, tiny_data).params)
+    w = np.asarray(w)
+    errors = np.zeros((tiny_data.num_clients, w.shape[0]), np.float32)
+    u = np.zeros_like(w)
+    work = LocalWork(clients_per_round=3, batch_size=4, local_steps=1, weighting="uniform")
+    for r in range(1, rounds + 1):
+        k_part, k_train = jax.random.split(jax.random.fold_in(k_rounds, r))
+        part = participate_jit(k_part, tiny_data, work)
+        g, _ = client_grads_reference(model, tiny_data, part, w, unravel, k_train, 1.0)
+        sent = np.zeros_like(g)
+        for i, cid in enumerate(np.asarray(part.ids)):
+            a = g[i] + (errors[cid] if error_feedback else 0.0)
+            top = topk_reference(a, k)
+            sent[i, top] = a[top]
+            if error_feedback:
+                errors[cid] = a - sent[i]
+        u = rho * u + sent.mean(0)
+        w = w - lr * u
+    np.testing.assert_allclose(np.asarray(flatten(state.params)[0]), w, atol=1e-5)
+    if error_feedback:
+        np.testing.assert_allclose(np.asarray(state.errors), errors, atol=1e-5)
+    assert float(metrics[0]["bytes_up"]) == 3 * k * 8
+
+
+def test_registered_in_algorithms():
+    assert ALGORITHMS["fetchsgd"][0] is fetchsgd
+    assert ALGORITHMS["local_topk"][0] is local_topk
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(k=0), "k must be"),
+    (dict(sketch_rows=0), "sketch_rows"),
+    (dict(sketch_cols=1.5), "sketch_cols"),
+    (dict(momentum=1.0), "momentum"),
+    (dict(lr=-1.0), "lr"),
+    (dict(masking="median"), "masking"),
+    (dict(k=5, num_candidates=3), "num_candidates"),
+    (dict(clients_per_round=0), "clients_per_round"),
+])
+def test_fetchsgd_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fetchsgd(models.logistic(3), **kwargs)
+
+
+def test_check_rejects_k_above_model_size_and_too_many_clients(tiny_data):
+    with pytest.raises(ValueError, match="k=100 .*d=15"):
+        fetchsgd(models.logistic(3), k=100, clients_per_round=2).check(tiny_data)
+    with pytest.raises(ValueError, match="k=16 exceeds"):
+        local_topk(models.logistic(3), k=16, clients_per_round=2).check(tiny_data)
+    with pytest.raises(ValueError, match="clients_per_round"):
+        fetchsgd(models.logistic(3), k=3, clients_per_round=6).check(tiny_data)
+    with pytest.raises(ValueError, match="k must be"):
+        local_topk(models.logistic(3), k=0)
