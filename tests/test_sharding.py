@@ -349,6 +349,9 @@ def test_bad_mesh_fails_with_a_clear_message(synthetic_small):
     other = jax.make_mesh((1,), ("batch",))
     with pytest.raises(ValueError, match="mesh must have an axis named 'clients'"):
         run(alg, synthetic_small, rounds=1, key=0, mesh=other, progress=False)
+    explicit = jax.make_mesh((1,), ("clients",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with pytest.raises(ValueError, match="'clients' axis must be AxisType.Auto"):
+        run(alg, synthetic_small, rounds=1, key=0, mesh=explicit, progress=False)
     with pytest.raises(ValueError, match="devices must be a non-empty list"):
         sharding.client_mesh([])
 

@@ -68,6 +68,11 @@ def check_mesh(mesh) -> None:
                          f"{type(mesh).__name__}")
     if CLIENTS not in mesh.axis_names:
         raise ValueError(f"mesh must have an axis named '{CLIENTS}', got axes {mesh.axis_names}")
+    axis_type = dict(zip(mesh.axis_names, mesh.axis_types))[CLIENTS]
+    if axis_type != AxisType.Auto:
+        raise ValueError(f"mesh's '{CLIENTS}' axis must be AxisType.Auto (XLA partitions the round), "
+                         f"got {axis_type}; build it with client_mesh() or jax.make_mesh(..., "
+                         "axis_types=(AxisType.Auto,))")
 
 
 def num_client_shards() -> int:
