@@ -102,8 +102,7 @@ def build_vocab(word_lists, size: int) -> list:
 # Files.
 
 def _json_files(d):
-    files = sorted(glob.glob(os.path.join(d, "*.json")))
-    return files
+    return sorted(glob.glob(os.path.join(d, "*.json")))
 
 
 def _resolve(path):

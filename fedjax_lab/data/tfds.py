@@ -126,6 +126,7 @@ def load_tfds(name: str, *, partition: Union[str, Partitioner] = "iid", num_clie
     if max_examples is not None and max_examples <= 0:
         raise ValueError(f"max_examples must be > 0, got {max_examples}")
     tfds_name, label_key, num_classes = DATASETS[key]
+    data_dir = None if data_dir is None else os.path.expanduser(str(data_dir))
     try:
         import tensorflow_datasets as tfds
     except ImportError:
