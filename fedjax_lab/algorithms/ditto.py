@@ -41,14 +41,14 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab import attacks as attacks_lib
-from fedjax_lab.core import validate
+from fedjax_lab.core import comm, validate
 from fedjax_lab.core.batching import draw_batches
 from fedjax_lab.core.client_state import RowAlgorithm, RowRound, row_algorithm
 from fedjax_lab.core.local import local_train
 from fedjax_lab.core.optimizers import make_optimizer
 from fedjax_lab.core.rounds import (LocalWork, client_weights, init_server, participate,
-                                    server_update, weighted_mean_scalar)
-from fedjax_lab.core.tree import tree_num_params, tree_sq_norm, tree_sub, tree_weighted_mean
+                                    sample_ids, server_update, weighted_mean_scalar)
+from fedjax_lab.core.tree import tree_sq_norm, tree_sub, tree_weighted_mean
 from fedjax_lab.core.types import Model
 
 
@@ -101,11 +101,15 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
         return init_server(server_tx, model.init(key, data.x[:1]))
 
     def sample(data, key):
-        return participate(jax.random.split(key, 3)[0], data, work).ids
+        return sample_ids(jax.random.split(key, 3)[0], data, work)
 
-    def step(server, v, data, key):
+    def step(server, v, ids, data, key):
         k_part, k_train, k_pers = jax.random.split(key, 3)
-        part = participate(k_part, data, work)
+        part = participate(k_part, data, work, ids=ids)
+        num = ids.shape[0]
+        if part.ids.shape[0] != num:     # a client mesh pads the round with step-less dummies
+            v = jax.tree.map(lambda x: jnp.concatenate(
+                [x, jnp.repeat(x[:1], part.ids.shape[0] - num, axis=0)]), v)
         w_t = server.params
         fold = lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(part.ids)
         malicious = None if attack == "none" else attacks_lib.malicious_clients(
@@ -138,14 +142,14 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
                                               scale=attack_scale)
         server = server_update(server_tx, server, tree_weighted_mean(deltas, p))
 
-        num_bytes = 4 * tree_num_params(w_t)
-        ones = jnp.ones_like(p)
+        num_up = jnp.sum(p > 0)
         metrics = dict(local_loss=weighted_mean_scalar(res.loss, p),
-                       personal_loss=weighted_mean_scalar(pres.loss, ones),
-                       clients_aggregated=jnp.sum(p > 0).astype(jnp.float32),
-                       bytes_down=jnp.float32(num_bytes * work.clients_per_round),
-                       bytes_up=jnp.sum(p > 0).astype(jnp.float32) * num_bytes)
-        return server, pres.params, metrics
+                       personal_loss=weighted_mean_scalar(pres.loss, jnp.ones_like(p)),
+                       clients_aggregated=num_up.astype(jnp.float32),
+                       **comm.round_metrics(up_per_client=comm.dense_bytes(w_t),
+                                            down_per_client=comm.dense_bytes(w_t), num_up=num_up,
+                                            num_down=work.clients_per_round))
+        return server, jax.tree.map(lambda x: x[:num], pres.params), metrics
 
     spec = RowRound(init_server=init_server_, init_row=lambda server: server.params,
                     sample=sample, step=step, params=lambda server, rows: rows)

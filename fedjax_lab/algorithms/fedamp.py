@@ -40,7 +40,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from fedjax_lab.core import validate
+from fedjax_lab.core import comm, validate
 from fedjax_lab.core.client_state import ClientRows, RowAlgorithm
 from fedjax_lab.core.local import local_train
 from fedjax_lab.core.optimizers import make_optimizer
@@ -178,8 +178,11 @@ def fedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: floa
         res = jax.vmap(train_one)(own if start == "own" else u, u, part.batches.idx,
                                   part.batches.step_mask, keys)
         ones = jnp.ones(part.ids.shape, jnp.float32)
+        row_bytes = comm.dense_bytes(jax.tree.map(lambda x: x[0], state.rows))
         metrics = dict(local_loss=weighted_mean_scalar(res.loss, ones),
-                       self_attention=jnp.mean(xi_self))
+                       self_attention=jnp.mean(xi_self),
+                       **comm.round_metrics(up_per_client=row_bytes, down_per_client=row_bytes,
+                                            num_up=part.ids.shape[0], num_down=part.ids.shape[0]))
         return ClientRows(server=state.server + 1, rows=tree_put(state.rows, part.ids, res.params)), \
             metrics
 

@@ -6,7 +6,7 @@ A stateful algorithm (Ditto's personal models, FedAMP's client models, ...) is d
     server              = init_server(key, data)          server-side pytree
     row                 = init_row(server)                the initial row of every client (unstacked)
     ids                 = sample(data, key)               [C] client ids; depends only on (data, key)
-    server, rows, m     = step(server, rows, data, key)   rows: [C, ...] of sample(data, key), in order
+    server, rows, m     = step(server, rows, ids, data, key)   ids = sample(data, key), rows [C, ...]
     params              = params(server, rows)            what the clients owning `rows` deploy
 
 `row_algorithm` turns it into an ordinary `Algorithm` whose state is `ClientRows(server, rows[N])`:
@@ -53,7 +53,7 @@ class RowAlgorithm(Algorithm):
 def gather_step_scatter(spec: RowRound, state: ClientRows, data, key):
     """One round with all N rows on device: rows[ids] -> step -> rows.at[ids].set(new rows)."""
     ids = spec.sample(data, key)
-    server, new_rows, metrics = spec.step(state.server, tree_take(state.rows, ids), data, key)
+    server, new_rows, metrics = spec.step(state.server, tree_take(state.rows, ids), ids, data, key)
     return ClientRows(server=server, rows=tree_put(state.rows, ids, new_rows)), metrics
 
 

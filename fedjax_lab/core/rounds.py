@@ -70,8 +70,18 @@ class Participation(struct.PyTreeNode):
     valid: Optional[jax.Array] = None  # [C] bool: a sampled client, not mesh padding
 
 
-def participate(key, data, work: LocalWork) -> Participation:
+def sample_ids(key, data, work: LocalWork):
+    """The [C] clients that `participate(key, data, work)` trains (unpadded); only the key matters,
+    so a host-side store can compute them rounds ahead (core/store.py)."""
+    return sample_clients(jax.random.split(key, 3)[0], data.num_clients, work.clients_per_round,
+                          client_sizes=data.client_sizes, scheme=work.sampling)
+
+
+def participate(key, data, work: LocalWork, ids=None) -> Participation:
     """Sample clients, draw their batches on device and cut stragglers' work with the step mask.
+
+    `ids`: `sample_ids(key, data, work)` when the caller has them already (it skips sampling, which
+    costs O(N log N) for N clients; the result is the same).
 
     Under a mesh with a 'clients' axis of size D (core/sharding.py) the C sampled clients are
     padded to a multiple of D with dummy clients (id = num_clients, which gathers clamp and
@@ -79,9 +89,9 @@ def participate(key, data, work: LocalWork) -> Participation:
     every field is sharded along 'clients'. The real clients' ids, batches and stragglers are
     exactly those of the unpadded round. Without a mesh nothing is padded.
     """
-    k_sample, k_batch, k_strag = jax.random.split(key, 3)
-    ids = sample_clients(k_sample, data.num_clients, work.clients_per_round,
-                         client_sizes=data.client_sizes, scheme=work.sampling)
+    _, k_batch, k_strag = jax.random.split(key, 3)
+    if ids is None:
+        ids = sample_ids(key, data, work)
     batches = draw_batches(k_batch, data, ids, batch_size=work.batch_size,
                            local_steps=work.local_steps, epochs=work.epochs, shuffle=work.shuffle)
     n = data.client_sizes[ids]

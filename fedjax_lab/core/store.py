@@ -146,7 +146,7 @@ def run_with_store(alg: RowAlgorithm, data, store: ClientStateStore, *, rounds: 
             t0 = time.perf_counter()
             rows = pending.result()
             wait += time.perf_counter() - t0
-            server, new_rows, m = _step(alg, server, rows, data, k_rounds,
+            server, new_rows, m = _step(alg, server, rows, jnp.asarray(ids), data, k_rounds,
                                         jnp.int32(first_round + 1 + t))
             next_ids = ids_of(t + 1) if t + 1 < rounds else None
             if next_ids is not None and prefetch:
@@ -173,8 +173,8 @@ def _sample_many(alg, data, k_rounds, rs):
 
 
 @functools.partial(jax.jit, static_argnames=("alg",), donate_argnames=("server",))
-def _step(alg, server, rows, data, k_rounds, r):
-    return alg.rows_round.step(server, rows, data, jax.random.fold_in(k_rounds, r))
+def _step(alg, server, rows, ids, data, k_rounds, r):
+    return alg.rows_round.step(server, rows, ids, data, jax.random.fold_in(k_rounds, r))
 
 
 def _patched(worker, pending, next_ids, ids, new_rows):
