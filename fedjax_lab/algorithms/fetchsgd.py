@@ -66,6 +66,9 @@ from fedjax_lab.core.tree import flatten
 from fedjax_lab.core.types import Algorithm, Model
 
 
+SCATTER_BUDGET = 1 << 26   # values per batched scatter-add (256 MB of float32) when sketching clients
+
+
 @struct.dataclass
 class FetchSGDState:
     params: Any
@@ -156,8 +159,9 @@ def fetchsgd(model: Model, *, lr: float = 0.1, momentum: float = 0.9, k: int = 1
         g, losses = client_gradients(model, work, client_lr, state.params, data, part, k_train)
         p = client_weights(part, work, drop_stragglers=False)
         pn = normalized(p)
-        if per_client_sketch:
-            table = jnp.tensordot(pn, cz.sketch(cs, g), axes=1)           # sum_i p_i S(g_i)
+        if per_client_sketch:                # clients in chunks of <= 2^26 scattered values
+            chunk = max(1, SCATTER_BUDGET // (cs.rows * cs.dim))
+            table = jnp.tensordot(pn, cz.sketch_clients(cs, g, chunk=chunk), axes=1)
         else:
             table = cz.sketch(cs, pn @ g)                                 # S(sum_i p_i g_i)
         s_u = momentum * state.momentum + table
