@@ -333,13 +333,17 @@ def test_pad_clients_fills_rows():
         sharding.pad_clients(tree, 2, {"a": 0.0, "b": 0})
 
 
-def test_one_device_mesh_gives_the_same_run(synthetic_small):
+def test_one_device_mesh_gives_the_same_round(synthetic_small):
     alg = algorithms.fedavg(models.logistic(synthetic_small.num_classes), clients_per_round=3,
                             local_steps=3, batch_size=5)
-    kw = dict(rounds=1, key=1, eval_every=1, progress=False)
-    a = run(alg, synthetic_small, **kw)
-    b = run(alg, synthetic_small, mesh=sharding.client_mesh(jax.devices()[:1]), **kw)
-    assert a.history == b.history
+    state, key, mesh = alg.init(jax.random.key(0), synthetic_small), jax.random.key(1), \
+        sharding.client_mesh(jax.devices()[:1])
+    rnd = jax.jit(alg.round)
+    a, m_a = rnd(state, synthetic_small, key)
+    with sharding.use_mesh(mesh):
+        b, m_b = rnd(sharding.place_state(state, mesh), sharding.replicate(synthetic_small, mesh), key)
+    assert _maxdiff(a.params, b.params) == 0.0 and _maxdiff(m_a, m_b) == 0.0   # bit-identical
+    assert jax.tree.leaves(b.params)[0].sharding.mesh.shape == {"clients": 1}
 
 
 def test_bad_mesh_fails_with_a_clear_message(synthetic_small):

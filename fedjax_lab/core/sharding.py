@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from fedjax_lab.core.client_state import ClientRows
+
 CLIENTS = "clients"
 
 
@@ -135,7 +137,6 @@ def shard_rows(tree, mesh: Mesh):
 def place_state(state, mesh: Mesh):
     """An algorithm's state on `mesh`: per-client rows (ClientRows.rows) sharded, the rest
     replicated."""
-    from fedjax_lab.core.client_state import ClientRows
     if isinstance(state, ClientRows):
         return ClientRows(server=replicate(state.server, mesh), rows=shard_rows(state.rows, mesh))
     return replicate(state, mesh)
