@@ -19,14 +19,21 @@ on one device are bit-for-bit those of the unsharded code.
 Many hosts: call `jax.distributed.initialize(...)` in every process, build
 `client_mesh()` over `jax.devices()` (all processes' devices) and call `run(..., mesh=mesh)` with
 the same data and key in every process; JAX's multi-controller runtime runs the one program on all
-devices. `replicate` builds global arrays with `jax.make_array_from_process_local_data`, so every
-process must hold the same host data (each puts its own devices' shards,
-`jax.make_array_from_single_device_arrays`). (On CPU, collectives across processes need
-`jax.config.update('jax_cpu_collectives_implementation', 'gloo')` before initialization.)
+devices. `replicate` / `shard_rows` build global arrays from host values (each process puts the
+shards of its own devices, `jax.make_array_from_single_device_arrays`), so every process must hold
+the same host data. On CPU, collectives across processes need
+`jax.config.update('jax_cpu_collectives_implementation', 'gloo')` before initialization
+(`experiments/multihost.py` launches such a run on localhost).
+
+For algorithm authors: under a mesh the round sees C' >= C clients. Weights from `client_weights`
+are already 0 for the dummies; a per-client metric averaged with weight 1 should use
+`Participation.valid` as its weight, and per-client state is gathered with clamping
+(`rows[ids]`) and scattered with dropping (`.at[ids].set`), which ignores the dummy id N.
 
 Known limits: the flat data arrays are replicated on every device rather than split by client
 (a client's batches are gathered from the local replica, so no data moves during a round; data
-larger than one device's memory needs a per-device client layout, not done here).
+larger than one device's memory needs a per-device client layout, not done here). Evaluation runs
+replicated. The 'clients' axis must be `AxisType.Auto` (explicit-sharding meshes are refused).
 """
 from __future__ import annotations
 
