@@ -24,8 +24,8 @@ MODELS = {
     "logistic": (logistic, "multinomial logistic regression"),
     "mlp": (mlp, "MLP with two hidden ReLU layers of 200 (FedAvg's 2NN)"),
     "cnn": (cnn, "FedAvg's MNIST CNN: conv5x5 32, 64 (SAME) + pools, FC 512 (1,663,370 params)"),
-    "cnn_cifar": (cnn_cifar, "PFLlib's FedAvgCNN for CIFAR (FedProto/FedGen/Ditto baselines): "
-                             "VALID convs 32, 64, FC 512"),
+    "cnn_cifar": (cnn_cifar, "PFLlib's FedAvgCNN for CIFAR (its FedProto/FedGen/Ditto "
+                             "benchmarks): VALID convs 32, 64, FC 512 (878,538 params)"),
     "resnet8": (resnet8, "CIFAR ResNet-8 with GroupNorm (no batch statistics)"),
     "resnet": (resnet, "CIFAR ResNet-(6n+2) with GroupNorm; --depth 8, 14, 20, ..."),
     "char_lstm": (char_lstm, "LEAF Shakespeare: embedding 8, 2-layer LSTM 256, next character"),

@@ -11,8 +11,10 @@ They differ only in the convolutions' padding:
   holds with SAME padding (28 -> 14 -> 7, 7*7*64 = 3136 inputs to the 512-unit layer):
   832 + 51,264 + 1,606,144 + 5,130 = 1,663,370 parameters on 28x28x1 MNIST with 10 classes.
 * `cnn_cifar`: `FedAvgCNN` of PFLlib (Zhang et al., github.com/TsingZ0/PFLlib,
-  system/flcore/trainmodel/models.py), the CNN its FedProto, FedGen and Ditto baselines train on
-  CIFAR-10/100: same layers with VALID padding (`dim=1600` = 5*5*64 for 32x32 inputs):
+  system/flcore/trainmodel/models.py), PFLlib's default CNN ("--model CNN") on CIFAR-10/100,
+  on which it benchmarks FedProto, FedGen, Ditto and its other algorithms side by side (the
+  papers' own experiments used their own setups; we did not check each against this one).
+  Same layers with VALID padding (`dim=1600` = 5*5*64 for 32x32 inputs):
   2,432 + 51,264 + 819,712 + 5,130 = 878,538 parameters on 32x32x3 CIFAR-10 (924,708 with 100
   classes). On 28x28x1 inputs (`dim=1024`) it has 582,026 parameters.
 
