@@ -149,8 +149,7 @@ def fetchsgd(model: Model, *, lr: float = 0.1, momentum: float = 0.9, k: int = 1
                              cols=sketch_cols)
         shape = (sketch_rows, sketch_cols)     # two buffers: the driver donates the state
         return FetchSGDState(params=params, momentum=jnp.zeros(shape), error=jnp.zeros(shape),
-                             sketch=cs,
-                             round=jnp.zeros((), jnp.int32))
+                             sketch=cs, round=jnp.zeros((), jnp.int32))
 
     def round(state, data, key):
         k_part, k_train = jax.random.split(key)
