@@ -19,9 +19,11 @@ warm-up call, with `block_until_ready`; the line reports medians over `--reps` r
   `step_loop_clients` clients (time per client x C).
 * r_client = loop_ms / round_ms and r_step = step_loop_ms / round_ms: how many times faster the
   vectorized round is (bigger is better).
-* gflop: FLOPs of one round from XLA's compiled cost analysis. The analysis counts a while loop's
-  body once, so the S-step local-training scan is added S - 1 more times, its body costed by
-  compiling one vmapped local step (S = 1) on the same shapes. gflops = gflop / round time.
+* gflop: FLOPs of one round from XLA's compiled cost analysis of its vmap formulation (the same
+  arithmetic as the lax.map one that local_train picks for large models on CPU). The analysis
+  counts a while loop's body once, so the S-step local-training scan is added S - 1 more times,
+  its body costed by compiling one vmapped local step (S = 1) on the same shapes.
+  gflops = gflop / round time.
 * peak_gflops: the best of `jnp.dot` on square float32 matrices (1024 ... 4096) measured in the
   same run; flops_frac = gflops / peak_gflops.
 """
@@ -43,6 +45,7 @@ import numpy as np
 
 from fedjax_lab import models
 from fedjax_lab.algorithms import fedavg
+from fedjax_lab.core import local
 from fedjax_lab.core.local import local_train
 from fedjax_lab.core.optimizers import make_optimizer
 from fedjax_lab.core.rounds import LocalWork, participate
@@ -109,13 +112,22 @@ def _flops(compiled) -> float:
 
 
 def round_flops(alg, state, data, key, model, client_tx, part, num_steps: int) -> float:
-    """FLOPs of one round: compiled cost analysis, the local-step scan counted num_steps times."""
-    lowered = jax.jit(alg.round).lower(state, data, key)
-    total = _flops(lowered.compile())
-    train = jax.vmap(local_train(model, client_tx), in_axes=(None, None, None, 0, 0, 0))
-    keys = jax.random.split(key, part.ids.shape[0])
-    one_step = jax.jit(train).lower(state.params, data.x, data.y, part.batches.idx[:, :1],
-                                    part.batches.step_mask[:, :1], keys).compile()
+    """FLOPs of one round: compiled cost analysis, the local-step scan counted num_steps times.
+
+    Counted on the vmap formulation of the same round (the same arithmetic): with clients run as a
+    lax.map, the cost analysis would see one client's body once."""
+    saved = local.MAP_MIN_PARAMS
+    local.MAP_MIN_PARAMS = float("inf")      # "auto" resolves to vmap while tracing below
+    try:
+        # a fresh function, so that jit retraces instead of reusing the lax.map trace
+        total = _flops(jax.jit(lambda s, d, k: alg.round(s, d, k)).lower(state, data, key).compile())
+        train = jax.vmap(local_train(model, client_tx, clients="vmap"),
+                         in_axes=(None, None, None, 0, 0, 0))
+        keys = jax.random.split(key, part.ids.shape[0])
+        one_step = jax.jit(train).lower(state.params, data.x, data.y, part.batches.idx[:, :1],
+                                        part.batches.step_mask[:, :1], keys).compile()
+    finally:
+        local.MAP_MIN_PARAMS = saved
     return total + (num_steps - 1) * _flops(one_step)
 
 
