@@ -130,7 +130,7 @@ def main(argv=None):
         curves[label] = hist
         h = hist[-1]
         print(f"{label:28s} {h['test_accuracy']:8.3f} {h['train_loss']:10.3f} "
-              f"{h['total_bytes_up_per_client'] / 1e6:12.4f} {time.time() - t0:5.1f}s")
+              f"{h['total_bytes_up'] / data.num_clients / 1e6:12.4f} {time.time() - t0:5.1f}s")
 
     import matplotlib
     matplotlib.use("Agg")

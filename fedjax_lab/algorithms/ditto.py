@@ -144,7 +144,7 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
 
         num_up = jnp.sum(p > 0)
         metrics = dict(local_loss=weighted_mean_scalar(res.loss, p),
-                       personal_loss=weighted_mean_scalar(pres.loss, jnp.ones_like(p)),
+                       personal_loss=weighted_mean_scalar(pres.loss, part.valid.astype(jnp.float32)),
                        clients_aggregated=num_up.astype(jnp.float32),
                        **comm.round_metrics(up_per_client=comm.dense_bytes(w_t),
                                             down_per_client=comm.dense_bytes(w_t), num_up=num_up,

@@ -177,12 +177,12 @@ def fedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: floa
         keys = jax.vmap(lambda i: jax.random.fold_in(k_train, i))(part.ids)
         res = jax.vmap(train_one)(own if start == "own" else u, u, part.batches.idx,
                                   part.batches.step_mask, keys)
-        ones = jnp.ones(part.ids.shape, jnp.float32)
+        real = part.valid.astype(jnp.float32)          # mesh padding clients count for nothing
         row_bytes = comm.dense_bytes(jax.tree.map(lambda x: x[0], state.rows))
-        metrics = dict(local_loss=weighted_mean_scalar(res.loss, ones),
-                       self_attention=jnp.mean(xi_self),
+        metrics = dict(local_loss=weighted_mean_scalar(res.loss, real),
+                       self_attention=weighted_mean_scalar(xi_self, real),
                        **comm.round_metrics(up_per_client=row_bytes, down_per_client=row_bytes,
-                                            num_up=part.ids.shape[0], num_down=part.ids.shape[0]))
+                                            num_up=jnp.sum(real), num_down=jnp.sum(real)))
         return ClientRows(server=state.server + 1, rows=tree_put(state.rows, part.ids, res.params)), \
             metrics
 

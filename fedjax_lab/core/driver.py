@@ -137,7 +137,7 @@ def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Op
         record.update(evaluation_metrics(jax.device_get(sums)))
         for name, values in per_round.items():
             values = np.asarray(values, np.float64)
-            if name.startswith("bytes_"):
+            if name.startswith("bytes_") and not name.endswith("_per_client"):   # running totals
                 totals[f"total_{name}"] = totals.get(f"total_{name}", 0.0) + float(values.sum())
             record[name] = float(values.mean())
         record.update(totals)

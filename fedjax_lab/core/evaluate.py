@@ -37,25 +37,13 @@ def global_sums(model, params, split, *, chunk: int = 4096):
 
 
 def personal_sums(model, client_params, state, split, *, clients_per_chunk: int = 64):
-    """Per-client sums where client k is evaluated with its own `client_params(state, [k])`."""
+    """Per-client sums where client k is evaluated with its own `client_params(state, [k])`,
+    `clients_per_chunk` clients at a time (a lax.map over chunks bounds the stacked params)."""
     n = split.num_clients
     K = max(1, min(clients_per_chunk, n))
-    width = max(split.max_client_size, 1)
     num_chunks = -(-n // K)
     ids = jnp.minimum(jnp.arange(num_chunks * K), n - 1).reshape(num_chunks, K)
-    last_row = max(split.num_examples - 1, 0)
-
-    def one(params, lo, size):
-        r = jnp.minimum(lo + jnp.arange(width), last_row)
-        m = (jnp.arange(width) < size).astype(jnp.float32)
-        loss, correct = _per_example(model, params, split.x[r], split.y[r])
-        return jnp.sum(loss * m), jnp.sum(correct * m)
-
-    def body(chunk_ids):
-        params = client_params(state, chunk_ids)
-        lo = split.offsets[chunk_ids]
-        return jax.vmap(one)(params, lo, split.offsets[chunk_ids + 1] - lo)
-
+    body = lambda chunk_ids: client_sums(model, client_params(state, chunk_ids), split, chunk_ids)[:2]
     loss, correct = jax.lax.map(body, ids)
     return loss.reshape(-1)[:n], correct.reshape(-1)[:n], split.client_sizes.astype(jnp.float32)
 
