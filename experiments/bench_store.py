@@ -73,19 +73,6 @@ def child(args):
     from fedjax_lab.core.evaluate import client_sums
     from fedjax_lab.core.store import run_with_store, store_for, store_personal_sums
 
-    if args.fast_sampling:
-        # Benchmark-only: uniform sampling without replacement as top-k of uniform keys, O(N)
-        # instead of jax.random.choice's full permutation, O(N log N) (core/sampling.py).
-        import fedjax_lab.core.rounds as rounds_lib
-        slow = rounds_lib.sample_clients
-
-        def sample_clients(key, num_clients, clients_per_round, *, client_sizes=None,
-                           scheme="uniform"):
-            if scheme != "uniform":
-                return slow(key, num_clients, clients_per_round, client_sizes=client_sizes,
-                            scheme=scheme)
-            return jax.lax.top_k(jax.random.uniform(key, (num_clients,)), clients_per_round)[1]
-        rounds_lib.sample_clients = sample_clients
     t0 = time.perf_counter()
     data = load_data(args.data)
     data_bytes = sum(int(a.nbytes) for a in jax.tree.leaves(data))
@@ -95,7 +82,7 @@ def child(args):
     key = jax.random.key(0)
     k_init, k_rounds = jax.random.split(key)
     warm, R = args.warmup, args.rounds
-    out = dict(mode=args.mode, fast_sampling=args.fast_sampling, clients=data.num_clients, examples=data.num_examples,
+    out = dict(mode=args.mode, clients=data.num_clients, examples=data.num_examples,
                data_gib=data_bytes / 2 ** 30, load_s=load_s, rss_after_data_gib=rss_data)
     if args.mode == "device":
         state = alg.init(k_init, data)
@@ -146,8 +133,6 @@ def main():
     ap.add_argument("--cpr", type=int, default=1000, help="clients per round")
     ap.add_argument("--steps", type=int, default=10, help="local steps (batch 10)")
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--fast-sampling", action="store_true",
-                    help="swap the O(N log N) uniform sampler for an O(N) top-k one (bench only)")
     ap.add_argument("--cache", default="/tmp/fedjax_bench")
     ap.add_argument("--out", default="runs/bench_store.json")
     ap.add_argument("--mode", help=argparse.SUPPRESS)
@@ -170,7 +155,7 @@ def main():
             continue
         rows.append(json.loads(got[-1][7:]))
         r = rows[-1]
-        print(f"{mode + (' (top-k sampling)' if args.fast_sampling else ''):>22}: {r['rounds_per_second']:6.2f} rounds/s  gather wait {r['wait_s']:5.2f} s  "
+        print(f"{mode:>22}: {r['rounds_per_second']:6.2f} rounds/s  gather wait {r['wait_s']:5.2f} s  "
               f"rows {r['rows_gib']:.2f} GiB  data {r['data_gib']:.2f} GiB  peak RSS "
               f"{r['peak_rss_gib']:.2f} GiB  acc personal {r['personal_acc']:.3f} / global "
               f"{r['global_acc']:.3f}  (sampling alone {r['sample_s_per_round']:.2f} s/round)", flush=True)
