@@ -190,14 +190,34 @@ def test_local_topk_rounds_equal_reference_loop(tiny_data, error_feedback):
     assert float(metrics[0]["bytes_up"]) == 3 * k * 8
 
 
-def test_fetchsgd_learns_near_uncompressed_and_beats_local_topk_without_error_feedback():
-    """Digits, 2 label shards per client (100 clients, 10 per round), MLP 64 (d = 4,810), one
-    batch gradient per client per round, lr 0.1, momentum 0.9, 500 rounds. FetchSGD's sketch is
-    1 x 481 (10x smaller than the model), k = 96, second round over 2k candidates, the code's
-    zero-cells error feedback (the paper's subtraction diverges at this compression, see the
-    module docstring). Measured (mean test accuracy at rounds 300, 400, 500): SGD-M 0.985,
-    FetchSGD 0.971, local top-k (k = 96 per client) without error feedback 0.935."""
-    data = fl.data.load("digits:shards=2,clients=100", seed=0)
+# The learning claim (Rothchild et al. 2020, issue 6): on a small non-iid task FetchSGD with a sketch
+# >= 10x smaller than the model gets within a margin of uncompressed momentum SGD at equal rounds and
+# beats local top-k without error feedback (the paper's stateless-client baseline) at equal k.
+# Setting: digits, 2 label shards per client (100 clients, 10 per round), MLP 64 (d = 4,810), one
+# batch-20 gradient per client per round, lr 0.1, momentum 0.9, 500 rounds; FetchSGD: sketch 1 x 481
+# (10x smaller than the model), k = 96, second round over 2k candidates, the code's zero-cells error
+# feedback (the paper's subtraction diverges at this compression, see the module docstring); local
+# top-k: k = 96 per client, no error feedback. Score: mean test accuracy over rounds 250, 300, ..., 500
+# (six evaluations; three were too noisy). Measured, seed = data partition seed = run key:
+#   seed   SGD-M   FetchSGD  top-k no EF   SGD-M - FetchSGD   FetchSGD - top-k no EF
+#    0     0.981   0.958     0.932         0.023              0.026
+#    1     0.976   0.958     0.935         0.018              0.023
+#    2     0.961   0.946     0.916         0.015              0.030
+#    3     0.981   0.969     0.936         0.012              0.033
+#    4     0.972   0.959     0.902         0.013              0.058
+# so the asserted margins (within 0.035 of SGD-M, >= 0.01 above top-k without EF) hold with >= 0.012
+# room on every seed. Where the claim does NOT hold (measured, seeds 0-4, same task): at higher
+# compression FetchSGD (zero-cells) collapses, sketch 1 x 240 (20x) or 1 x 120 (40x) with k = c/5:
+# test accuracy 0.11-0.23 at round 500, while local top-k without EF at the same k reaches 0.82-0.94;
+# 5 x 48 (20x), k = 24: 0.83-0.86 (seeds 0, 1); and at equal upload bytes (top-k k = r c / 2 = 240)
+# local top-k without EF beats FetchSGD on this task (experiments/reproduce/fetchsgd.py, 1000
+# rounds: 0.972 vs 0.947 without the second round).
+CLAIM_SEEDS = (0, 1, 2, 3, 4)
+
+
+def fetchsgd_claim_accuracies(seed):
+    """Mean test accuracy over rounds 250-500 of SGD-M, FetchSGD and local top-k without EF."""
+    data = fl.data.load("digits:shards=2,clients=100", seed=seed)
     model = models.mlp(10, hidden=(64,))
     common = dict(clients_per_round=10, batch_size=20)
     algs = {
@@ -211,12 +231,34 @@ def test_fetchsgd_learns_near_uncompressed_and_beats_local_topk_without_error_fe
     }
     acc = {}
     for name, alg in algs.items():
-        hist = fl.run(alg, data, rounds=500, key=0, eval_every=100, progress=False).history
-        acc[name] = np.mean([h["test_accuracy"] for h in hist[2:]])
+        hist = fl.run(alg, data, rounds=500, key=seed, eval_every=50, progress=False).history
+        acc[name] = float(np.mean([h["test_accuracy"] for h in hist if h["round"] >= 250]))
     d = sum(x.size for x in jax.tree.leaves(model.init(jax.random.key(0), data.x[:1])))
-    assert d / (1 * 481) >= 10
-    assert acc["fetchsgd"] >= acc["sgdm"] - 0.03, acc
-    assert acc["fetchsgd"] >= acc["topk_no_ef"] + 0.015, acc
+    assert d / (1 * 481) >= 10                       # the sketch is >= 10x smaller than the model
+    return acc
+
+
+def test_fetchsgd_learns_near_uncompressed_and_beats_local_topk_without_error_feedback():
+    """Digits, 2 label shards per client (100 clients, 10 per round), MLP 64 (d = 4,810), lr 0.1,
+    momentum 0.9, 500 rounds; FetchSGD sketch 1 x 481 (10x smaller than the model), k = 96, second
+    round over 2k candidates, zero-cells masking; local top-k k = 96 without error feedback. Mean test
+    accuracy over rounds 250-500, seed 0: SGD-M 0.981, FetchSGD 0.958, top-k no EF 0.932. Over seeds
+    0-4 (slow test below): SGD-M - FetchSGD 0.012-0.023, FetchSGD - top-k no EF 0.023-0.058."""
+    acc = fetchsgd_claim_accuracies(0)
+    assert acc["fetchsgd"] >= acc["sgdm"] - 0.035, acc
+    assert acc["fetchsgd"] >= acc["topk_no_ef"] + 0.01, acc
+
+
+@pytest.mark.slow
+def test_fetchsgd_learning_claim_holds_over_seeds():
+    """The claim above on seeds 0-4 (numbers in the comment above CLAIM_SEEDS); about 1 min."""
+    gaps = []
+    for seed in CLAIM_SEEDS:
+        acc = fetchsgd_claim_accuracies(seed)
+        assert acc["fetchsgd"] >= acc["sgdm"] - 0.035, (seed, acc)
+        assert acc["fetchsgd"] >= acc["topk_no_ef"] + 0.01, (seed, acc)
+        gaps.append(acc["fetchsgd"] - acc["topk_no_ef"])
+    assert np.mean(gaps) >= 0.025, gaps              # measured mean 0.034
 
 
 def test_registered_in_algorithms():
