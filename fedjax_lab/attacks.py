@@ -23,6 +23,9 @@ round(fraction * C) of the C sampled rows (a fixed count per round, as in Byzant
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtri
@@ -137,5 +140,40 @@ def flip_labels(data, is_malicious, *, num_classes=None):
     return data.replace(y=jnp.where(bad, num_classes - 1 - data.y, data.y).astype(data.y.dtype))
 
 
-__all__ = ["ATTACKS", "UPDATE_ATTACKS", "check_attack", "malicious_clients", "sample_attackers",
+ATTACK_STREAM = 0xA77AC   # fold_in constant: the attack's randomness, apart from sampling/training
+
+
+@dataclasses.dataclass(frozen=True)
+class Adversary:
+    """The attack an algorithm runs under, written once for every algorithm that takes `attack`:
+    `poison(data)` before local training (label flipping), `corrupt(updates, ids, key, weights)`
+    on the stacked messages after it. The malicious set is fixed by `seed` (Byzantine clients stay
+    Byzantine); a round's attackers are its sampled malicious clients."""
+    attack: str = "none"
+    fraction: float = 0.0
+    scale: Optional[float] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        check_attack(self.attack, self.fraction, self.scale)
+
+    def malicious(self, num_clients: int):
+        return malicious_clients(num_clients, self.fraction, seed=self.seed)
+
+    def poison(self, data):
+        if self.attack != "label_flip":
+            return data
+        return flip_labels(data, self.malicious(data.num_clients))
+
+    def corrupt(self, updates, ids, num_clients: int, key, *, weights=None):
+        if self.attack not in UPDATE_ATTACKS:
+            return updates
+        return apply_attack(self.attack, updates, self.malicious(num_clients)[ids],
+                            jax.random.fold_in(key, ATTACK_STREAM), weights=weights, scale=self.scale)
+
+    def config(self) -> dict:
+        return {} if self.attack == "none" else {"attack_scale": self.scale, "attack_seed": self.seed}
+
+
+__all__ = ["Adversary", "ATTACKS", "UPDATE_ATTACKS", "check_attack", "malicious_clients", "sample_attackers",
            "sign_flip", "gaussian", "scaled", "alie", "alie_z", "apply_attack", "flip_labels"]

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab import attacks as attacks_lib
+from fedjax_lab.algorithms.fedavg import _name
 from fedjax_lab.core import comm, validate
 from fedjax_lab.core.batching import draw_batches
 from fedjax_lab.core.client_state import RowAlgorithm, RowRound, row_algorithm
@@ -52,7 +53,6 @@ from fedjax_lab.core.tree import tree_sq_norm, tree_sub, tree_weighted_mean
 from fedjax_lab.core.types import Model
 
 
-ATTACK_STREAM = 0xA77AC  # fold_in constant of the attack's randomness (the same as FedAvg's)
 
 
 def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None,
@@ -70,7 +70,7 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
     """
     validate.non_negative("lam", lam)
     validate.non_negative("mu", mu)
-    attacks_lib.check_attack(attack, attack_fraction, attack_scale)
+    adversary = attacks_lib.Adversary(attack, attack_fraction, attack_scale, attack_seed)
     personal_lr = client_lr if personal_lr is None else personal_lr
     validate.positive("personal_lr", personal_lr)
     if personal_steps is not None:
@@ -112,10 +112,7 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
                 [x, jnp.repeat(x[:1], part.ids.shape[0] - num, axis=0)]), v)
         w_t = server.params
         fold = lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(part.ids)
-        malicious = None if attack == "none" else attacks_lib.malicious_clients(
-            data.num_clients, attack_fraction, seed=attack_seed)
-        if attack == "label_flip":
-            data = attacks_lib.flip_labels(data, malicious)
+        data = adversary.poison(data)
 
         # Personal models: s steps on F_k(v) + lam/2 ||v - w_t||^2 from the client's own v_k.
         if personal_steps is None:
@@ -136,10 +133,7 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
             w_t, data.x, data.y, part.batches.idx, part.batches.step_mask, fold(k_train))
         deltas = jax.vmap(tree_sub, in_axes=(0, None))(res.params, w_t)
         p = client_weights(part, work, drop_stragglers=drop_stragglers)
-        if attack in attacks_lib.UPDATE_ATTACKS:
-            deltas = attacks_lib.apply_attack(attack, deltas, malicious[part.ids],
-                                              jax.random.fold_in(key, ATTACK_STREAM), weights=p,
-                                              scale=attack_scale)
+        deltas = adversary.corrupt(deltas, part.ids, data.num_clients, key, weights=p)
         server = server_update(server_tx, server, tree_weighted_mean(deltas, p))
 
         num_up = jnp.sum(p > 0)
@@ -156,6 +150,3 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
     return row_algorithm(spec, name="ditto", model=model, global_params=lambda s: s.params,
                          check=work.check, config=config)
 
-
-def _name(optimizer) -> str:
-    return optimizer if isinstance(optimizer, str) else "custom"

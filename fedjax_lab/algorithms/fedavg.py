@@ -35,9 +35,6 @@ from fedjax_lab.core.tree import tree_sub
 from fedjax_lab.core.types import Algorithm, Model
 
 
-ATTACK_STREAM = 0xA77AC  # fold_in constant: the attack's randomness, apart from sampling and training
-
-
 def fedopt(model: Model, *, client_optimizer="sgd", client_lr: float = 0.01,
            client_momentum: float = 0.0, server_optimizer="sgd", server_lr: float = 1.0,
            server_momentum: float = 0.0, server_eps: float = 1e-3, clients_per_round: int = 10,
@@ -64,7 +61,7 @@ def fedopt(model: Model, *, client_optimizer="sgd", client_lr: float = 0.01,
     agg = make_aggregator(aggregator, trim_beta=trim_beta, krum_f=krum_f, krum_m=krum_m,
                           clip_norm=clip_norm, gm_iters=gm_iters)
     agg.check(clients_per_round)
-    attacks_lib.check_attack(attack, attack_fraction, attack_scale)
+    adversary = attacks_lib.Adversary(attack, attack_fraction, attack_scale, attack_seed)
     config = dict(algorithm=name, model=model.name, client_optimizer=_name(client_optimizer),
                   client_lr=client_lr, client_momentum=client_momentum,
                   server_optimizer=_name(server_optimizer), server_lr=server_lr,
@@ -77,7 +74,7 @@ def fedopt(model: Model, *, client_optimizer="sgd", client_lr: float = 0.01,
     config.update({"krum_f": krum_f, "krum_m": krum_m} if "krum" in aggregator else {})
     config.update({"clip_norm": clip_norm} if aggregator == "norm_clip" else {})
     config.update({"gm_iters": gm_iters} if aggregator == "geometric_median" else {})
-    config.update({"attack_scale": attack_scale, "attack_seed": attack_seed} if attack != "none" else {})
+    config.update(adversary.config())
 
     def init(key, data):
         work.check(data)
@@ -90,17 +87,12 @@ def fedopt(model: Model, *, client_optimizer="sgd", client_lr: float = 0.01,
         extra = None if extra_loss is None else (lambda w: extra_loss(w, w_t))
         train = local_train(model, client_tx, extra_loss=extra)
         keys = jax.vmap(lambda i: jax.random.fold_in(k_train, i))(part.ids)
-        malicious = None if attack == "none" else attacks_lib.malicious_clients(
-            data.num_clients, attack_fraction, seed=attack_seed)
-        train_data = data if attack != "label_flip" else attacks_lib.flip_labels(data, malicious)
+        train_data = adversary.poison(data)
         res = jax.vmap(train, in_axes=(None, None, None, 0, 0, 0))(
             w_t, train_data.x, train_data.y, part.batches.idx, part.batches.step_mask, keys)
         p = client_weights(part, work, drop_stragglers=drop_stragglers)
         deltas = jax.vmap(tree_sub, in_axes=(0, None))(res.params, w_t)
-        if attack in attacks_lib.UPDATE_ATTACKS:
-            deltas = attacks_lib.apply_attack(attack, deltas, malicious[part.ids],
-                                              jax.random.fold_in(key, ATTACK_STREAM), weights=p,
-                                              scale=attack_scale)
+        deltas = adversary.corrupt(deltas, part.ids, data.num_clients, key, weights=p)
         state = server_update(server_tx, state, agg(deltas, p))
         num_up = jnp.sum(p > 0)
         metrics = dict(local_loss=weighted_mean_scalar(res.loss, p),

@@ -60,7 +60,7 @@ from fedjax_lab.core.rounds import (LocalWork, client_weights, init_server, part
 from fedjax_lab.core.tree import tree_scale, tree_sub, tree_weighted_mean
 from fedjax_lab.core.types import Algorithm, Model, batch_loss
 
-NOISE_STREAM, ATTACK_STREAM = 0x401, 0xA77AC   # fold_in constants: separate random streams
+NOISE_STREAM = 0x401   # fold_in constant: the noise's random stream, apart from the attack's
 
 
 def perturb(g, key, *, noise: str, sigma: float):
@@ -92,7 +92,7 @@ def _family(model: Model, *, rule: str, noise: str, sigma: float, vote: str, ser
     validate.positive("server_lr", server_lr)
     validate.one_of("lr_decay", lr_decay, {"constant", "inv_sqrt"})
     validate.positive("client_lr", client_lr)
-    attacks_lib.check_attack(attack, attack_fraction, attack_scale)
+    adversary = attacks_lib.Adversary(attack, attack_fraction, attack_scale, attack_seed)
     work = LocalWork(clients_per_round=clients_per_round, batch_size=batch_size,
                      local_steps=local_steps, sampling=sampling, weighting="uniform", shuffle=shuffle)
     server_tx = optax.sgd(server_schedule(server_lr, lr_decay))
@@ -103,7 +103,7 @@ def _family(model: Model, *, rule: str, noise: str, sigma: float, vote: str, ser
                   clients_per_round=clients_per_round, sampling=sampling, shuffle=shuffle,
                   attack=attack, attack_fraction=attack_fraction)
     config.update({"vote": vote} if rule == "sign" else {})
-    config.update({"attack_scale": attack_scale, "attack_seed": attack_seed} if attack != "none" else {})
+    config.update(adversary.config())
     grad_fn = jax.value_and_grad(lambda w, xb, yb, rng: batch_loss(model, w, xb, yb, rng))
 
     def message(w_t, x, y, idx, step_mask, key):
@@ -124,20 +124,14 @@ def _family(model: Model, *, rule: str, noise: str, sigma: float, vote: str, ser
         w_t = state.params
         per_client = lambda i: jax.random.fold_in(k_train, i)
         keys = jax.vmap(per_client)(part.ids)
-        if attack == "label_flip":
-            data = attacks_lib.flip_labels(
-                data, attacks_lib.malicious_clients(data.num_clients, attack_fraction, seed=attack_seed))
+        data = adversary.poison(data)
         g, loss = jax.vmap(message, in_axes=(None, None, None, 0, 0, 0))(
             w_t, data.x, data.y, part.batches.idx, part.batches.step_mask, keys)
         k_noise = jax.random.fold_in(key, NOISE_STREAM)
         noisy = jax.vmap(lambda gi, i: perturb(gi, jax.random.fold_in(k_noise, i), noise=noise,
                                                sigma=sigma))(g, part.ids)
         p = client_weights(part, work, drop_stragglers=False)
-        if attack in attacks_lib.UPDATE_ATTACKS:
-            malicious = attacks_lib.malicious_clients(data.num_clients, attack_fraction, seed=attack_seed)
-            noisy = attacks_lib.apply_attack(attack, noisy, malicious[part.ids],
-                                             jax.random.fold_in(key, ATTACK_STREAM), weights=p,
-                                             scale=attack_scale)
+        noisy = adversary.corrupt(noisy, part.ids, data.num_clients, key, weights=p)
         if rule == "median":
             direction = median(noisy, p)
         elif vote == "majority":
