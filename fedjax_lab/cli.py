@@ -117,9 +117,9 @@ def cmd_run(argv):
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
     last = result.history[-1] if result.history else {}
-    print(json.dumps({k: last[k] for k in ("round", "train_loss", "test_loss", "test_accuracy",
-                                            "test_accuracy_p10", "test_accuracy_p50",
-                                            "test_accuracy_p90") if k in last}))
+    keys = ["round", "train_loss", "test_loss"] + [
+        f"test{kind}_accuracy{q}" for kind in ("", "_personal") for q in ("", "_p10", "_p50", "_p90")]
+    print(json.dumps({k: last[k] for k in keys if k in last}))
     return 0
 
 
