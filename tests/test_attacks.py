@@ -7,6 +7,7 @@ from scipy.stats import norm
 
 from fedjax_lab import attacks
 from fedjax_lab.data import federated_arrays
+from tests.reference import softmax_grads
 
 
 def _updates(C=6):
@@ -93,11 +94,8 @@ def _local_sgd(W, b, x, y, idx, mask, lr, flip, num_classes):
         xb, yb = x[idx[s]], y[idx[s]]
         if flip:
             yb = num_classes - 1 - yb
-        z = xb @ W + b
-        p = np.exp(z - z.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        p[np.arange(len(yb)), yb] -= 1
-        W, b = W - lr * xb.T @ p / len(yb), b - lr * p.mean(0)
+        gW, gb = softmax_grads(W, b, xb, yb)
+        W, b = W - lr * gW, b - lr * gb
     return W, b
 
 

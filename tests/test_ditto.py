@@ -13,14 +13,8 @@ from fedjax_lab.attacks import flip_labels, malicious_clients
 from fedjax_lab.core import driver, evaluate
 from fedjax_lab.core.client_state import ClientRows
 from fedjax_lab.core.rounds import LocalWork, participate
-from fedjax_lab.core.types import Model
+from tests.reference import softmax_grads
 
-
-def mean_model(dim):
-    """params v in R^dim, per-example loss 1/2 ||v - x||^2 (the 'logits' are v - x)."""
-    return Model(init=lambda key, x: {"v": jnp.zeros(x.shape[1:], jnp.float32)},
-                 apply=lambda p, x, train=False, rng=None: p["v"][None, :] - x,
-                 loss=lambda out, y: 0.5 * jnp.sum(out ** 2, axis=-1), name="mean")
 
 
 def mean_data(num_clients=5, per_client=4, dim=3, seed=0):
@@ -41,12 +35,12 @@ def test_mean_estimation_closed_form():
     # F_k(v) = 1/2 ||v - c_k||^2 (full-batch steps) => v_k* = (c_k + lam w*) / (1 + lam), w* = mean c_k
     d, c = mean_data()
     lam = 0.5
-    alg = ditto(mean_model(3), lam=lam, client_lr=0.1, clients_per_round=5, local_steps=5,
+    alg = ditto(models.quadratic(3), lam=lam, client_lr=0.1, clients_per_round=5, local_steps=5,
                 batch_size=4, weighting="uniform", shuffle="epoch")
     state = run_rounds(alg, d, 150)
     w_star = c.mean(0)
-    np.testing.assert_allclose(alg.global_params(state)["v"], w_star, atol=1e-4)
-    v = alg.client_params(state, jnp.arange(5))["v"]
+    np.testing.assert_allclose(alg.global_params(state)["x"], w_star, atol=1e-4)
+    v = alg.client_params(state, jnp.arange(5))["x"]
     np.testing.assert_allclose(v, (c + lam * w_star) / (1 + lam), atol=1e-4)
     # and it is not simply the local optimum or the global model
     assert np.abs(np.asarray(v) - c).max() > 0.1
@@ -56,26 +50,18 @@ def test_mean_estimation_closed_form():
 def test_new_client_adaptation_closed_form():
     # a client that adapts w with Ditto's objective reaches (c_k + lam w) / (1 + lam)
     d, c = mean_data(num_clients=3, seed=1)
-    w = {"v": jnp.array([1.0, -1.0, 0.5])}
+    w = {"x": jnp.array([1.0, -1.0, 0.5])}
     lam = 2.0
-    adapt = evaluate.adapted_client_params(mean_model(3), optax.sgd(0.1), d, steps=200,
+    adapt = evaluate.adapted_client_params(models.quadratic(3), optax.sgd(0.1), d, steps=200,
                                            batch_size=4, lam=lam)
-    v = jax.jit(adapt)((w, jax.random.key(0)), jnp.arange(3))["v"]
-    np.testing.assert_allclose(v, (c + lam * np.asarray(w["v"])) / (1 + lam), atol=1e-4)
+    v = jax.jit(adapt)((w, jax.random.key(0)), jnp.arange(3))["x"]
+    np.testing.assert_allclose(v, (c + lam * np.asarray(w["x"])) / (1 + lam), atol=1e-4)
     l, correct, n = jax.jit(lambda w, d, k: evaluate.adapted_sums(
-        mean_model(3), optax.sgd(0.1), w, d, k, steps=200, batch_size=4, lam=lam))(
+        models.quadratic(3), optax.sgd(0.1), w, d, k, steps=200, batch_size=4, lam=lam))(
             w, d, jax.random.key(0))
     ref = [0.5 * np.sum((np.asarray(v[k]) - np.asarray(d.test.client(k)[0])) ** 2) for k in range(3)]
     np.testing.assert_allclose(l, ref, rtol=1e-4)
 
-
-def softmax_grads(W, b, x, y):
-    """numpy gradient of the mean softmax cross-entropy of logits x W + b."""
-    z = x @ W + b
-    p = np.exp(z - z.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    p[np.arange(len(y)), y] -= 1.0
-    return x.T @ p / len(y), p.mean(0)
 
 
 def test_one_round_matches_per_client_loop():

@@ -13,6 +13,7 @@ from fedjax_lab.core import driver
 from fedjax_lab.core.client_state import ClientRows
 from fedjax_lab.core.evaluate import client_sums
 from fedjax_lab.core.rounds import LocalWork, participate
+from tests.reference import softmax_grads
 
 
 def two_clusters(m=10, p=20, seed=0):
@@ -43,13 +44,6 @@ def test_gram_distances_match_double_loop():
     ref = np.array([[np.sum((np.asarray(a) - np.asarray(b)) ** 2) for b in W] for a in W])
     np.testing.assert_allclose(pairwise_sq_dists(W, W), ref, rtol=1e-5, atol=1e-5)
 
-
-def softmax_grads(W, b, x, y):
-    z = x @ W + b
-    p = np.exp(z - z.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    p[np.arange(len(y)), y] -= 1.0
-    return x.T @ p / len(y), p.mean(0)
 
 
 @pytest.mark.parametrize("attention, neighbors, start", [("exp", "all", "own"),

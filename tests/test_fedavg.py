@@ -1,11 +1,11 @@
 """FedAvg / FedAdam / FedProx (with stragglers) against a plain per-client reference loop."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fedjax_lab import algorithms, models
 from fedjax_lab.core.rounds import participate
+from tests.reference import softmax_grads
 
 
 def _reference_round(alg_kind, data, state, key, *, lr, mu=0.0, drop_stragglers, work,
@@ -26,12 +26,8 @@ def _reference_round(alg_kind, data, state, key, *, lr, mu=0.0, drop_stragglers,
             if not mask[c, s]:
                 continue
             xb, yb = x[idx[c, s]], y[idx[c, s]]
-            z = xb @ W + b
-            p = np.exp(z - z.max(1, keepdims=True))
-            p /= p.sum(1, keepdims=True)
-            p[np.arange(len(yb)), yb] -= 1
-            gW = xb.T @ p / len(yb) + mu * (W - W0)
-            gb = p.mean(0) + mu * (b - b0)
+            gW, gb = softmax_grads(W, b, xb, yb)
+            gW, gb = gW + mu * (W - W0), gb + mu * (b - b0)
             W, b = W - lr * gW, b - lr * gb
         dW.append(W - W0); db.append(b - b0)
         w = sizes[c] * (mask[c].sum() > 0)

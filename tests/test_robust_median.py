@@ -9,16 +9,7 @@ import pytest
 from fedjax_lab import algorithms, models
 from fedjax_lab.algorithms.robust_median import NOISE_STREAM, mediansgd, perturb, signsgd
 from fedjax_lab.core.rounds import LocalWork, participate
-from fedjax_lab.core.types import Model
-from fedjax_lab.data import federated_arrays
-
-
-def _logistic_grad(W, b, xb, yb):
-    z = xb @ W + b
-    p = np.exp(z - z.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    p[np.arange(len(yb)), yb] -= 1
-    return xb.T @ p / len(yb), p.mean(0)
+from tests.reference import softmax_grads
 
 
 def _reference_round(data, state, key, *, rule, vote, noise, sigma, server_lr, local_steps,
@@ -36,7 +27,7 @@ def _reference_round(data, state, key, *, rule, vote, noise, sigma, server_lr, l
         W, b = W0.copy(), b0.copy()
         for s in range(local_steps):
             if mask[c, s]:
-                gW, gb = _logistic_grad(W, b, x[idx[c, s]], y[idx[c, s]])
+                gW, gb = softmax_grads(W, b, x[idx[c, s]], y[idx[c, s]])
                 W, b = W - client_lr * gW, b - client_lr * gb
         g = {"Dense_0": {"bias": jnp.asarray((b0 - b) / client_lr, jnp.float32),
                          "kernel": jnp.asarray((W0 - W) / client_lr, jnp.float32)}}
@@ -91,18 +82,6 @@ def test_round_matches_per_client_reference(case, tiny_data):
 
 # ---- the paper's claim on heterogeneous quadratics ----------------------------------------------
 
-def quadratic(dim: int) -> Model:
-    """f_i(x) = 1/2 ||x - a_i||^2: a client's examples are copies of a_i (exact local gradients)."""
-    return Model(init=lambda key, sx: {"x": jnp.zeros((dim,), jnp.float32)},
-                 apply=lambda p, xb, train=False, rng=None: p["x"][None, :] - xb,
-                 loss=lambda z, y: 0.5 * jnp.sum(jnp.square(z), -1), name="quadratic")
-
-
-def quadratic_data(a, copies: int = 4):
-    a = np.asarray(a, np.float32)
-    M = a.shape[0]
-    return federated_arrays(np.repeat(a, copies, 0), np.zeros(M * copies, int),
-                            np.arange(M + 1) * copies, num_classes=1)
 
 
 A = [[0.0], [0.0], [0.0], [1.0], [4.0]]     # mean 1 (the stationary point of f), median 0
@@ -124,11 +103,11 @@ def _tail(alg, data, *, rounds=1200, tail=600, seeds=6):
 def test_noise_closes_the_gap_between_median_and_mean(rule):
     """Without noise the iterate stops at the median of the a_i (gap 1 to the mean's optimum);
     noise moves it toward the mean (gap shrinks with sigma) and costs variance."""
-    data = quadratic_data(A)
+    data = models.quadratic_clients(A)
     make = mediansgd if rule == "median" else signsgd
     gap, spread = {}, {}
     for sigma in (0.0, 1.0, 3.0):
-        xs = _tail(make(quadratic(1), sigma=sigma, server_lr=0.01, clients_per_round=5,
+        xs = _tail(make(models.quadratic(1), sigma=sigma, server_lr=0.01, clients_per_round=5,
                         batch_size=2), data)
         gap[sigma] = abs(xs.mean() - X_MEAN)
         spread[sigma] = xs.std()
@@ -142,24 +121,24 @@ def test_noise_closes_the_gap_between_median_and_mean(rule):
 def test_uniform_noise_mean_vote_is_unbiased_once_sigma_covers_the_gradients():
     """E sign(g + sigma u) = g / sigma for u ~ U[-1, 1] and |g| <= sigma: the mean vote is an
     unbiased (scaled) mean gradient, so the fixed point is the mean's optimum itself."""
-    data = quadratic_data(A)
-    xs = _tail(signsgd(quadratic(1), noise="uniform", sigma=3.0, vote="mean", server_lr=0.01,
+    data = models.quadratic_clients(A)
+    xs = _tail(signsgd(models.quadratic(1), noise="uniform", sigma=3.0, vote="mean", server_lr=0.01,
                        clients_per_round=5, batch_size=2), data, rounds=3000, tail=1500)
     assert abs(xs.mean() - X_MEAN) < 0.03                # measured ~0.004; majority vote: ~0.01-0.13
-    plain = _tail(signsgd(quadratic(1), vote="mean", server_lr=0.01, clients_per_round=5,
+    plain = _tail(signsgd(models.quadratic(1), vote="mean", server_lr=0.01, clients_per_round=5,
                           batch_size=2), data, rounds=300, tail=100, seeds=1)
     assert abs(plain.mean() - X_MEAN) > 0.95             # without noise: stuck at the median 0
 
 
 def test_bytes_per_round():
-    data = quadratic_data(np.zeros((5, 100)))
+    data = models.quadratic_clients(np.zeros((5, 100)))
     P = 100
     for alg, up, down in [
-        (signsgd(quadratic(100), clients_per_round=5, batch_size=2), math.ceil(P / 8), math.ceil(P / 8)),
-        (signsgd(quadratic(100), clients_per_round=5, batch_size=2, vote="mean"),
+        (signsgd(models.quadratic(100), clients_per_round=5, batch_size=2), math.ceil(P / 8), math.ceil(P / 8)),
+        (signsgd(models.quadratic(100), clients_per_round=5, batch_size=2, vote="mean"),
          math.ceil(P / 8), math.ceil(P * 3 / 8)),                 # 6 levels -> 3 bits
-        (signsgd(quadratic(100), clients_per_round=4, batch_size=2), math.ceil(P / 8), 4 * P),
-        (mediansgd(quadratic(100), clients_per_round=5, batch_size=2), 4 * P, 4 * P),
+        (signsgd(models.quadratic(100), clients_per_round=4, batch_size=2), math.ceil(P / 8), 4 * P),
+        (mediansgd(models.quadratic(100), clients_per_round=5, batch_size=2), 4 * P, 4 * P),
     ]:
         state = alg.init(jax.random.key(0), data)
         _, m = jax.jit(alg.round)(state, data, jax.random.key(1))
@@ -169,7 +148,7 @@ def test_bytes_per_round():
 
 
 def test_errors_name_the_argument():
-    model = quadratic(1)
+    model = models.quadratic(1)
     with pytest.raises(ValueError, match="noise"):
         signsgd(model, noise="laplace")
     with pytest.raises(ValueError, match="sigma"):
@@ -181,7 +160,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="attack_fraction"):
         mediansgd(model, attack="sign_flip", attack_fraction=1.0)
     with pytest.raises(ValueError, match="clients_per_round"):
-        signsgd(model, clients_per_round=6).init(jax.random.key(0), quadratic_data(A))
+        signsgd(model, clients_per_round=6).init(jax.random.key(0), models.quadratic_clients(A))
 
 
 def test_registered_with_cli_flags():

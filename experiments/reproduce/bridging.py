@@ -27,25 +27,11 @@ import numpy as np
 
 import fedjax_lab as fl
 from fedjax_lab.algorithms import fedavg, mediansgd, signsgd
-from fedjax_lab.core.types import Model
 
 A = [[0.0], [0.0], [0.0], [1.0], [4.0]]
 X_MEAN = 1.0
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-
-def quadratic(dim: int) -> Model:
-    """f_i(x) = 1/2 ||x - a_i||^2 with a client's examples all equal to a_i (exact gradients)."""
-    return Model(init=lambda key, sx: {"x": jnp.zeros((dim,), jnp.float32)},
-                 apply=lambda p, xb, train=False, rng=None: p["x"][None, :] - xb,
-                 loss=lambda z, y: 0.5 * jnp.sum(jnp.square(z), -1), name="quadratic")
-
-
-def quadratic_data(a, copies: int = 4):
-    a = np.asarray(a, np.float32)
-    M = a.shape[0]
-    return fl.data.federated_arrays(np.repeat(a, copies, 0), np.zeros(M * copies, int),
-                                    np.arange(M + 1) * copies, num_classes=1)
 
 
 def trajectories(alg, data, rounds: int, seeds: int):
@@ -59,7 +45,7 @@ def trajectories(alg, data, rounds: int, seeds: int):
 
 
 def quadratic_methods(lr=0.01):
-    m, kw = quadratic(1), dict(clients_per_round=5, batch_size=2, server_lr=lr)
+    m, kw = fl.models.quadratic(1), dict(clients_per_round=5, batch_size=2, server_lr=lr)
     out = {"SGD (mean)": fedavg(m, client_lr=lr, local_steps=1, clients_per_round=5, batch_size=2,
                                 weighting="uniform")}
     out["signSGD"] = signsgd(m, **kw)
@@ -110,7 +96,7 @@ def main(argv=None):
     tail = args.quad_rounds // 3
 
     print(f"1) heterogeneous quadratics a = {[a[0] for a in A]}: mean optimum {X_MEAN}, median 0")
-    qdata = quadratic_data(A)
+    qdata = fl.models.quadratic_clients(A)
     quad = {}
     print(f"{'method':40s} {'bias |E x - x*|':>16s} {'std x':>8s}   (last {tail} rounds, {args.seeds} seeds)")
     for label, alg in quadratic_methods().items():

@@ -17,6 +17,7 @@ from fedjax_lab.core.types import Model
 from fedjax_lab.models.base import from_linen
 from fedjax_lab.models.cnn import cnn, cnn_cifar
 from fedjax_lab.models.linear import logistic, mlp
+from fedjax_lab.models.quadratic import quadratic, quadratic_clients
 from fedjax_lab.models.resnet import resnet, resnet8
 from fedjax_lab.models.rnn import char_gru, char_lstm, char_rnn
 
@@ -102,5 +103,5 @@ def _check_inputs(name, model, num_classes, spec):
                          f"shape {out.shape[1:]}, expected ({num_classes},) logits")
 
 
-__all__ = ["from_linen", "get", "MODELS", "logistic", "mlp", "cnn", "cnn_cifar", "resnet",
+__all__ = ["quadratic", "quadratic_clients", "from_linen", "get", "MODELS", "logistic", "mlp", "cnn", "cnn_cifar", "resnet",
            "resnet8", "char_rnn", "char_lstm", "char_gru"]
