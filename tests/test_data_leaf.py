@@ -1,6 +1,7 @@
 """LEAF JSON: small files of each task, written here in LEAF's layout, loaded back."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -162,3 +163,37 @@ def test_errors(tmp_path):
         load_leaf(str(tmp_path / "bad.json"), task="mnist")
     with pytest.raises(ValueError, match="cannot infer the task"):
         leaf.infer_task(3, 1)
+
+
+@pytest.mark.parametrize("content, why", [
+    (np.random.default_rng(0).bytes(300), "could not read as JSON"),
+    (b'{"users": ["a"], "user_data": {"a": {"x": [[1.0]], "y": [0]}', "could not read as JSON"),
+    (b"[1, 2]", "the JSON holds a list, not an object"),
+    (json.dumps({"users": ["a"], "user_data": {}}).encode(),
+     "user 'a' has no entry in 'user_data'"),
+    (json.dumps({"users": ["a"], "user_data": {"a": {"x": [[1.0]]}}}).encode(),
+     "user 'a' has user_data .* not lists 'x' and 'y'"),
+    (json.dumps({"users": ["a", "b"], "num_samples": [1],
+                 "user_data": {"a": {"x": [[1.0]], "y": [0]}}}).encode(),
+     "'num_samples' must list one count per user"),
+])
+def test_corrupt_file_names_the_file_and_the_format(tmp_path, content, why):
+    path = tmp_path / "data" / "train" / "part_0.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    match = re.escape(f"leaf:{path}: ") + why + ".*expected a LEAF JSON file .*users.*user_data"
+    with pytest.raises(ValueError, match=match):
+        load_leaf(str(tmp_path))
+    from fedjax_lab.data import load
+    with pytest.raises(ValueError, match=match):
+        load(f"leaf:{path}")
+
+
+def test_unreadable_celeba_image_names_the_file(tmp_path):
+    root = tmp_path / "celeba"
+    write_leaf(str(root / "data/all_data/all.json"), {"u": (["000001.jpg"], [1])})
+    (root / "data/raw/img_align_celeba").mkdir(parents=True)
+    (root / "data/raw/img_align_celeba/000001.jpg").write_text("not an image")
+    image = root / "data/raw/img_align_celeba/000001.jpg"
+    with pytest.raises(ValueError, match=re.escape(str(image)) + ".*expected a JPEG/PNG"):
+        load_leaf(str(root))

@@ -1,4 +1,6 @@
 """Plain .npz of (x, y, client_id): round trips and errors."""
+import re
+
 import numpy as np
 import pytest
 
@@ -40,9 +42,57 @@ def test_string_client_ids_group_and_hold_out(tmp_path):
     np.testing.assert_array_equal(np.sort(amy), [1, 4, 8, 9])
 
 
+def _corrupt_npz(path, kind):
+    if kind == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(300))
+    elif kind == "plain text":
+        path.write_text("x,y,client_id\n1,2,3\n")
+    elif kind == "truncated":
+        np.savez(path, x=np.zeros((50, 3)), y=np.zeros(50, int), client_id=np.zeros(50))
+        path.write_bytes(path.read_bytes()[:400])
+    elif kind == "a .npy":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    elif kind == "object array":
+        np.savez(path, x=np.array([{"a": 1}, None], dtype=object), y=np.zeros(2, int),
+                 client_id=np.zeros(2))
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "plain text", "truncated", "a .npy",
+                                  "object array"])
+def test_corrupt_file_names_the_file_and_the_format(tmp_path, kind):
+    path = tmp_path / "data.npz"
+    _corrupt_npz(path, kind)
+    match = (re.escape(f"npz:{path}: could not read as a .npz archive") +
+             ".*expected an .npz written by numpy.savez .* x .* y .* client_id")
+    with pytest.raises(ValueError, match=match) as info:
+        load_npz(path)
+    assert "If you trust the file" not in str(info.value)   # numpy's pickle advice is wrong here
+    with pytest.raises(ValueError, match=match):             # the CLI's route
+        load(f"npz:{path}")
+
+
+def test_wrong_shapes_name_the_file(tmp_path):
+    np.savez(tmp_path / "a.npz", x=np.zeros((3, 1)), y=np.zeros((3, 2), int), client_id=np.zeros(3))
+    with pytest.raises(ValueError, match=re.escape(f"npz:{tmp_path / 'a.npz'}: x must be [n, ...]")):
+        load_npz(tmp_path / "a.npz")
+    np.savez(tmp_path / "b.npz", x=np.zeros((3, 1)), y=np.zeros(3, int), client_id=np.zeros(3),
+             x_test=np.zeros((2, 1)), y_test=np.zeros(1, int), client_id_test=np.zeros(1))
+    with pytest.raises(ValueError, match=r"x_test, y_test and client_id_test must have the same "
+                                         r"length, got \[2, 1, 1\]"):
+        load_npz(tmp_path / "b.npz")
+    np.savez(tmp_path / "c.npz", x=np.zeros((3, 1)), y=np.zeros(3, int), client_id=np.zeros(3),
+             num_classes=np.array([2, 3]))
+    with pytest.raises(ValueError, match="num_classes must be one integer"):
+        load_npz(tmp_path / "c.npz")
+
+
 def test_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"npz:{tmp_path / 'none.npz'}: file "
+                                                          "does not exist")):
         load_npz(tmp_path / "none.npz")
+    with pytest.raises(FileNotFoundError, match="is a directory"):
+        load_npz(tmp_path)
     np.savez(tmp_path / "a.npz", x=np.zeros((3, 1)), y=np.zeros(3, int))
     with pytest.raises(ValueError, match=r"lacks keys \['client_id'\]"):
         load_npz(tmp_path / "a.npz")

@@ -1,4 +1,6 @@
 """`data.load(spec)` for the datasets of the data layer: options, aliases, errors."""
+import re
+
 import numpy as np
 import pytest
 
@@ -50,3 +52,15 @@ def test_mnist1d_spec_and_cli_style_options():
 def test_errors_list_valid_choices(spec, match):
     with pytest.raises(ValueError, match=match):
         load(spec)
+
+
+@pytest.mark.parametrize("name, suffix, expected", [
+    ("npz", ".npz", "could not read as a .npz archive .*expected an .npz written by numpy.savez"),
+    ("leaf", ".json", "could not read as JSON .*expected a LEAF JSON file"),
+    ("sqlite", ".sqlite", "is not a FedJAX SQLite dataset .*expected a FedJAX SQLite file"),
+])
+def test_corrupt_file_through_the_spec_names_the_file(tmp_path, name, suffix, expected):
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match=re.escape(f"{name}:{path}: ") + expected):
+        load(f"{name}:{path},test_fraction=0.1")

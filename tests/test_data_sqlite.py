@@ -1,6 +1,7 @@
 """FedJAX SQLite: small files written here in FedJAX's format (table federated_data; zlib-compressed
 msgpack with extension types 1 = ndarray (shape, dtype name, bytes) and 4 = bytes array
 (shape, flat list)), loaded back."""
+import re
 import sqlite3
 import zlib
 
@@ -161,3 +162,63 @@ def test_errors(tmp_path):
         load_sqlite(str(tmp_path / "lie.sqlite"), task="emnist62")
     with pytest.raises(ValueError, match="seq_len must be > 0"):
         load_sqlite(str(tmp_path / "lie.sqlite"), seq_len=0)
+
+
+def _one_row(path, blob):
+    con = sqlite3.connect(str(path))
+    con.execute("CREATE TABLE federated_data (client_id BLOB, data BLOB, num_examples INTEGER)")
+    con.execute("INSERT INTO federated_data VALUES (?, ?, ?)", (b"c0", blob, 2))
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize("kind, why", [
+    ("random bytes", r"is not a FedJAX SQLite dataset \(sqlite said: file is not a database\)"),
+    ("no such column", r"is not a FedJAX SQLite dataset \(sqlite said: no such column"),
+    ("blob not zlib", r"client b'c0': could not decode its data blob \(error: "),
+    ("zlib of garbage", r"client b'c0': could not decode its data blob"),
+    ("msgpack of a list", r"client b'c0': could not decode its data blob .*something other than"),
+])
+def test_corrupt_file_names_the_file_and_the_format(tmp_path, kind, why):
+    path = tmp_path / "federated_emnist_train.sqlite"
+    if kind == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "no such column":
+        con = sqlite3.connect(str(path))
+        con.execute("CREATE TABLE federated_data (client_id BLOB, data BLOB)")
+        con.close()
+    else:
+        _one_row(path, {"blob not zlib": b"garbage",
+                        "zlib of garbage": zlib.compress(b"\xc1\xc1\xc1"),
+                        "msgpack of a list": zlib.compress(msgpack.packb([1, 2]))}[kind])
+    match = re.escape(f"sqlite:{path}: ") + why + ".*expected a FedJAX SQLite file: table " \
+        r"federated_data\(client_id, data, num_examples\)"
+    with pytest.raises(ValueError, match=match):
+        load_sqlite(str(path))
+    from fedjax_lab.data import load
+    with pytest.raises(ValueError, match=match):
+        load(f"sqlite:{path}")
+
+
+def test_forced_task_with_missing_features_names_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    write_fedjax_sqlite(str(tmp_path / "a_train.sqlite"), [(b"c", _emnist_client(rng, 3))])
+    write_fedjax_sqlite(str(tmp_path / "a_test.sqlite"),
+                        [(b"c", {"x": np.zeros((1, 2), np.float32), "y": np.zeros(1, np.int32)})])
+    with pytest.raises(ValueError, match=re.escape(
+            f"sqlite:{tmp_path / 'a_train.sqlite'}: client b'c' lacks features ['image'] of task "
+            "'cifar100'")):
+        load_sqlite(str(tmp_path / "a_train.sqlite"), task="cifar100")
+    with pytest.raises(ValueError, match=re.escape(f"sqlite:{tmp_path / 'a_test.sqlite'}: client "
+                                                   "b'c' lacks features ['pixels', 'label']")):
+        load_sqlite(str(tmp_path / "a_train.sqlite"))
+
+
+def test_file_name_with_uri_characters_is_opened_read_only(tmp_path):
+    # sqlite reads '?' and '#' in a file: URI as query and fragment; they must stay in the name
+    path = tmp_path / "a#b?c%41.sqlite"
+    rng = np.random.default_rng(0)
+    write_fedjax_sqlite(str(path), [(b"c", _emnist_client(rng, 3))])
+    d = load_sqlite(str(path))
+    assert d.num_examples + d.test.num_examples == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]   # no stray file "a" created

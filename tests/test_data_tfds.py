@@ -1,4 +1,6 @@
 """TFDS loaders through the real `tfds.data_source` path, with `tfds.testing.mock_data`."""
+import os
+import re
 import subprocess
 import sys
 
@@ -124,3 +126,41 @@ def test_import_fedjax_lab_does_not_import_tfds():
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _prepared_mnist_with_bad_files(data_dir, kind):
+    """A data_dir/mnist/3.0.1 laid out as `tfds build --file_format=array_record` leaves it, with
+    the files damaged as `kind` says."""
+    from tensorflow_datasets.core import naming
+    builder = tfds.builder("mnist", data_dir=str(data_dir), file_format="array_record")
+    os.makedirs(builder.data_dir)
+    if kind == "dataset_info.json is not JSON":
+        (data_dir / "mnist" / os.path.basename(builder.data_dir) / "dataset_info.json").write_text(
+            "<html>proxy error</html>")
+        return
+    splits = [tfds.core.SplitInfo(
+        name=s, shard_lengths=[4], num_bytes=400,
+        filename_template=naming.ShardedFileTemplate(
+            data_dir=builder.data_dir, template=naming.DEFAULT_FILENAME_TEMPLATE,
+            dataset_name="mnist", split=s, filetype_suffix="array_record"))
+        for s in ("train", "test")]
+    builder.info.set_splits(tfds.core.SplitDict(splits))
+    builder.info.write_to_directory(builder.data_dir)
+    if kind == "shards are random bytes":
+        rng = np.random.default_rng(0)
+        for s in ("train", "test"):
+            for f in builder.info.splits[s].filepaths:
+                open(f, "wb").write(rng.bytes(300))
+
+
+@pytest.mark.parametrize("kind", ["dataset_info.json is not JSON", "shards are random bytes",
+                                  "shards are missing"])
+def test_corrupt_prepared_dataset_names_the_folder_and_the_format(tmp_path, kind):
+    _prepared_mnist_with_bad_files(tmp_path, kind)
+    match = (re.escape(f"TFDS dataset 'mnist' at {tmp_path / 'mnist'}: could not read its train "
+                       "split") + ".*corrupt or incomplete. Expected a dataset prepared by "
+             + re.escape("`tfds build mnist --file_format=array_record`"))
+    with pytest.raises(ValueError, match=match):
+        load_tfds("mnist", num_clients=2, data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=match):
+        load(f"mnist:clients=2,data_dir={tmp_path}")

@@ -7,7 +7,7 @@ Format (github.com/TalwalkarLab/leaf, `data/<name>/data/{train,test}/*.json`): e
 ("--tf") keeps the same users in both directories, so client k's test split is its examples in
 `test/`. Users found only in `test/` have no training data and are dropped (with a warning).
 Without a test directory (LEAF's `all_data/`, or a single JSON file), each client holds out
-`test_fraction` of its examples.
+`test_fraction` of its examples. A file that is not in this format raises ValueError naming it.
 
 Tasks, inferred from the examples (or forced with `task=`):
   femnist     x: 784 floats in [0, 1] (LEAF's pixels, background 1.0) -> [n, 28, 28, 1], 62 classes.
@@ -125,23 +125,54 @@ def _resolve(path):
                             "test/*.json (or data/train, data/test, all_data/*.json)")
 
 
+LEAF_FORMAT = ('expected a LEAF JSON file {"users": [u, ...], "num_samples": [n_u, ...], '
+               '"user_data": {u: {"x": [...], "y": [...]}}} (see fedjax_lab.data.leaf)')
+
+
+def _read_one(f):
+    """One LEAF file -> (users, {user: {"x": list, "y": list}}, num_samples or None), checked."""
+    try:
+        with open(f, encoding="utf-8") as fh:
+            blob = json.load(fh)
+    except (OSError, ValueError) as err:      # JSONDecodeError and UnicodeDecodeError are both
+        raise ValueError(f"leaf:{f}: could not read as JSON ({type(err).__name__}: {err}); "
+                         f"{LEAF_FORMAT}") from err
+    if not isinstance(blob, dict):
+        raise ValueError(f"leaf:{f}: the JSON holds a {type(blob).__name__}, not an object; "
+                         f"{LEAF_FORMAT}")
+    for key in ("users", "user_data"):
+        if key not in blob:
+            raise ValueError(f"leaf:{f}: not a LEAF file: missing key {key!r}, found "
+                             f"{sorted(blob)[:10]}; {LEAF_FORMAT}")
+    users, user_data, num_samples = blob["users"], blob["user_data"], blob.get("num_samples")
+    if not isinstance(users, list) or not isinstance(user_data, dict):
+        raise ValueError(f"leaf:{f}: 'users' must be a list and 'user_data' an object, got "
+                         f"{type(users).__name__} and {type(user_data).__name__}; {LEAF_FORMAT}")
+    if num_samples is not None and (not isinstance(num_samples, list)
+                                    or len(num_samples) != len(users)):
+        raise ValueError(f"leaf:{f}: 'num_samples' must list one count per user ({len(users)}), "
+                         f"got {str(num_samples)[:60]}; {LEAF_FORMAT}")
+    for u in users:
+        ud = user_data.get(u) if isinstance(u, str) else None   # JSON object keys are strings
+        if not isinstance(ud, dict) or not isinstance(ud.get("x"), list) \
+                or not isinstance(ud.get("y"), list):
+            what = ("has no entry in 'user_data'" if ud is None else
+                    f"has user_data {str(ud)[:60]!r}, not lists 'x' and 'y'")
+            raise ValueError(f"leaf:{f}: user {u!r} {what}; {LEAF_FORMAT}")
+    return users, user_data, num_samples
+
+
 def read_leaf_json(files: Sequence[str]):
     """Merge LEAF files -> (users in first-seen order, {user: (x list, y list)})."""
     users, data = [], {}
     for f in files:
-        with open(f) as fh:
-            blob = json.load(fh)
-        for key in ("users", "user_data"):
-            if key not in blob:
-                raise ValueError(f"leaf: {f} is not a LEAF file: missing key {key!r} (expected "
-                                 "'users', 'num_samples', 'user_data')")
-        num_samples = blob.get("num_samples")
-        for i, u in enumerate(blob["users"]):
-            ud = blob["user_data"][u]
+        file_users, user_data, num_samples = _read_one(f)
+        for i, u in enumerate(file_users):
+            ud = user_data[u]
             if len(ud["x"]) != len(ud["y"]):
-                raise ValueError(f"leaf: {f}: user {u!r} has {len(ud['x'])} x and {len(ud['y'])} y")
+                raise ValueError(f"leaf:{f}: user {u!r} has {len(ud['x'])} x and {len(ud['y'])} y")
             if num_samples is not None and num_samples[i] != len(ud["y"]):
-                raise ValueError(f"leaf: {f}: num_samples[{i}] = {num_samples[i]} but user {u!r} "
+                raise ValueError(f"leaf:{f}: num_samples[{i}] = {num_samples[i]} but user {u!r} "
                                  f"has {len(ud['y'])} examples")
             if u not in data:
                 users.append(u)
@@ -215,9 +246,13 @@ class _Converter:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"leaf celeba: image {f!r} not found; pass image_dir= the folder "
                                     "holding img_align_celeba's files")
-        with Image.open(f) as img:
-            img = img.resize((self.image_size, self.image_size)).convert("RGB")
-            return np.asarray(img, np.float32) / 255.0
+        try:
+            with Image.open(f) as img:
+                img = img.resize((self.image_size, self.image_size)).convert("RGB")
+        except (OSError, ValueError) as err:      # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"leaf celeba: could not read image {f!r} ({type(err).__name__}: "
+                             f"{err}); expected a JPEG/PNG as in img_align_celeba") from err
+        return np.asarray(img, np.float32) / 255.0
 
 
 def load_leaf(path, *, task: Optional[str] = None, test_fraction: float = 0.2, seed: int = 0,

@@ -10,7 +10,9 @@ C-order bytes), 3 a numpy scalar the same way, 4 an object array of bytes as (sh
 Clients are read in rowid order, as FedJAX iterates them. FedJAX ships train and test as separate
 files with the same client ids; the test file is found by replacing `train` with `test` in the file
 name (or given as `test_path`), and client k's test split is its rows there. Without a test file
-each client holds out `test_fraction` of its examples.
+each client holds out `test_fraction` of its examples. A file that is not in this format (not a
+database, no such table, an undecodable blob, missing features of the task) raises ValueError
+naming it.
 
 Tasks, inferred from the feature names (or forced with `task=`):
   emnist         pixels [N, 28, 28] float32, label -> x = 1 - pixels, [N, 28, 28, 1] (FedJAX's
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import urllib.parse
 import warnings
 import zlib
 from typing import Optional
@@ -50,6 +53,8 @@ from fedjax_lab.data.federated import FederatedArrays, from_client_lists, split_
 from fedjax_lab.data.leaf import SHAKESPEARE_CLASSES, char_ids, next_token_windows
 
 TASKS = ("emnist", "shakespeare", "stackoverflow", "cifar100", "arrays")
+FEATURES = {"emnist": ("pixels", "label"), "shakespeare": ("snippets",),
+            "stackoverflow": ("tokens",), "cifar100": ("image", "label"), "arrays": ("x", "y")}
 PAD, BOS, EOS = 0, 1, 2
 
 
@@ -86,31 +91,56 @@ def decode_examples(blob: bytes) -> dict:
     return msgpack.unpackb(zlib.decompress(blob), ext_hook=_ext_hook, raw=False)
 
 
+SQLITE_FORMAT = ("expected a FedJAX SQLite file: table federated_data(client_id, data, "
+                 "num_examples), data = zlib-compressed msgpack of {feature: ndarray} "
+                 "(see fedjax_lab.data.sqlite)")
+
+
 def read_clients(path: str, *, max_clients: Optional[int] = None):
     """[(client_id, {feature: array})] in rowid order."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"sqlite: file {path!r} does not exist")
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        raise FileNotFoundError(f"sqlite:{path}: file does not exist; {SQLITE_FORMAT}")
+    # quoted, so that '?', '#' or '%' in a file name cannot turn into URI parameters
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
     try:
+        con = sqlite3.connect(uri, uri=True)
         try:
             q = "SELECT client_id, data, num_examples FROM federated_data ORDER BY rowid"
             if max_clients is not None:
                 q += f" LIMIT {int(max_clients)}"
             rows = con.execute(q).fetchall()
-        except sqlite3.DatabaseError as e:
-            raise ValueError(f"sqlite: {path!r} is not a FedJAX SQLite dataset (expected table "
-                             f"federated_data(client_id, data, num_examples)): {e}") from None
-    finally:
-        con.close()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as err:      # "file is not a database", "no such table", ...
+        raise ValueError(f"sqlite:{path}: is not a FedJAX SQLite dataset (sqlite said: {err}); "
+                         f"{SQLITE_FORMAT}") from err
     out = []
     for cid, blob, n in rows:
-        ex = decode_examples(blob)
+        try:
+            ex = decode_examples(blob)
+            if not isinstance(ex, dict) or not all(isinstance(v, np.ndarray) and v.ndim
+                                                   for v in ex.values()):
+                raise ValueError("it decodes to something other than {feature: [n, ...] array}")
+        except ImportError:
+            raise
+        except Exception as err:   # zlib.error, msgpack's errors (not all ValueError), TypeError
+            why = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            raise ValueError(f"sqlite:{path}: client {cid!r}: could not decode its data blob "
+                             f"({why}); {SQLITE_FORMAT}") from err
         sizes = {k: len(v) for k, v in ex.items()}
         if any(s != n for s in sizes.values()):
-            raise ValueError(f"sqlite: {path}: client {cid!r} says num_examples={n} but its features "
-                             f"have lengths {sizes}")
+            raise ValueError(f"sqlite:{path}: client {cid!r} says num_examples={n} but its "
+                             f"features have lengths {sizes}")
         out.append((cid, ex))
     return out
+
+
+def _check_features(path, clients, task):
+    for cid, ex in clients:
+        missing = [k for k in FEATURES[task] if k not in ex]
+        if missing:
+            raise ValueError(f"sqlite:{path}: client {cid!r} lacks features {missing} of task "
+                             f"{task!r} (it has {sorted(ex)}); expected {list(FEATURES[task])}")
 
 
 def infer_task(features) -> str:
@@ -218,8 +248,9 @@ def load_sqlite(path, *, test_path: Optional[str] = None, task: Optional[str] = 
         raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
     train = read_clients(path, max_clients=max_clients)
     if not train:
-        raise ValueError(f"sqlite: {path!r} holds no clients")
+        raise ValueError(f"sqlite:{path}: holds no clients")
     task = task or infer_task(train[0][1])
+    _check_features(path, train, task)
     if seq_len is None:
         seq_len = {"shakespeare": 80, "stackoverflow": 20}.get(task, 0)
     conv = _Converter(task, train, path, seq_len=seq_len, vocab=vocab, vocab_size=vocab_size,
@@ -232,7 +263,7 @@ def load_sqlite(path, *, test_path: Optional[str] = None, task: Optional[str] = 
                       f"dropped (e.g. {[ids[i] for i in range(len(ids)) if i not in keep][:3]})")
         ids, xs, ys = [ids[i] for i in keep], [xs[i] for i in keep], [ys[i] for i in keep]
     if not ids:
-        raise ValueError(f"sqlite: no client of {path!r} has a {task} example")
+        raise ValueError(f"sqlite:{path}: no client has a {task} example")
     ncls = conv.num_classes
     test_path = test_path or _default_test_path(path)
     if test_path is None:
@@ -241,7 +272,10 @@ def load_sqlite(path, *, test_path: Optional[str] = None, task: Optional[str] = 
         owner = np.repeat(np.arange(len(ids)), [len(y) for y in ys])
         return split_clients(np.concatenate(xs), np.concatenate(ys), owner, len(ids),
                              test_fraction=test_fraction, seed=seed, num_classes=ncls)
-    test = dict(read_clients(os.path.expanduser(test_path)))
+    test_path = os.path.expanduser(test_path)
+    test = read_clients(test_path)
+    _check_features(test_path, test, task)
+    test = dict(test)
     empty = {k: v[:0] for k, v in train[0][1].items()}
     txs, tys = map(list, zip(*(conv(test.get(cid, empty)) for cid in ids)))
     for i, (tx, x) in enumerate(zip(txs, xs)):

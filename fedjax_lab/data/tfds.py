@@ -22,7 +22,8 @@ which matters when EMNIST is mixed or compared with MNIST, and for looking at th
 
 No internet: a dataset that is not prepared under `data_dir` raises `DatasetNotPrepared` saying how
 to prepare it on a machine with internet (`tfds build NAME --file_format=array_record`) and where to
-copy it; we never attempt a download unless `download=True`.
+copy it; we never attempt a download unless `download=True`. A prepared copy that cannot be read
+(unparsable dataset_info.json, damaged or missing shards) raises ValueError naming its folder.
 """
 from __future__ import annotations
 
@@ -90,20 +91,35 @@ def _open(tfds, tfds_name, split, data_dir, download):
         if download:
             raise DatasetNotPrepared(_how_to(tfds_name, data_dir,
                                              f"download failed ({type(e).__name__}: {e})")) from None
-        raise
+        # e.g. protobuf's ParseError for an unreadable dataset_info.json
+        raise _corrupt(tfds_name, data_dir, split, e) from e
 
 
-def _read(source, label_key):
+def _corrupt(tfds_name, data_dir, split, err):
+    where = os.path.join(_where(data_dir), tfds_name)
+    why = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return ValueError(f"TFDS dataset {tfds_name!r} at {where}: could not read its {split} split "
+                      f"({type(err).__name__}: {why}); the prepared files are corrupt or "
+                      f"incomplete. Expected a dataset prepared by `tfds build {tfds_name} "
+                      f"--file_format=array_record` (dataset_info.json and *.array_record-* "
+                      f"shards); prepare it again and copy the whole folder.")
+
+
+def _read(source, label_key, tfds_name, data_dir, split):
     n = len(source)
-    first = source[0] if n else None
-    if first is None:
-        raise ValueError("TFDS split is empty")
-    x = np.empty((n,) + np.shape(first["image"]), np.uint8)
-    y = np.empty((n,), np.int64)
-    for i in range(n):  # record-by-record random access (host-side loading, once)
-        ex = source[i]
-        x[i] = ex["image"]
-        y[i] = ex[label_key]
+    if n == 0:
+        where = os.path.join(_where(data_dir), tfds_name)
+        raise ValueError(f"TFDS dataset {tfds_name!r} at {where}: the {split} split is empty")
+    try:
+        first = source[0]
+        x = np.empty((n,) + np.shape(first["image"]), np.uint8)
+        y = np.empty((n,), np.int64)
+        for i in range(n):  # record-by-record random access (host-side loading, once)
+            ex = source[i]
+            x[i] = ex["image"]
+            y[i] = ex[label_key]
+    except Exception as err:   # array_record's RuntimeError, protobuf's DecodeError, KeyError, ...
+        raise _corrupt(tfds_name, data_dir, split, err) from err
     return x, y
 
 
@@ -137,8 +153,9 @@ def load_tfds(name: str, *, partition: Union[str, Partitioner] = "iid", num_clie
     if max_examples is not None:
         train_src = _Head(train_src, max_examples)
         test_src = _Head(test_src, max_examples) if test_src is not None else None
-    x, y = _read(train_src, label_key)
-    x_test, y_test = _read(test_src, label_key) if test_src is not None else (None, None)
+    x, y = _read(train_src, label_key, tfds_name, data_dir, "train")
+    x_test, y_test = (_read(test_src, label_key, tfds_name, data_dir, "test")
+                      if test_src is not None else (None, None))
     if tfds_name.startswith("emnist") and emnist_upright:
         x = np.swapaxes(x, 1, 2)
         x_test = None if x_test is None else np.swapaxes(x_test, 1, 2)
