@@ -1,4 +1,5 @@
-"""FedAvg / FedAdam / FedProx (with stragglers) against a plain per-client reference loop."""
+"""FedAvg / FedAdam / FedYogi / FedAdagrad / FedProx (with stragglers) against a plain per-client
+reference loop."""
 import jax
 import numpy as np
 import pytest
@@ -35,27 +36,32 @@ def _reference_round(alg_kind, data, state, key, *, lr, mu=0.0, drop_stragglers,
     weights = np.asarray(weights)
     mean_dW = np.tensordot(weights / weights.sum(), np.stack(dW), 1)
     mean_db = np.tensordot(weights / weights.sum(), np.stack(db), 1)
-    if alg_kind == "adam":
-        (m, v, t) = adam_state
-        t += 1
+    if alg_kind in ("fedadam", "fedyogi", "fedadagrad"):
+        # Reddi et al. (ICLR 2021) Algorithm 2: no bias correction, v_{-1} = tau^2, tau = eps
+        (m, v) = adam_state
         out = []
-        for w0, g, mm, vv in ((W0, -mean_dW, m[0], v[0]), (b0, -mean_db, m[1], v[1])):
-            mm = b1 * mm + (1 - b1) * g
-            vv = b2 * vv + (1 - b2) * g * g
-            step = server_lr * (mm / (1 - b1 ** t)) / (np.sqrt(vv / (1 - b2 ** t)) + eps)
-            out.append((w0 - step, mm, vv))
-        return out[0][0], out[1][0], ([out[0][1], out[1][1]], [out[0][2], out[1][2]], t)
+        for w0, d, mm, vv in ((W0, mean_dW, m[0], v[0]), (b0, mean_db, m[1], v[1])):
+            mm = b1 * mm + (1 - b1) * d
+            if alg_kind == "fedadagrad":
+                vv = vv + d * d
+            elif alg_kind == "fedyogi":
+                vv = vv - (1 - b2) * d * d * np.sign(vv - d * d)
+            else:
+                vv = b2 * vv + (1 - b2) * d * d
+            out.append((w0 + server_lr * mm / (np.sqrt(vv) + eps), mm, vv))
+        return out[0][0], out[1][0], ([out[0][1], out[1][1]], [out[0][2], out[1][2]])
     return W0 + mean_dW, b0 + mean_db, None
 
 
-@pytest.mark.parametrize("kind", ["fedavg", "fedadam", "fedprox"])
+@pytest.mark.parametrize("kind", ["fedavg", "fedadam", "fedyogi", "fedadagrad", "fedprox"])
 def test_round_matches_reference_loop(kind, tiny_data):
     model = models.logistic(3)
     common = dict(client_lr=0.1, clients_per_round=4, local_steps=6, batch_size=4)
+    server = kind if kind in ("fedadam", "fedyogi", "fedadagrad") else "sgd"
     if kind == "fedavg":
         alg = algorithms.fedavg(model, stragglers=0.5, **common)
-    elif kind == "fedadam":
-        alg = algorithms.fedadam(model, server_lr=0.05, **common)
+    elif server != "sgd":
+        alg = getattr(algorithms, kind)(model, server_lr=0.05, **common)
     else:
         alg = algorithms.fedprox(model, mu=0.7, stragglers=0.5, epochs=2, **common)
     from fedjax_lab.core.rounds import LocalWork
@@ -63,13 +69,14 @@ def test_round_matches_reference_loop(kind, tiny_data):
                      stragglers=alg.config["stragglers"], epochs=alg.config["epochs"])
     state = alg.init(jax.random.key(0), tiny_data)
     round_fn = jax.jit(alg.round)
-    adam = ([np.zeros((4, 3)), np.zeros(3)], [np.zeros((4, 3)), np.zeros(3)], 0)
+    tau = 1e-3                                      # server_eps default; v_{-1} = tau^2
+    moments = ([np.zeros((4, 3)), np.zeros(3)], [np.full((4, 3), tau ** 2), np.full(3, tau ** 2)])
     for t in range(3):
         key = jax.random.key(10 + t)
-        W, b, adam = _reference_round(
-            "adam" if kind == "fedadam" else "sgd", tiny_data, state, key, lr=0.1,
+        W, b, moments = _reference_round(
+            server, tiny_data, state, key, lr=0.1,
             mu=0.7 if kind == "fedprox" else 0.0, drop_stragglers=(kind == "fedavg"), work=work,
-            server_lr=0.05, adam_state=adam)
+            server_lr=0.05, eps=tau, adam_state=moments)
         state, metrics = round_fn(state, tiny_data, key)
         np.testing.assert_allclose(state.params["Dense_0"]["kernel"], W, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(state.params["Dense_0"]["bias"], b, atol=1e-5, rtol=1e-5)

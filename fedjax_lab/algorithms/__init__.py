@@ -14,17 +14,17 @@ from fedjax_lab.algorithms.local_topk import local_topk
 from fedjax_lab.algorithms.robust_median import mediansgd, noisy_mediansgd, noisy_signsgd, signsgd
 
 fedavgm = functools.partial(fedopt, server_optimizer="sgd", server_momentum=0.9, name="fedavgm")
-fedadam = functools.partial(fedopt, server_optimizer="adam", server_lr=0.01, name="fedadam")
-fedyogi = functools.partial(fedopt, server_optimizer="yogi", server_lr=0.01, name="fedyogi")
-fedadagrad = functools.partial(fedopt, server_optimizer="adagrad", server_lr=0.01, name="fedadagrad")
+fedadam = functools.partial(fedopt, server_optimizer="fedadam", server_lr=0.01, name="fedadam")
+fedyogi = functools.partial(fedopt, server_optimizer="fedyogi", server_lr=0.01, name="fedyogi")
+fedadagrad = functools.partial(fedopt, server_optimizer="fedadagrad", server_lr=0.01, name="fedadagrad")
 
 ALGORITHMS = {
     "fedavg": (fedavg, "FedAvg (McMahan et al. 2017): average of local SGD models"),
     "fedopt": (fedopt, "FedOpt (Reddi et al. 2021): any server optimizer on the pseudo-gradient"),
     "fedavgm": (fedavgm, "FedAvgM: FedOpt with server SGD + momentum 0.9"),
-    "fedadam": (fedadam, "FedAdam: FedOpt with server Adam"),
-    "fedyogi": (fedyogi, "FedYogi: FedOpt with server Yogi"),
-    "fedadagrad": (fedadagrad, "FedAdagrad: FedOpt with server Adagrad"),
+    "fedadam": (fedadam, "FedAdam (Reddi et al. 2021, Alg. 2): server Adam, no bias correction, v_-1 = tau^2"),
+    "fedyogi": (fedyogi, "FedYogi (Reddi et al. 2021, Alg. 2): server Yogi, no bias correction, v_-1 = tau^2"),
+    "fedadagrad": (fedadagrad, "FedAdagrad (Reddi et al. 2021, Alg. 2): server Adagrad with b1 momentum, v_-1 = tau^2"),
     "fedprox": (fedprox, "FedProx (Li et al. 2020): proximal term mu/2||w-w_t||^2, keeps stragglers"),
     "fetchsgd": (fetchsgd, "FetchSGD (Rothchild et al. 2020): count-sketched gradients, momentum and error feedback in sketch space"),
     "local_topk": (local_topk, "Local top-k sparsification with per-client error feedback (FetchSGD's baseline)"),
