@@ -3,9 +3,13 @@
 Round t, sampled clients S_t, client k starts from w_t and runs local SGD on F_k to get w_k:
     Delta_t = sum_k p_k (w_k - w_t) / sum_k p_k,    p_k = n_k (or 1)
     w_{t+1} = ServerOpt(w_t, -Delta_t)
-FedAvg is ServerOpt = SGD with lr 1 (w_{t+1} = weighted mean of the w_k). FedAvgM, FedAdam,
-FedYogi and FedAdagrad are SGD+momentum, Adam, Yogi and Adagrad on the pseudo-gradient -Delta_t
-(Reddi et al. use eps = tau = 1e-3, b1 = 0.9, b2 = 0.99).
+FedAvg is ServerOpt = SGD with lr 1 (w_{t+1} = weighted mean of the w_k). FedAvgM is SGD with
+momentum on the pseudo-gradient -Delta_t. FedAdam, FedYogi and FedAdagrad follow Reddi et al.'s
+Algorithm 2 (`core.optimizers`): m_t = b1 m_{t-1} + (1 - b1) Delta_t, v_t by the Adam / Yogi /
+Adagrad rule from v_{-1} = tau^2, w_{t+1} = w_t + eta m_t / (sqrt(v_t) + tau), no bias correction
+(tau = server_eps = 1e-3, b1 = 0.9, b2 = 0.99). Paper vs. optax: optax's bias-corrected Adam and
+Yogi and its Adagrad (no momentum, accumulator from 0.1, eps inside the root) are
+server_optimizer="adam", "yogi", "adagrad"; the paper's rules are "fedadam", "fedyogi", "fedadagrad".
 
 Stragglers (FedProx's systems heterogeneity): with `drop_stragglers=True` (FedAvg's behaviour in
 the FedProx paper) clients that could not finish their work are left out of the average.
@@ -96,6 +100,7 @@ def fedopt(model: Model, *, client_optimizer="sgd", client_lr: float = 0.01,
         state = server_update(server_tx, state, agg(deltas, p))
         num_up = jnp.sum(p > 0)
         metrics = dict(local_loss=weighted_mean_scalar(res.loss, p),
+                       local_objective=weighted_mean_scalar(res.objective, p),
                        clients_aggregated=num_up.astype(jnp.float32),
                        **comm.round_metrics(up_per_client=comm.dense_bytes(w_t),
                                             down_per_client=comm.dense_bytes(w_t), num_up=num_up,

@@ -129,7 +129,8 @@ def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Op
         with sharding.use_mesh(mesh):
             state, per_round = run_rounds(alg, state, data, k_rounds, jnp.int32(t), length)
         per_round = jax.device_get(per_round)
-        _stop_if_not_finite(per_round, "local_loss", first_round=t)
+        for name in ("local_loss", "local_objective"):
+            _stop_if_not_finite(per_round, name, first_round=t)
         t += length
         record = {"round": t}
         with sharding.use_mesh(mesh):

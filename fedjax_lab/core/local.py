@@ -4,6 +4,7 @@
     w_{s+1} = w_s, opt_state unchanged                          where it is False
 
 L(w; batch) = mean example loss of the model + extra_loss(w) (e.g. FedProx's mu/2 ||w - w_t||^2).
+The result reports both: `loss` is the data loss F_k a paper plots, `objective` the full L.
 Masked steps leave params *and* optimizer state untouched, so variable local work (stragglers,
 epochs over unequal clients) is a mask, never a Python branch.
 
@@ -34,8 +35,9 @@ MAP_MIN_PARAMS = 20_000
 class LocalResult(NamedTuple):
     params: object
     opt_state: object
-    loss: jax.Array       # mean training loss over the real steps (0 when there were none)
+    loss: jax.Array       # mean data loss F_k over the real steps (0 when there were none)
     num_steps: jax.Array  # number of real steps taken
+    objective: jax.Array  # mean full local objective (data loss + extra_loss) over the real steps
 
 
 def local_train(model: Model, optimizer: optax.GradientTransformation, *,
@@ -54,8 +56,13 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, *,
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int (clients per vmapped chunk), got {chunk!r}")
     base = loss_fn or (lambda p, xb, yb, rng: batch_loss(model, p, xb, yb, rng, train=True))
-    total = base if extra_loss is None else (lambda p, xb, yb, rng: base(p, xb, yb, rng) + extra_loss(p))
-    grad_fn = jax.value_and_grad(total)
+
+    def total(p, xb, yb, rng):
+        data_loss = base(p, xb, yb, rng)
+        extra = 0.0 if extra_loss is None else extra_loss(p)
+        return data_loss + extra, data_loss
+
+    grad_fn = jax.value_and_grad(total, has_aux=True)
 
     def train_one(params, x, y, idx, step_mask, key, opt_state) -> LocalResult:
         if opt_state is None:
@@ -64,16 +71,18 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, *,
         def step(carry, inp):
             params, opt_state = carry
             rows, active, s = inp
-            loss, g = grad_fn(params, x[rows], y[rows], jax.random.fold_in(key, s))
+            (objective, loss), g = grad_fn(params, x[rows], y[rows], jax.random.fold_in(key, s))
             updates, new_opt_state = optimizer.update(g, opt_state, params)
             new_params = optax.apply_updates(params, updates)
             carry = (tree_where(active, new_params, params), tree_where(active, new_opt_state, opt_state))
-            return carry, jnp.where(active, loss, 0.0)
+            return carry, (jnp.where(active, loss, 0.0), jnp.where(active, objective, 0.0))
 
         steps = jnp.arange(idx.shape[0])
-        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (idx, step_mask, steps))
+        (params, opt_state), (losses, objectives) = jax.lax.scan(
+            step, (params, opt_state), (idx, step_mask, steps))
         n = jnp.sum(step_mask)
-        return LocalResult(params, opt_state, jnp.sum(losses) / jnp.maximum(n, 1), n)
+        mean = lambda v: jnp.sum(v) / jnp.maximum(n, 1)
+        return LocalResult(params, opt_state, mean(losses), n, mean(objectives))
 
     mapped = clients_as_map(train_one, chunk)
 
