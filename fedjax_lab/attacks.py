@@ -7,12 +7,16 @@ Update attacks share one signature and are vectorized over the client axis:
 Rows with `is_attacker` False are returned unchanged; `weights` (the aggregation weights, 0 for
 absent clients) only matter to attacks that use the honest clients' statistics (ALIE).
 
-    sign_flip   u_k -> -scale * u_k                                   (scale 1: plain sign flip)
-    gaussian    u_k -> scale * N(0, I)                                (Blanchard et al. 2017)
-    scaled      u_k -> scale * u_k      model replacement / boosting   (Bagdasaryan et al. 2020)
-    alie        u_k -> mu - z_max * sd  per coordinate, mu, sd over the honest present updates;
-                z_max = Phi^{-1}((n - s) / n), s = floor(n / 2 + 1) - f   ("A little is enough",
-                Baruch et al. 2019); `scale` > 0 overrides z_max.
+    sign_flip      u_k -> -scale * u_k                                (scale 1: plain sign flip)
+    gaussian       u_k -> scale * N(0, I): noise of a fixed scale, blind to the real update
+                   (the Gaussian Byzantine workers of Blanchard et al. 2017)
+    random_update  u_k -> scale * sd_k * N(0, I), sd_k the standard deviation of the coordinates of
+                   u_k itself: Ditto's A2 "random updates" (Li et al., ICML 2021), random zero-mean
+                   Gaussian updates as large as the real one
+    scaled         u_k -> scale * u_k   model replacement / boosting  (Bagdasaryan et al. 2020)
+    alie           u_k -> mu - z_max * sd  per coordinate, mu, sd over the honest present updates;
+                   z_max = Phi^{-1}((n - s) / n), s = floor(n / 2 + 1) - f   ("A little is enough",
+                   Baruch et al. 2019); `scale` > 0 overrides z_max.
 Label flipping is data poisoning: malicious clients train on y -> num_classes - 1 - y
 (Tolpegin et al. 2020; Fang et al. 2020), see `flip_labels`.
 
@@ -35,13 +39,15 @@ from fedjax_lab.core import validate
 ATTACKS = {
     "none": "no attack",
     "sign_flip": "attackers send -attack_scale * their update",
-    "gaussian": "attackers send attack_scale * N(0, I) noise",
+    "gaussian": "attackers send attack_scale * N(0, I) noise (a fixed scale, not Ditto's A2)",
+    "random_update": "Ditto's A2: attackers send N(0, sd^2 I), sd the std of their own update's "
+                     "coordinates (times attack_scale)",
     "scaled": "attackers send attack_scale * their update (model replacement / boosting)",
     "alie": "'a little is enough': mean - z_max * std of the honest updates, per coordinate",
     "label_flip": "data poisoning: attackers train on labels num_classes - 1 - y",
 }
-UPDATE_ATTACKS = ("sign_flip", "gaussian", "scaled", "alie")
-DEFAULT_SCALE = {"sign_flip": 1.0, "gaussian": 1.0, "scaled": 10.0, "alie": 0.0}
+UPDATE_ATTACKS = ("sign_flip", "gaussian", "random_update", "scaled", "alie")
+DEFAULT_SCALE = {"sign_flip": 1.0, "gaussian": 1.0, "random_update": 1.0, "scaled": 10.0, "alie": 0.0}
 
 
 def check_attack(attack: str, attack_fraction: float, attack_scale=None):
@@ -83,11 +89,35 @@ def sign_flip(updates, is_attacker, key=None, *, weights=None, scale: float = 1.
     return _replace(updates, is_attacker, jax.tree.map(lambda u: -scale * u, updates))
 
 
-def gaussian(updates, is_attacker, key, *, weights=None, scale: float = 1.0):
+def _normal_like(updates, key):
+    """N(0, I) of the updates' structure, [C, ...] per leaf: independent across rows (clients)."""
     leaves, treedef = jax.tree.flatten(updates)
     keys = jax.random.split(key, len(leaves))
-    noise = [scale * jax.random.normal(k, u.shape, jnp.float32) for k, u in zip(keys, leaves)]
-    return _replace(updates, is_attacker, jax.tree.unflatten(treedef, noise))
+    return jax.tree.unflatten(treedef, [jax.random.normal(k, u.shape, jnp.float32)
+                                        for k, u in zip(keys, leaves)])
+
+
+def gaussian(updates, is_attacker, key, *, weights=None, scale: float = 1.0):
+    """Attackers send scale * N(0, I), whatever the size of the real updates."""
+    return _replace(updates, is_attacker, jax.tree.map(lambda z: scale * z, _normal_like(updates, key)))
+
+
+def random_update(updates, is_attacker, key, *, weights=None, scale: float = 1.0):
+    """Ditto's A2: attacker k sends scale * sd_k * N(0, I), sd_k^2 = 1/P sum_j (u_kj - mean_k)^2
+    over all P coordinates of its own update u_k (every leaf together).
+
+    The details (one sd per attacker, over all of its layers, about its own mean) are the authors'
+    code's: litian96/ditto, trainers_MTL/ditto.py, `random_updates`, np.std of the attacker's
+    flattened update, then np.random.normal(0, sd) per coordinate. `scale` (default 1) multiplies sd.
+    """
+    rows = lambda u: u.reshape(u.shape[0], -1).astype(jnp.float32)
+    leaves = jax.tree.leaves(updates)
+    P = sum(rows(u).shape[1] for u in leaves)
+    mean = sum(jnp.sum(rows(u), 1) for u in leaves) / P
+    var = sum(jnp.sum(jnp.square(rows(u) - mean[:, None]), 1) for u in leaves) / P
+    sd = jnp.sqrt(var)                                  # [C]; two passes, no [C, P] copy
+    return _replace(updates, is_attacker,
+                    jax.tree.map(lambda z: scale * _expand(sd, z) * z, _normal_like(updates, key)))
 
 
 def scaled(updates, is_attacker, key=None, *, weights=None, scale: float = 10.0):
@@ -116,7 +146,8 @@ def alie(updates, is_attacker, key=None, *, weights=None, scale: float = 0.0):
     return _replace(updates, is_attacker, jax.tree.map(leaf, updates))
 
 
-_FNS = {"sign_flip": sign_flip, "gaussian": gaussian, "scaled": scaled, "alie": alie}
+_FNS = {"sign_flip": sign_flip, "gaussian": gaussian, "random_update": random_update, "scaled": scaled,
+        "alie": alie}
 
 
 def apply_attack(name: str, updates, is_attacker, key, *, weights=None, scale=None):
@@ -176,4 +207,5 @@ class Adversary:
 
 
 __all__ = ["Adversary", "ATTACKS", "UPDATE_ATTACKS", "check_attack", "malicious_clients", "sample_attackers",
-           "sign_flip", "gaussian", "scaled", "alie", "alie_z", "apply_attack", "flip_labels"]
+           "sign_flip", "gaussian", "random_update", "scaled", "alie", "alie_z", "apply_attack",
+           "flip_labels"]

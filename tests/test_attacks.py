@@ -40,6 +40,67 @@ def test_gaussian_replaces_only_attackers_with_noise_of_the_given_scale():
     np.testing.assert_allclose(np.std(np.asarray(got)[MASK]), 2.0, rtol=0.05)
 
 
+def test_gaussian_is_a_fixed_scale_blind_to_the_real_update():
+    """`gaussian` is Blanchard et al.'s fixed-scale noise, not Ditto's A2: the size of the real
+    update does not move it (100x larger updates, same sent std)."""
+    rng = np.random.default_rng(0)
+    u = {"w": (100.0 * rng.normal(size=(6, 4000))).astype(np.float32)}
+    got = np.asarray(attacks.apply_attack("gaussian", u, jnp.asarray(MASK), jax.random.key(3),
+                                          scale=2.0)["w"])
+    np.testing.assert_allclose(got[MASK].std(), 2.0, rtol=0.05)
+
+
+# Real updates of very different sizes per client, and two leaves of different scales, so that
+# "the std of the client's own update, all leaves together" differs from any per-leaf or
+# per-round statistic. Clients 1 and 4 attack; their real updates are identical.
+def _uneven_updates():
+    rng = np.random.default_rng(7)
+    size = np.array([0.5, 2.0, 1.0, 3.0, 2.0, 0.1], np.float32)[:, None]
+    w = size * (rng.normal(size=(6, 3000)) + 3.0)              # offset: rms and sd differ by 1.3x
+    b = 4.0 * size[:, :, None] * rng.normal(size=(6, 40, 25))    # 4x the spread of w
+    w[4], b[4] = w[1], b[1]
+    return {"w": w.reshape(6, 50, 60).astype(np.float32), "b": b.astype(np.float32)}
+
+
+def test_random_update_is_dittos_a2_zero_mean_noise_of_the_real_updates_std():
+    """A2 (Ditto, Li et al. 2021; the authors' `random_updates`): attacker k sends N(0, sd_k^2 I)
+    with sd_k = np.std of its own flattened update. P = 4000 coordinates per client, so the sample
+    std is within 4 / sqrt(2P) = 4.5% and the sample mean within 4 sd / sqrt(P) = 0.063 sd (4 sigma)."""
+    u = _uneven_updates()
+    attack = jax.jit(lambda u, m, k, s: attacks.apply_attack("random_update", u, m, k, scale=s))
+    got = jax.tree.map(np.asarray, attack(u, jnp.asarray(MASK), jax.random.key(5), 1.0))
+    flat = lambda t, k: np.concatenate([np.ravel(t["w"][k]), np.ravel(t["b"][k])])
+    P = flat(u, 0).size
+    for k in range(6):                                          # reference: one client at a time
+        if not MASK[k]:
+            for name in u:
+                np.testing.assert_array_equal(got[name][k], u[name][k])   # benign: untouched
+            continue
+        sd = np.std(flat(u, k))                                 # the paper's (code's) sd_k
+        sent = flat(got, k)
+        assert abs(sent.mean()) < 4 * sd / np.sqrt(P)
+        np.testing.assert_allclose(sent.std(), sd, rtol=4 / np.sqrt(2 * P))
+        for name in u:                                          # one sd for every leaf
+            leaf = np.ravel(got[name][k])
+            np.testing.assert_allclose(leaf.std(), sd, rtol=4 / np.sqrt(2 * leaf.size))
+    a, b = flat(got, 1), flat(got, 4)                           # same real update, own noise
+    assert abs(np.corrcoef(a, b)[0, 1]) < 4 / np.sqrt(P)
+    assert abs(np.corrcoef(a, flat(u, 1))[0, 1]) < 4 / np.sqrt(P)   # carries nothing of u_k
+    twice = jax.tree.map(np.asarray, attack(u, jnp.asarray(MASK), jax.random.key(5), 2.0))
+    np.testing.assert_allclose(flat(twice, 1), 2 * a, rtol=1e-5, atol=1e-6)
+
+
+def test_random_update_is_registered_and_runs_through_the_adversary():
+    assert "random_update" in attacks.ATTACKS and "random_update" in attacks.UPDATE_ATTACKS
+    adv = attacks.Adversary("random_update", 0.4)
+    u = _uneven_updates()
+    got = np.asarray(jax.jit(lambda u, k: adv.corrupt(u, jnp.arange(6), 6, k))(u, jax.random.key(0))["w"])
+    bad = np.asarray(attacks.malicious_clients(6, 0.4))
+    for k in range(6):
+        same = np.array_equal(got[k], u["w"][k])
+        assert same != bad[k]
+
+
 def test_alie_matches_reference():
     u = _updates()
     w = np.array([1, 1, 0, 1, 1, 1], np.float32)      # client 2 absent

@@ -274,3 +274,33 @@ def test_char_rnn_learns_a_task_that_needs_memory_under_fedavg(name):
                  local_steps=20, batch_size=10, client_optimizer="adam", client_lr=0.03)
     assert run(alg, data, rounds=20, key=0, eval_every=20, progress=False).history[-1][
         "test_accuracy"] > 0.75
+
+
+def test_quadratic_init_fixes_the_starting_point():
+    sample = np.zeros((1, 3), np.float32)
+    default = models.quadratic(3).init(KEY, sample)["x"]
+    assert default.dtype == jnp.float32 and np.array_equal(default, np.zeros(3, np.float32))
+    assert np.array_equal(models.quadratic().init(KEY, sample)["x"], default)   # dim from the sample
+    x0 = np.array([-2.0, 0.5, 7.0])
+    for model in (models.quadratic(3, init=x0), models.quadratic(init=x0)):
+        for key in (KEY, jax.random.key(9)):                       # fixed: the key is ignored
+            got = model.init(key, sample)["x"]
+            assert got.dtype == jnp.float32 and got.shape == (3,)
+            np.testing.assert_array_equal(got, x0.astype(np.float32))
+    np.testing.assert_array_equal(models.quadratic(3, init=1.5).init(KEY, sample)["x"], [1.5] * 3)
+    # the loss at x_0 is 1/2 ||x_0 - a||^2 (apply is unchanged)
+    m = models.quadratic(3, init=x0)
+    a = np.array([[1.0, 1.0, 1.0]], np.float32)
+    loss = m.loss(m.apply(m.init(KEY, sample), a), None)
+    np.testing.assert_allclose(loss, [0.5 * np.sum((x0 - a[0]) ** 2)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,sample_shape,match", [
+    (dict(dim=3, init=np.zeros(2)), None, r"init must be a scalar or an array of shape \(3,\), got shape \(2,\)"),
+    (dict(dim=3, init=np.zeros((3, 1))), None, r"init must be a scalar or an array of shape \(3,\)"),
+    (dict(init=np.zeros(2)), (1, 4), r"init must be a scalar or an array of shape \(4,\), got shape \(2,\)"),
+    (dict(dim=2, init=[0.0, np.nan]), None, "init must be finite"),
+])
+def test_quadratic_bad_init_names_the_argument(kwargs, sample_shape, match):
+    with pytest.raises(ValueError, match=match):
+        models.quadratic(**kwargs).init(KEY, np.zeros(sample_shape, np.float32))

@@ -64,7 +64,13 @@ NOISE_STREAM = 0x401   # fold_in constant: the noise's random stream, apart from
 
 
 def perturb(g, key, *, noise: str, sigma: float):
-    """g + sigma * xi, xi ~ N(0, 1) ("gaussian") or U[-1, 1] ("uniform"), iid per coordinate."""
+    """g + sigma * xi, xi ~ N(0, 1) ("gaussian") or U[-1, 1] ("uniform"), iid per coordinate.
+
+    The stream (a contract, tested): one key per leaf, jax.random.split(key, num_leaves) in
+    jax.tree.flatten order, xi = jax.random.normal / uniform(k, leaf.shape, leaf.dtype[, -1, 1]).
+    A round passes client i the key fold_in(fold_in(round_key, NOISE_STREAM), i), so i's noise
+    depends on the round and on i only (not on its row, nor on who else was sampled).
+    """
     if sigma == 0:
         return g
     leaves, treedef = jax.tree.flatten(g)
