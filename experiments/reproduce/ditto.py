@@ -11,7 +11,8 @@ each client's examples split 64/16/20 into train / validation / test. Model: log
 Attacks (fedjax_lab.attacks, a fixed malicious set per fraction):
   label_flip  A1-like data poisoning: malicious clients train on 9 - y (the paper draws random
               labels; a consistent flip is the stronger variant),
-  gaussian    A2 "random updates": malicious clients send N(0, I) instead of w_k - w_t,
+  gaussian    random updates of a fixed scale: malicious clients send N(0, I) instead of
+              w_k - w_t (the paper's A2 matches the real update's std: attack random_update),
   scaled      A3 "model replacement": malicious clients send 10x their update (10 = clients/round).
 lam: per the paper's heuristic, picked from {0.05, 0.1, 0.2} at >= 50% attackers ("strong") and
 from {0.1, 1, 2} otherwise, by the benign clients' mean validation accuracy (one lam for all
