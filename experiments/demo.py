@@ -1,8 +1,9 @@
 """The offline default (`make demo`): FedProx vs FedAvg on Synthetic(1,1) with 90% stragglers.
 
-The FedProx paper's setting (Li et al., MLSys 2020, Sec. 5 and Fig. 1): 30 clients, 10 sampled per
-round with p_k = n_k / n and a simple average, E = 20 local epochs, batch 10, SGD lr 0.01, 200
-rounds; 90% of the sampled clients are stragglers doing a random number of epochs in [1, 20).
+The FedProx paper's setting (Li et al., MLSys 2020, Sec. 5 and Fig. 1): 30 clients, 10 drawn per
+round with p_k = n_k / n with replacement and a simple average (Algorithm 2), E = 20 local epochs,
+batch 10, SGD lr 0.01, 200 rounds; 90% of the sampled clients are stragglers doing a random number
+of epochs in [1, 20) (the official code's reading; the paper says [1, E]).
 FedAvg drops the stragglers; FedProx keeps their partial work, with mu = 0 and mu = 1.
 Prints a table and writes a plot (training loss and test accuracy over rounds).
 """

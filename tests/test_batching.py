@@ -1,8 +1,11 @@
 """On-device batch drawing: own rows only, epoch-style without repeats, masks, independence."""
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 from fedjax_lab.core.batching import draw_batches
 from fedjax_lab.core.rounds import LocalWork, participate
@@ -80,6 +83,59 @@ def test_epoch_stragglers_do_fewer_epochs(data):
     assert np.all(steps <= full)
     assert np.all(steps >= np.ceil(n / 2))            # at least one epoch
     assert np.any(steps < full)
+
+
+def _many(data, ids, rounds, seed, **kw):
+    fn = jax.jit(jax.vmap(lambda k: draw_batches(k, data, jnp.asarray(ids), **kw)))
+    return fn(jax.random.split(jax.random.key(seed), rounds))
+
+
+def _chi2_uniform_p(counts):
+    counts = np.asarray(counts, float).ravel()
+    return stats.chisquare(counts).pvalue
+
+
+def test_epoch_passes_are_uniform_independent_permutations(data):
+    """Client 0 (n = 3), two passes of B = 3: over 12,000 keys each pass is one of the 3! orders
+    with probability 1/6 and the pair of passes one of 36 with probability 1/36 (independent
+    passes); chi-square p > 1e-3. Every pass uses each example exactly once."""
+    b = _many(data, [0], 12_000, 10, batch_size=3, local_steps=2, shuffle="epoch")
+    passes = np.asarray(b.idx)[:, 0] - int(data.offsets[0])        # [R, 2 passes, 3]
+    np.testing.assert_array_equal(np.sort(passes, -1), np.broadcast_to(np.arange(3), passes.shape))
+    code = {p: i for i, p in enumerate(itertools.permutations(range(3)))}
+    first = np.array([code[tuple(r)] for r in passes[:, 0]])
+    second = np.array([code[tuple(r)] for r in passes[:, 1]])
+    assert _chi2_uniform_p(np.bincount(first, minlength=6)) > 1e-3
+    assert _chi2_uniform_p(np.bincount(first * 6 + second, minlength=36)) > 1e-3
+
+
+def test_epochs_mode_uses_each_example_once_per_epoch(data):
+    """E = 3 epochs, B = 4: for every client and key, stream positions e n ... (e + 1) n - 1 hold
+    each of the client's examples once (the top-up of the last batch wraps to the start), and the
+    position of an example within a pass is uniform (chi-square p > 1e-3, client 2, n = 7)."""
+    ids = [0, 1, 2, 3, 4, 5]
+    b = _many(data, ids, 2_000, 11, batch_size=4, epochs=3, shuffle="epoch")
+    idx, steps = np.asarray(b.idx), np.asarray(b.num_steps)
+    sizes = np.asarray(data.client_sizes)
+    off = np.asarray(data.offsets)
+    for c, n in enumerate(sizes):
+        assert np.all(steps[:, c] == int(np.ceil(3 * n / 4)))
+        stream = idx[:, c].reshape(idx.shape[0], -1)[:, :3 * n].reshape(-1, 3, n) - off[c]
+        np.testing.assert_array_equal(np.sort(stream, -1), np.broadcast_to(np.arange(n),
+                                                                           stream.shape))
+    where = idx[:, 2].reshape(idx.shape[0], -1)[:, :7] - off[2]     # first pass of client 2
+    first_at = np.argmax(where == 0, axis=1)                        # position of its example 0
+    assert _chi2_uniform_p(np.bincount(first_at, minlength=7)) > 1e-3
+
+
+def test_replacement_draws_are_iid_uniform_over_the_client(data):
+    """shuffle="replacement": every position is uniform over the client's n = 7 examples and two
+    positions are independent (49 cells), chi-square p > 1e-3."""
+    b = _many(data, [2], 6_000, 12, batch_size=2, local_steps=1, shuffle="replacement")
+    pos = np.asarray(b.idx)[:, 0, 0] - int(data.offsets[2])
+    assert pos.min() >= 0 and pos.max() < 7
+    assert _chi2_uniform_p(np.bincount(pos[:, 0], minlength=7)) > 1e-3
+    assert _chi2_uniform_p(np.bincount(pos[:, 0] * 7 + pos[:, 1], minlength=49)) > 1e-3
 
 
 def test_shuffle_auto_falls_back_to_replacement_for_huge_permutations():

@@ -88,3 +88,24 @@ def test_store_needs_a_row_algorithm_and_matching_sizes(small):
         run_with_store(alg, d, store, rounds=1, key=0)
     with pytest.raises(ValueError, match="rounds"):
         run_with_store(alg, d, store, rounds=0, key=0)
+
+
+def test_store_run_equals_device_run_with_repeated_clients(tmp_path):
+    """sampling="size" draws with replacement: a client can appear twice in a round, and a
+    duplicated client of round t+1 that was also in round t needs every copy patched."""
+    d = D.synthetic(1, 1, num_clients=5, seed=2, max_size=30, min_size=8)
+    alg = ditto(models.logistic(10), lam=0.5, client_lr=0.05, clients_per_round=4, local_steps=3,
+                batch_size=5, sampling="size", stragglers=0.5)
+    rounds, key = 8, jax.random.key(4)
+    ref = run(alg, d, rounds=rounds, key=key, eval_every=rounds, progress=False).state
+    k_rounds = jax.random.split(key)[1]
+    ids = [np.asarray(alg.rows_round.sample(d, jax.random.fold_in(k_rounds, r)))
+           for r in range(1, rounds + 1)]
+    # the case the patch must handle: a client twice in round t+1 and also in round t
+    assert any(np.sum(b == c) > 1 and c in a for a, b in zip(ids, ids[1:]) for c in set(b))
+    server, store = store_for(alg, jax.random.split(key)[0], d)
+    out = run_with_store(alg, d, store, rounds=rounds, key=key, server=server)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), store.stacked(),
+                 ref.rows)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out.server.params,
+                 ref.server.params)

@@ -3,14 +3,23 @@
     h_k(w; w_t) = F_k(w) + mu/2 * ||w - w_t||^2
 
 and the server averages what it gets. Systems heterogeneity (Sec. 5.2): a fraction `stragglers`
-of the sampled clients does a uniformly random number of local epochs (or steps) in [1, E); unlike
-FedAvg, FedProx keeps their partial solutions (`drop_stragglers=False`). mu = 0 with stragglers
-kept is "FedProx (mu=0)" of the paper.
+of the sampled clients does a uniformly random number of local epochs (or steps) less than E;
+unlike FedAvg, FedProx keeps their partial solutions (`drop_stragglers=False`). mu = 0 with
+stragglers kept is "FedProx (mu=0)" of the paper.
 
-Paper vs. code: the paper samples clients with p_k = n_k/n and averages uniformly
-(`sampling="size", weighting="uniform"`); the public code samples by size *and* averages by n_k.
-Both are available; the defaults are uniform sampling with n_k-weighted averaging, and the
-`fedjax-lab` demo uses the paper's scheme.
+Paper vs. code:
+  * Sampling and averaging. The paper (Algorithm 2) samples K devices with p_k = n_k / n *with
+    replacement* and averages uniformly, w_{t+1} = (1/K) sum_k w_k (`sampling="size",
+    weighting="uniform"`; a device drawn twice counts twice). The official code
+    (litian96/FedProx, `BaseFedarated.select_clients`) samples uniformly *without* replacement,
+    `np.random.choice(range(N), K, replace=False)` (its docstring says "weighted by number of
+    samples", its code does not), and averages by n_k (`sampling="uniform",
+    weighting="examples"`, our default). `sampling="size_distinct"` (distinct clients drawn by
+    size) is neither and is biased under a uniform average (core/sampling.py).
+  * Straggler work. The paper draws a straggler's epochs uniformly from [1, E]; the code uses
+    `np.random.randint(low=1, high=E)`, i.e. [1, E). `LocalWork.straggler_work` (core/rounds.py)
+    offers both, "code" ([1, E), default) and "paper" ([1, E]).
+The `fedjax-lab` demo uses the paper's sampling and averaging.
 """
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ from flax import struct
 
 from fedjax_lab.core import sharding, validate
 from fedjax_lab.core.batching import Batches, draw_batches, plan_steps
-from fedjax_lab.core.sampling import sample_clients, straggler_steps
+from fedjax_lab.core.sampling import (SCHEMES, STRAGGLER_WORK, first_draw, sample_clients,
+                                      straggler_steps)
 from fedjax_lab.core.tree import tree_scale
 
 
@@ -29,8 +30,17 @@ class LocalWork:
 
     clients_per_round C; batch_size B; either `local_steps` (steps mode) or `epochs` (epochs mode,
     which overrides local_steps); `stragglers`: fraction of sampled clients doing a random
-    amount of work in [1, E) epochs or [1, local_steps) steps (FedProx Sec. 5.2); `sampling`:
-    "uniform" or "size"; `weighting`: "examples" (n_k) or "uniform" aggregation weights.
+    amount of work (FedProx Sec. 5.2), an integer in [1, E) epochs or [1, local_steps) steps with
+    `straggler_work="code"` (default, the official code), in [1, E] with "paper";
+    `sampling`: "uniform" (distinct, uniform), "size" (p_k = n_k / n with replacement, FedProx's
+    Algorithm 2) or "size_distinct" (distinct, successive draws by size; biased, see
+    `core/sampling.py`); `weighting`: "examples" (n_k) or "uniform" aggregation weights.
+
+    With sampling="size" a client drawn twice is the same device selected twice: it draws the same
+    batches and the same local-training keys (both are folded from the client id), takes the
+    straggler status and work of its first draw, so both copies compute the same update, and that
+    update counts twice in the average (and twice in bytes and compute). Per-client rows written
+    back from the copies are therefore identical.
     """
     clients_per_round: int = 10
     batch_size: int = 10
@@ -40,6 +50,7 @@ class LocalWork:
     sampling: str = "uniform"
     weighting: str = "examples"
     shuffle: str = "auto"
+    straggler_work: str = "code"
 
     def __post_init__(self):
         validate.positive("clients_per_round", self.clients_per_round, integer=True)
@@ -48,9 +59,10 @@ class LocalWork:
         if self.epochs is not None:
             validate.positive("epochs", self.epochs, integer=True)
         validate.fraction("stragglers", self.stragglers)
-        validate.one_of("sampling", self.sampling, {"uniform", "size"})
+        validate.one_of("sampling", self.sampling, set(SCHEMES))
         validate.one_of("weighting", self.weighting, {"examples", "uniform"})
         validate.one_of("shuffle", self.shuffle, {"auto", "epoch", "replacement"})
+        validate.one_of("straggler_work", self.straggler_work, set(STRAGGLER_WORK))
 
     def check(self, data):
         validate.clients_per_round(self.clients_per_round, data.num_clients)
@@ -100,7 +112,11 @@ def participate(key, data, work: LocalWork, ids=None) -> Participation:
     else:
         unit_steps, units = n / work.batch_size, work.epochs
     steps, is_straggler = straggler_steps(k_strag, batches.num_steps, work.stragglers,
-                                          unit_steps=unit_steps, units=units)
+                                          unit_steps=unit_steps, units=units,
+                                          work=work.straggler_work)
+    if work.sampling == "size":          # duplicates: one device, one amount of work
+        first = first_draw(ids)
+        steps, is_straggler = steps[first], is_straggler[first]
     mask = jnp.arange(batches.idx.shape[1])[None, :] < steps[:, None]
     part = Participation(ids=ids, batches=Batches(batches.idx, mask, steps),
                          is_straggler=is_straggler, num_examples=n, valid=jnp.ones(ids.shape, bool))

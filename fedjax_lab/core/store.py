@@ -68,7 +68,7 @@ class ClientStateStore:
         return jax.tree.unflatten(self.treedef, [np.take(a, ids, axis=0) for a in self.leaves])
 
     def scatter(self, ids, rows):
-        """Write `rows` ([C, ...] per leaf) back at `ids` (distinct ids)."""
+        """Write `rows` ([C, ...] per leaf) back at `ids`; a repeated id gets its last row."""
         ids = np.asarray(ids)
         self._check_ids(ids)
         for a, r in zip(self.leaves, jax.tree.leaves(rows)):
@@ -180,10 +180,13 @@ def _step(alg, server, rows, ids, data, k_rounds, r):
 
 def _patched(worker, pending, next_ids, ids, new_rows):
     """The prefetched rows of `next_ids`, with the clients also in `ids` taken from `new_rows`
-    (the prefetch ran before round t's rows were written back)."""
-    common, at_next, at_prev = np.intersect1d(next_ids, ids, return_indices=True)
-    if common.size == 0:
+    (the prefetch ran before round t's rows were written back). Every copy of a client drawn more
+    than once (sampling with replacement) is patched; its copies in `new_rows` are identical."""
+    at_next = np.flatnonzero(np.isin(next_ids, ids))
+    if at_next.size == 0:
         return pending
+    order = np.argsort(ids, kind="stable")
+    at_prev = order[np.searchsorted(ids, next_ids[at_next], sorter=order)]
 
     def patch():
         rows = pending.result()
