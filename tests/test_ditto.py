@@ -1,5 +1,6 @@
-"""Ditto: closed form on federated mean estimation, one round against a per-client loop,
-robustness to label-flipping attackers, new-client evaluation, bad input."""
+"""Ditto: closed form on federated mean estimation; one round against a per-client loop (default
+batches, personal_steps with stragglers, attacks); robustness to label-flipping attackers,
+new-client evaluation, bad input."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +12,7 @@ from fedjax_lab import models, run
 from fedjax_lab.algorithms.ditto import ditto
 from fedjax_lab.attacks import flip_labels, malicious_clients
 from fedjax_lab.core import driver, evaluate
+from fedjax_lab.core.batching import draw_batches
 from fedjax_lab.core.client_state import ClientRows
 from fedjax_lab.core.rounds import LocalWork, participate
 from tests.reference import softmax_grads
@@ -63,47 +65,162 @@ def test_new_client_adaptation_closed_form():
     np.testing.assert_allclose(l, ref, rtol=1e-4)
 
 
+def xent(W, b, x, y):
+    """Mean softmax cross-entropy of the logits x W + b."""
+    z = x @ W + b
+    z = z - z.max(1, keepdims=True)
+    return np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y])
+
+
+def ditto_reference(d, state, part, *, lam, mu, lr, plr, drop_stragglers=True,
+                    p_idx=None, p_mask=None, malicious=None, attack="none", scale=1.0):
+    """Ditto's round in numpy, one client at a time, plain SGD written out.
+
+    Personal steps on (p_idx, p_mask) (default: the global steps' batches and mask); global steps
+    on the participation's batches. Attacks as fedjax_lab.attacks documents them: label_flip
+    trains the malicious clients (personal and global) on y -> C - 1 - y; sign_flip replaces a
+    malicious client's update w_k - w_t by -scale (w_k - w_t). Also returns the round's metrics:
+    data losses and full objectives, each the mean over a client's real steps at the step's params
+    (local_*: weighted by p_k, personal_*: uniformly over the sampled clients)."""
+    ids, idx, mask = (np.asarray(a) for a in (part.ids, part.batches.idx, part.batches.step_mask))
+    p_idx, p_mask = (idx, mask) if p_idx is None else (np.asarray(p_idx), np.asarray(p_mask))
+    x, y = np.asarray(d.x, np.float64), np.asarray(d.y).copy()
+    offsets = np.asarray(d.offsets)
+    bad = np.zeros(d.num_clients, bool) if malicious is None else np.asarray(malicious)
+    if attack == "label_flip":
+        for k in np.flatnonzero(bad):
+            y[offsets[k]:offsets[k + 1]] = d.num_classes - 1 - y[offsets[k]:offsets[k + 1]]
+    Wt, bt = (np.asarray(state.server.params["Dense_0"][k], np.float64) for k in ("kernel", "bias"))
+    V, Vb = (np.array(state.rows["Dense_0"][k], np.float64) for k in ("kernel", "bias"))
+    dW, db, n = np.zeros_like(Wt), np.zeros_like(bt), 0.0
+    sq = lambda W, b: np.sum((W - Wt) ** 2) + np.sum((b - bt) ** 2)
+    losses = {name: [] for name in ("local_loss", "local_objective", "personal_loss",
+                                    "personal_objective")}
+    p = []
+    for c, k in enumerate(ids):
+        vW, vb, W, b = V[k].copy(), Vb[k].copy(), Wt.copy(), bt.copy()
+        data, obj = [], []
+        for s in np.flatnonzero(p_mask[c]):
+            xb, yb = x[p_idx[c, s]], y[p_idx[c, s]]
+            data.append(xent(vW, vb, xb, yb))
+            obj.append(data[-1] + 0.5 * lam * sq(vW, vb))
+            gW, gb = softmax_grads(vW, vb, xb, yb)
+            vW, vb = vW - plr * (gW + lam * (vW - Wt)), vb - plr * (gb + lam * (vb - bt))
+        losses["personal_loss"].append(np.mean(data))
+        losses["personal_objective"].append(np.mean(obj))
+        data, obj = [], []
+        for s in np.flatnonzero(mask[c]):
+            xb, yb = x[idx[c, s]], y[idx[c, s]]
+            data.append(xent(W, b, xb, yb))
+            obj.append(data[-1] + 0.5 * mu * sq(W, b))
+            gW, gb = softmax_grads(W, b, xb, yb)
+            W, b = W - lr * (gW + mu * (W - Wt)), b - lr * (gb + mu * (b - bt))
+        losses["local_loss"].append(np.mean(data))
+        losses["local_objective"].append(np.mean(obj))
+        V[k], Vb[k] = vW, vb
+        uW, ub = W - Wt, b - bt
+        if attack == "sign_flip" and bad[k]:
+            uW, ub = -scale * uW, -scale * ub
+        p_k = float(part.num_examples[c]) * (mask[c].sum() > 0)
+        if drop_stragglers and bool(part.is_straggler[c]):
+            p_k = 0.0
+        dW, db, n = dW + p_k * uW, db + p_k * ub, n + p_k
+        p.append(p_k)
+    metrics = {name: np.average(v, weights=p if name.startswith("local") else None)
+               for name, v in losses.items()}
+    return V, Vb, Wt + dW / n, bt + db / n, metrics
+
+
+def perturbed_rows(state):
+    # personal rows that differ from w_0, so the rows really are per client
+    rows = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(5), x.shape), state.rows)
+    return ClientRows(server=state.server, rows=rows)
+
+
+def assert_round_matches(state, new, metrics, ref, ids, num_clients):
+    V, Vb, W, b, ref_metrics = ref
+    np.testing.assert_allclose(new.rows["Dense_0"]["kernel"], V, atol=1e-5)
+    np.testing.assert_allclose(new.rows["Dense_0"]["bias"], Vb, atol=1e-5)
+    np.testing.assert_allclose(new.server.params["Dense_0"]["kernel"], W, atol=1e-5)
+    np.testing.assert_allclose(new.server.params["Dense_0"]["bias"], b, atol=1e-5)
+    # the rows of the clients that were not sampled are untouched, bit for bit
+    others = np.setdiff1d(np.arange(num_clients), np.asarray(ids))
+    np.testing.assert_array_equal(np.asarray(new.rows["Dense_0"]["kernel"])[others],
+                                  np.asarray(state.rows["Dense_0"]["kernel"])[others])
+    for name, value in ref_metrics.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
+
 
 def test_one_round_matches_per_client_loop():
     d = D.synthetic(1, 1, num_clients=6, seed=3, max_size=30, min_size=8)
     kw = dict(clients_per_round=3, local_steps=4, batch_size=5)
     lam, mu, lr, plr = 0.3, 0.05, 0.05, 0.02
     alg = ditto(models.logistic(10), lam=lam, mu=mu, client_lr=lr, personal_lr=plr, **kw)
-    state = jax.jit(alg.init)(jax.random.key(0), d)
-    # make the personal rows differ from w_0 so the rows really are per client
-    rows = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(5), x.shape), state.rows)
-    state = ClientRows(server=state.server, rows=rows)
+    state = perturbed_rows(jax.jit(alg.init)(jax.random.key(0), d))
     key = jax.random.key(11)
-    new, _ = jax.jit(alg.round)(state, d, key)
-
-    # reference: numpy, one client at a time, plain SGD written out (same sampled ids and batches)
+    new, metrics = jax.jit(alg.round)(state, d, key)
+    # same sampled ids and batches as the round
     part = jax.jit(participate, static_argnums=2)(jax.random.split(key, 3)[0], d, LocalWork(**kw))
-    ids, idx, mask = (np.asarray(a) for a in (part.ids, part.batches.idx, part.batches.step_mask))
-    x, y = np.asarray(d.x, np.float64), np.asarray(d.y)
-    Wt, bt = (np.asarray(state.server.params["Dense_0"][k], np.float64) for k in ("kernel", "bias"))
-    V, Vb = (np.array(rows["Dense_0"][k], np.float64) for k in ("kernel", "bias"))
-    dW, db, n = np.zeros_like(Wt), np.zeros_like(bt), 0.0
-    for c, k in enumerate(ids):
-        vW, vb, W, b = V[k].copy(), Vb[k].copy(), Wt.copy(), bt.copy()
-        for s in range(kw["local_steps"]):
-            if not mask[c, s]:
-                continue
-            xb, yb = x[idx[c, s]], y[idx[c, s]]
-            gW, gb = softmax_grads(vW, vb, xb, yb)
-            vW, vb = vW - plr * (gW + lam * (vW - Wt)), vb - plr * (gb + lam * (vb - bt))
-            gW, gb = softmax_grads(W, b, xb, yb)
-            W, b = W - lr * (gW + mu * (W - Wt)), b - lr * (gb + mu * (b - bt))
-        V[k], Vb[k] = vW, vb
-        n_k = float(part.num_examples[c])
-        dW, db, n = dW + n_k * (W - Wt), db + n_k * (b - bt), n + n_k
-    np.testing.assert_allclose(new.rows["Dense_0"]["kernel"], V, atol=1e-5)
-    np.testing.assert_allclose(new.rows["Dense_0"]["bias"], Vb, atol=1e-5)
-    np.testing.assert_allclose(new.server.params["Dense_0"]["kernel"], Wt + dW / n, atol=1e-5)
-    np.testing.assert_allclose(new.server.params["Dense_0"]["bias"], bt + db / n, atol=1e-5)
-    # the rows of the clients that were not sampled are untouched, bit for bit
-    others = np.setdiff1d(np.arange(6), ids)
-    np.testing.assert_array_equal(np.asarray(new.rows["Dense_0"]["kernel"])[others],
-                                  np.asarray(rows["Dense_0"]["kernel"])[others])
+    ref = ditto_reference(d, state, part, lam=lam, mu=mu, lr=lr, plr=plr)
+    assert_round_matches(state, new, metrics, ref, part.ids, 6)
+
+
+@pytest.mark.parametrize("drop_stragglers", [True, False])
+def test_personal_steps_with_stragglers_matches_per_client_loop(drop_stragglers):
+    # personal_steps=s: s personal steps on their own batches; a straggler doing q of its L global
+    # steps does ceil(s q / L) of them (issue 10 item 8: it used to do all s)
+    d = D.synthetic(1, 1, num_clients=6, seed=3, max_size=30, min_size=8)
+    L, s = 4, 6
+    kw = dict(clients_per_round=4, local_steps=L, batch_size=5, stragglers=0.5)
+    lam, lr, plr = 0.3, 0.05, 0.02
+    alg = ditto(models.logistic(10), lam=lam, client_lr=lr, personal_lr=plr, personal_steps=s,
+                drop_stragglers=drop_stragglers, **kw)
+    state = perturbed_rows(jax.jit(alg.init)(jax.random.key(0), d))
+    key = jax.random.key(11)
+    new, metrics = jax.jit(alg.round)(state, d, key)
+
+    part = jax.jit(participate, static_argnums=2)(jax.random.split(key, 3)[0], d, LocalWork(**kw))
+    pb = draw_batches(jax.random.split(key, 3)[2], d, part.ids, batch_size=5, local_steps=s)
+    q = np.asarray(part.batches.num_steps)
+    straggler = np.asarray(part.is_straggler)
+    p_steps = np.where(straggler, -(-s * q // L), s)          # ceil(s q / L); s for the others
+    p_mask = np.arange(s)[None, :] < p_steps[:, None]
+    assert (p_steps[straggler] < s).any()                     # some straggler's work is cut
+    ref = ditto_reference(d, state, part, lam=lam, mu=0.0, lr=lr, plr=plr,
+                          drop_stragglers=drop_stragglers, p_idx=pb.idx, p_mask=p_mask)
+    assert_round_matches(state, new, metrics, ref, part.ids, 6)
+
+
+@pytest.mark.parametrize("attack, scale", [("sign_flip", 2.0), ("label_flip", None)])
+def test_attacks_inside_ditto_match_per_client_loop(attack, scale):
+    # attackers corrupt their global update (sign_flip: -scale (w_k - w_t)) or train on flipped
+    # labels; benign clients' personal models are those of the clean round (they see the attack
+    # only through w_t, which is fixed within a round)
+    d = D.synthetic(1, 1, num_clients=6, seed=3, max_size=30, min_size=8)
+    kw = dict(clients_per_round=4, local_steps=3, batch_size=5)
+    lam, mu, lr, plr = 0.3, 0.05, 0.05, 0.02
+    alg = ditto(models.logistic(10), lam=lam, mu=mu, client_lr=lr, personal_lr=plr,
+                attack=attack, attack_fraction=0.5, attack_scale=scale, attack_seed=1, **kw)
+    state = perturbed_rows(jax.jit(alg.init)(jax.random.key(0), d))
+    key = jax.random.key(11)
+    new, metrics = jax.jit(alg.round)(state, d, key)
+
+    part = jax.jit(participate, static_argnums=2)(jax.random.split(key, 3)[0], d, LocalWork(**kw))
+    malicious = np.asarray(malicious_clients(6, 0.5, seed=1))
+    ids = np.asarray(part.ids)
+    assert malicious[ids].any() and (~malicious[ids]).any()   # both kinds take part
+    args = dict(lam=lam, mu=mu, lr=lr, plr=plr)
+    ref = ditto_reference(d, state, part, malicious=malicious, attack=attack,
+                          scale=scale, **args)
+    assert_round_matches(state, new, metrics, ref, part.ids, 6)
+    clean = ditto_reference(d, state, part, **args)
+    benign = ids[~malicious[ids]]
+    np.testing.assert_allclose(np.asarray(new.rows["Dense_0"]["kernel"])[benign], clean[0][benign],
+                               atol=1e-5)
+    bad = ids[malicious[ids]]
+    moved = np.abs(ref[0][bad] - clean[0][bad]).max()
+    assert (moved > 1e-3) if attack == "label_flip" else (moved == 0)
+    assert np.abs(ref[2] - clean[2]).max() > 1e-3           # the global model is attacked
 
 
 def benign_accuracy(sums, benign):

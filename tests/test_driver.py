@@ -1,8 +1,11 @@
-"""run(): determinism, exact resumption, compile-once, non-finite loss, checkpoint errors."""
+"""run(): determinism, exact resumption, compile-once, non-finite loss, checkpoint errors; the
+data loss and the full local objective as separate metrics."""
+import dataclasses
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -86,6 +89,35 @@ def test_non_finite_loss_stops_with_the_round(synthetic_small):
     alg = _alg(client_lr=1e30, stragglers=0.0)
     with pytest.raises(FloatingPointError, match=r"at round \d+"):
         run(alg, synthetic_small, rounds=6, key=0, eval_every=3, progress=False)
+
+
+def test_non_finite_local_objective_stops_with_the_round(synthetic_small):
+    # the data loss can stay finite while the regularizer overflows; the driver checks both
+    alg = _alg(stragglers=0.0)
+
+    def round_(state, data, key):
+        state, metrics = alg.round(state, data, key)
+        bad = jnp.where(state.round == 2, jnp.inf, metrics["local_objective"])
+        return state, dict(metrics, local_objective=bad)
+
+    with pytest.raises(FloatingPointError, match=r"local_objective\) at round 2"):
+        run(dataclasses.replace(alg, round=round_), synthetic_small, rounds=6, key=0,
+            eval_every=3, progress=False)
+
+
+@pytest.mark.parametrize("mu", [0.0, 1.0])
+def test_fedprox_reports_data_loss_and_local_objective(mu, synthetic_small):
+    # local_loss is F_k; local_objective adds mu/2 ||w - w_t||^2, which is > 0 after the first
+    # local step when mu > 0 and exactly 0 when mu = 0
+    alg = _alg(mu=mu, stragglers=0.0)
+    state = alg.init(jax.random.key(0), synthetic_small)
+    _, m = jax.jit(alg.round)(state, synthetic_small, jax.random.key(1))
+    loss, objective = float(m["local_loss"]), float(m["local_objective"])
+    assert np.isfinite(loss) and loss > 0
+    if mu == 0:
+        assert objective == loss
+    else:
+        assert objective > loss
 
 
 def test_rounds_and_runs_compile_once(synthetic_small):

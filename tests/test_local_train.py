@@ -1,4 +1,5 @@
-"""local_train: masked steps leave params *and* optimizer state untouched; extra loss terms count."""
+"""local_train: masked steps leave params *and* optimizer state untouched; extra loss terms count;
+`loss` is the data loss, `objective` the full local objective."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +7,7 @@ import optax
 
 from fedjax_lab import models
 from fedjax_lab.core.local import local_train
+from tests.reference import softmax_grads
 
 
 def _setup():
@@ -63,3 +65,47 @@ def test_extra_loss_gradient_is_applied():
     # one SGD step: the proximal gradient mu (w - anchor) = -mu moves every weight by +0.1 * mu
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a - b, 0.1 * mu, rtol=1e-5),
                  proxed.params, plain.params)
+
+
+def _xent(W, b, x, y):
+    z = x @ W + b
+    z = z - z.max(1, keepdims=True)
+    return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
+
+
+def test_loss_is_the_data_loss_and_objective_adds_the_regularizer():
+    # Issue 10 item 7: `loss` is F_k (what a paper plots), not F_k + extra_loss. A large mu with
+    # params far from the anchor makes the two differ by orders of magnitude.
+    model, params, x, y, idx = _setup()
+    anchor = jax.tree.map(lambda a: a + 3.0, params)
+    mu, lr = 5.0, 0.02
+    prox = lambda w: 0.5 * mu * sum(jnp.sum((a - b) ** 2) for a, b in
+                                    zip(jax.tree.leaves(w), jax.tree.leaves(anchor)))
+    mask = jnp.array([True, False, True, False, False, False])   # 2 real steps, masked between
+    out = local_train(model, optax.sgd(lr), extra_loss=prox)(params, x, y, idx, mask,
+                                                             jax.random.key(0))
+    # numpy: plain SGD on F + mu/2 ||w - a||^2, data loss and regularizer at each real step's w
+    W, b = (np.asarray(params["Dense_0"][k], np.float64) for k in ("kernel", "bias"))
+    aW, ab = (np.asarray(anchor["Dense_0"][k], np.float64) for k in ("kernel", "bias"))
+    xn, yn = np.asarray(x, np.float64), np.asarray(y)
+    data, reg = [], []
+    for s in np.flatnonzero(np.asarray(mask)):
+        xb, yb = xn[np.asarray(idx[s])], yn[np.asarray(idx[s])]
+        data.append(_xent(W, b, xb, yb))
+        reg.append(0.5 * mu * (np.sum((W - aW) ** 2) + np.sum((b - ab) ** 2)))
+        gW, gb = softmax_grads(W, b, xb, yb)
+        W, b = W - lr * (gW + mu * (W - aW)), b - lr * (gb + mu * (b - ab))
+    assert np.mean(reg) > 10 * np.mean(data)          # the test can tell the two apart
+    assert int(out.num_steps) == 2
+    np.testing.assert_allclose(out.loss, np.mean(data), rtol=1e-5)
+    np.testing.assert_allclose(out.objective, np.mean(data) + np.mean(reg), rtol=1e-5)
+    np.testing.assert_allclose(out.params["Dense_0"]["kernel"], W, rtol=1e-5, atol=1e-6)
+
+
+def test_objective_equals_loss_without_extra_loss_and_both_are_zero_with_no_steps():
+    model, params, x, y, idx = _setup()
+    train = local_train(model, optax.sgd(0.1))
+    out = train(params, x, y, idx, jnp.ones(6, bool), jax.random.key(0))
+    assert float(out.objective) == float(out.loss) > 0
+    none = train(params, x, y, idx, jnp.zeros(6, bool), jax.random.key(0))
+    assert float(none.objective) == float(none.loss) == 0.0

@@ -16,6 +16,13 @@ Round t, sampled clients S_t, for k in S_t (vmapped):
 and the server aggregates the w_k into w_{t+1}. Unsampled clients keep their v_k. `client_params`
 returns v_k; `global_params` returns w_t. lam -> 0 gives local training, lam -> inf the global model.
 
+Stragglers (`stragglers`, FedProx Sec. 5.2) do less work on both problems: by default the personal
+steps reuse the global steps' batches and mask, so a straggler's personal work is cut exactly as
+its global work; with `personal_steps=s` a straggler that does q of its local_steps global steps
+does ceil(s * q / local_steps) personal steps (the same fraction, at least one). With
+`drop_stragglers=True` (default) their global updates are left out of the average; their personal
+models keep the partial work either way.
+
 Choosing lam: the paper selects it per client on local validation data from {0.05, 0.1, 0.2}
 under strong attacks and {0.1, 1, 2} otherwise (Sec. 5 / App. C); `experiments/reproduce/ditto.py`
 picks it on held-out validation clients' data from such a grid.
@@ -27,11 +34,20 @@ steps reuse the global steps' batches, `personal_steps=None`); `personal_steps=s
 independent personal batches instead. Personal models start at w_0 (the code does the same).
 The personal optimizer's state (e.g. momentum) restarts every round, as the code's plain SGD has
 none. The code's `dynamic_lam` (a per-step choice of lam on validation loss) is not implemented.
+Sampling and weighting: the code's default (`--sampling 2`, fedbase.select_clients) draws the C
+clients with probability n_k / n without replacement (numpy `choice(replace=False, p=...)`) and
+averages their updates uniformly (`simple_average`); our defaults are uniform sampling and n_k
+weighting, as in FedAvg. `sampling="size_distinct", weighting="uniform"` is the code's scheme
+(`sampling="size"` draws by size with replacement, as FedProx's Algorithm 2 does).
 
 Attacks (as in FedAvg, `fedjax_lab.attacks`): a fixed set of round(attack_fraction * N) malicious
-clients either corrupt their global update w_k - w_t (sign_flip, gaussian: the paper's "random
-updates", scaled: its "model replacement") or train on flipped labels (label_flip, which then
-also feeds their own personal models). Benign clients' v_k only see w_t through lam.
+clients either corrupt their global update w_k - w_t (sign_flip: -attack_scale * (w_k - w_t);
+random_update: the paper's A2 "random updates"; scaled: its "model replacement"; gaussian, alie)
+or train on flipped labels (label_flip, y -> num_classes - 1 - y, which then also feeds their own
+personal models). Benign clients' v_k only see w_t through lam. The code's variants differ in
+detail: its boosting factor is clients_per_round (ours attack_scale, default 10), and its label
+poisoning draws uniformly random labels on FEMNIST/Fashion-MNIST (1 - y on CelebA, -y on Vehicle)
+rather than flipping them.
 """
 from __future__ import annotations
 
@@ -66,7 +82,8 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
     """Ditto with a FedAvg (mu = 0) or FedProx (mu > 0) global solver; see the module docstring.
 
     lam: personalization strength; personal_lr: step size of the personal SGD (default client_lr);
-    personal_steps: s personal steps on their own batches (default: the global steps' batches).
+    personal_steps: s personal steps on their own batches (default: the global steps' batches);
+    a straggler does the fraction of them that it does of its global steps (module docstring).
     """
     validate.non_negative("lam", lam)
     validate.non_negative("mu", mu)
@@ -120,7 +137,11 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
         else:
             pb = draw_batches(k_pers, data, part.ids, batch_size=batch_size,
                               local_steps=personal_steps, shuffle=shuffle)
-            p_idx, p_mask = pb.idx, pb.step_mask
+            # stragglers do the fraction of their personal work that they do of their global work
+            q = part.batches.num_steps
+            p_steps = (personal_steps * q + local_steps - 1) // local_steps
+            p_idx = pb.idx
+            p_mask = pb.step_mask & (jnp.arange(personal_steps)[None, :] < p_steps[:, None])
         personal = local_train(model, personal_tx,
                                extra_loss=lambda p: 0.5 * lam * tree_sq_norm(tree_sub(p, w_t)))
         pres = jax.vmap(personal, in_axes=(0, None, None, 0, 0, 0))(
@@ -137,8 +158,11 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
         server = server_update(server_tx, server, tree_weighted_mean(deltas, p))
 
         num_up = jnp.sum(p > 0)
+        real = part.valid.astype(jnp.float32)
         metrics = dict(local_loss=weighted_mean_scalar(res.loss, p),
-                       personal_loss=weighted_mean_scalar(pres.loss, part.valid.astype(jnp.float32)),
+                       local_objective=weighted_mean_scalar(res.objective, p),
+                       personal_loss=weighted_mean_scalar(pres.loss, real),
+                       personal_objective=weighted_mean_scalar(pres.objective, real),
                        clients_aggregated=num_up.astype(jnp.float32),
                        **comm.round_metrics(up_per_client=comm.dense_bytes(w_t),
                                             down_per_client=comm.dense_bytes(w_t), num_up=num_up,

@@ -37,6 +37,14 @@ not subtract S(Delta); it zeroes every cell of S_e and S_u that a coordinate of 
 eta after unsketching (S_e += S_u, w -= eta Delta), which is the same for a constant eta. The paper's
 rule is the default (`masking="subtract"`); the code's is `masking="zero_cells"`.
 `momentum_masking=False` leaves S_u alone (Algorithm 1 as printed lists no masking of S_u).
+Client weights: the paper averages the W tables (1/W, `weighting="uniform"`, default). The code
+weights clients by size: each client sends the sketch of its *summed* gradient (its mean gradient
+times its batch size, `fed_worker.local_step`) and the server divides the summed tables by the
+round's total example count (`FedModel._call_train`), so client i counts as many times as the
+examples it used: min(n_i, local_batch_size), or n_i with `local_batch_size=-1` (the whole local
+dataset as one batch). `weighting="examples"` (p_i = n_i, tables divided by sum_i n_i) is that
+rule when clients use all their data; when every client has at least B examples the code's
+weights are equal and `"uniform"` is the match.
 What we measured (digits, MLP d = 4,810, tests/test_fetchsgd.py, experiments/reproduce/fetchsgd.py):
 subtracting is exact bookkeeping and trains when the sketch is large (r = 3, c = 2d, k = d/50), but
 at 10x compression it diverges, as the code's comment says: with one row, two selected coordinates
