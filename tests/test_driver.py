@@ -105,6 +105,14 @@ def test_non_finite_local_objective_stops_with_the_round(synthetic_small):
             eval_every=3, progress=False)
 
 
+def test_diverging_personal_models_stop_the_run(synthetic_small):
+    from fedjax_lab.algorithms import ditto
+    alg = ditto(models.logistic(synthetic_small.num_classes), lam=0.1, personal_lr=1e30,
+                clients_per_round=4, local_steps=3, batch_size=5)
+    with pytest.raises(FloatingPointError, match=r"personal_(loss|objective)\) at round 1"):
+        run(alg, synthetic_small, rounds=4, key=0, eval_every=2, progress=False)
+
+
 @pytest.mark.parametrize("mu", [0.0, 1.0])
 def test_fedprox_reports_data_loss_and_local_objective(mu, synthetic_small):
     # local_loss is F_k; local_objective adds mu/2 ||w - w_t||^2, which is > 0 after the first

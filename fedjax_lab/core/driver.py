@@ -129,8 +129,9 @@ def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Op
         with sharding.use_mesh(mesh):
             state, per_round = run_rounds(alg, state, data, k_rounds, jnp.int32(t), length)
         per_round = jax.device_get(per_round)
-        for name in ("local_loss", "local_objective"):
-            _stop_if_not_finite(per_round, name, first_round=t)
+        for name in sorted(per_round):          # local_loss, local_objective, personal_loss, ...
+            if name.endswith(("_loss", "_objective")):
+                _stop_if_not_finite(per_round, name, first_round=t)
         t += length
         record = {"round": t}
         with sharding.use_mesh(mesh):
@@ -142,7 +143,7 @@ def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Op
                 totals[f"total_{name}"] = totals.get(f"total_{name}", 0.0) + float(values.sum())
             record[name] = float(values.mean())
         record.update(totals)
-        for name in ("train_loss", "test_loss"):
+        for name in ("train_loss", "test_loss", "train_personal_loss", "test_personal_loss"):
             if name in record and not np.isfinite(record[name]):
                 raise FloatingPointError(f"non-finite {name} ({record[name]}) at round {t}")
         history.append(record)
