@@ -185,6 +185,9 @@ class Adversary:
     scale: Optional[float] = None
     seed: int = 0
 
+    FLAG_PREFIX = "attack"               # flags: attack, attack_fraction, attack_scale, attack_seed
+    FLAG_NAMES = {"attack": "attack"}
+
     def __post_init__(self):
         check_attack(self.attack, self.fraction, self.scale)
 

@@ -84,19 +84,19 @@ def ref_krum(X, w, f, m):
 CASES = [
     ("mean", {}, ref_mean),
     ("median", {}, ref_median),
-    ("trimmed_mean", {"trim_beta": 0.2}, lambda X, w: ref_trimmed(X, w, 0.2)),
+    ("trimmed_mean", {"beta": 0.2}, lambda X, w: ref_trimmed(X, w, 0.2)),
     ("sign", {}, ref_sign),
     ("norm_clip", {"clip_norm": 1.5}, lambda X, w: ref_clip(X, w, 1.5)),
-    ("geometric_median", {"gm_iters": 6}, lambda X, w: ref_geomed(X, w, 6)),
-    ("krum", {"krum_f": 1}, lambda X, w: ref_krum(X, w, 1, 1)),
-    ("multi_krum", {"krum_f": 1, "krum_m": 3}, lambda X, w: ref_krum(X, w, 1, 3)),
+    ("geometric_median", {"iters": 6}, lambda X, w: ref_geomed(X, w, 6)),
+    ("krum", {"f": 1}, lambda X, w: ref_krum(X, w, 1, 1)),
+    ("multi_krum", {"f": 1, "m": 3}, lambda X, w: ref_krum(X, w, 1, 3)),
 ]
 
 
 @pytest.mark.parametrize("name,opts,ref", CASES, ids=[c[0] for c in CASES])
 def test_matches_per_client_reference_and_ignores_absent_clients(name, opts, ref):
     u, w = _updates(), _weights()
-    a = jax.jit(agg.make_aggregator(name, **opts).aggregate)
+    a = jax.jit(agg.get(name, **opts).aggregate)
     got = a(jax.tree.map(jnp.asarray, u), jnp.asarray(w))
     want = _unflat_like(ref(_flat_np(u), w), u)
     jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5), got, want)
@@ -112,35 +112,35 @@ def test_matches_per_client_reference_and_ignores_absent_clients(name, opts, ref
 
 def test_even_count_median_averages_middle_values():
     u = {"x": jnp.array([[1.0], [2.0], [10.0], [4.0], [100.0]])}
-    got = agg.median(u, jnp.array([1.0, 1.0, 1.0, 1.0, 0.0]))
+    got = agg.coordinate.median(u, jnp.array([1.0, 1.0, 1.0, 1.0, 0.0]))
     np.testing.assert_allclose(got["x"], [3.0])
 
 
 def test_robust_aggregators_resist_one_outlier_that_moves_the_mean():
     u = {"x": jnp.concatenate([jnp.ones((6, 3)), jnp.full((1, 3), 1e3)])}
     w = jnp.ones(7)
-    assert float(agg.mean(u, w)["x"][0]) > 100
-    for name, opts in [("median", {}), ("trimmed_mean", {"trim_beta": 0.2}), ("krum", {"krum_f": 1})]:
-        np.testing.assert_allclose(agg.make_aggregator(name, **opts)(u, w)["x"], 1.0, atol=1e-3)
+    assert float(agg.coordinate.mean(u, w)["x"][0]) > 100
+    for name, opts in [("median", {}), ("trimmed_mean", {"beta": 0.2}), ("krum", {"f": 1})]:
+        np.testing.assert_allclose(agg.get(name, **opts)(u, w)["x"], 1.0, atol=1e-3)
 
 
 def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="aggregator"):
-        agg.make_aggregator("mode")
-    with pytest.raises(ValueError, match="trim_beta.*every client"):
-        agg.make_aggregator("trimmed_mean", trim_beta=0.5)
-    with pytest.raises(ValueError, match="trim_beta"):
-        agg.make_aggregator("trimmed_mean", trim_beta=-0.1)
+        agg.get("mode")
+    with pytest.raises(ValueError, match="beta must lie.*every client"):
+        agg.get("trimmed_mean", beta=0.5)
+    with pytest.raises(ValueError, match="beta must lie"):
+        agg.get("trimmed_mean", beta=-0.1)
     with pytest.raises(ValueError, match="krum_f"):
-        agg.make_aggregator("krum", krum_f=-1)
-    a = agg.make_aggregator("krum", krum_f=2)
+        agg.get("krum", f=-1)
+    a = agg.get("krum", f=2)
     a.check(7)
     with pytest.raises(ValueError, match="krum_f=2 is too large for 6 clients"):
         a.check(6)
     with pytest.raises(ValueError, match="krum_m"):
-        agg.make_aggregator("multi_krum", krum_f=1, krum_m=7).check(7)
+        agg.get("multi_krum", f=1, m=7).check(7)
     with pytest.raises(ValueError, match="clip_norm"):
-        agg.make_aggregator("norm_clip", clip_norm=0.0)
+        agg.get("norm_clip", clip_norm=0.0)
 
 
 # ---- learning under attack: FedAvg with a robust aggregator vs the mean ------------------------

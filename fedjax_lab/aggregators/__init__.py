@@ -1,71 +1,132 @@
 """Aggregators: stacked client updates `[C, ...]` and weights `[C]` -> one update.
 
-    agg = make_aggregator("trimmed_mean", trim_beta=0.2)
+Each is a frozen value built by its factory, validated at once and describing itself:
+
+    agg = aggregators.trimmed_mean(beta=0.2)   # or get("trimmed_mean", beta=0.2)
     agg.check(clients_per_round)            # ValueError before any compilation
     delta = agg(updates, weights)           # pure, jittable, vectorized over the client axis
+    agg.describe()                          # {"aggregator": "trimmed_mean", "aggregator_beta": 0.2}
 
-A weight of 0 means the client is absent (dropped straggler, padding). Any algorithm that
-aggregates can take an `aggregator` name and its options (FedAvg/FedOpt/FedProx do).
+A weight of 0 means the client is absent (dropped straggler, padding). Every algorithm that
+aggregates takes one in its `Setup` (core/setup.py); the CLI's `--aggregator NAME` offers the
+options of NAME's factory as `--aggregator-OPTION`. The plain functions live in `coordinate` and
+`geometric`.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
+import inspect
 from typing import Callable
 
-from fedjax_lab.aggregators.coordinate import (client_norms, mean, median, norm_clip, sign_vote,
-                                               trimmed_mean)
-from fedjax_lab.aggregators.geometric import (check_krum, geometric_median, krum, krum_scores,
-                                              krum_selection, pairwise_sq_distances)
-from fedjax_lab.core import validate
-
-AGGREGATORS = {
-    "mean": "weighted mean sum p_k u_k / sum p_k (FedAvg)",
-    "median": "coordinate-wise median of the present clients (Yin et al. 2018)",
-    "trimmed_mean": "coordinate-wise mean after dropping floor(trim_beta m) values at each end",
-    "sign": "majority vote sign(sum_k sign(u_k)) (signSGD; pair it with a small server_lr)",
-    "geometric_median": "weighted geometric median, gm_iters smoothed Weiszfeld steps (RFA)",
-    "krum": "Krum: the update closest to its n - krum_f - 2 neighbours (Blanchard et al. 2017)",
-    "multi_krum": "multi-Krum: average of the krum_m best Krum-scored updates",
-    "norm_clip": "weighted mean of updates clipped to norm <= clip_norm (Sun et al. 2019)",
-}
+from fedjax_lab.aggregators import coordinate, geometric
+from fedjax_lab.core import validate, values
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Aggregator:
+    """`aggregate(updates, weights)` with the options it was built with (`options`, by name)."""
     name: str
     aggregate: Callable          # (updates [C, ...], weights [C]) -> update
     check: Callable[[int], None] = lambda clients_per_round: None
+    options: tuple = ()          # ((option, value), ...) as passed to the factory
 
     def __call__(self, updates, weights):
         return self.aggregate(updates, weights)
 
+    def describe(self, prefix=None) -> dict:
+        return {"aggregator": self.name,
+                **{f"aggregator_{k}": values.json_value(v) for k, v in self.options}}
 
-def make_aggregator(name: str, *, trim_beta: float = 0.1, krum_f: int = 1, krum_m: int = 1,
-                    clip_norm: float = 1.0, gm_iters: int = 10) -> Aggregator:
-    """Aggregator `name` (one of AGGREGATORS) with its options; bad options raise ValueError now."""
+
+def mean() -> Aggregator:
+    """Weighted mean sum_k p_k u_k / sum_k p_k (FedAvg)."""
+    return Aggregator("mean", coordinate.mean)
+
+
+def median() -> Aggregator:
+    """Coordinate-wise median of the present clients (Yin et al., ICML 2018)."""
+    return Aggregator("median", coordinate.median)
+
+
+def trimmed_mean(beta: float = 0.1) -> Aggregator:
+    """Coordinate-wise mean after dropping floor(beta m) of the m present values at each end."""
+    if not values.is_traced(beta) and not (validate._finite(beta) and 0 <= beta < 0.5):
+        raise ValueError(f"trimmed_mean: beta must lie in [0, 0.5), got {beta!r}: beta >= 0.5 "
+                         "trims floor(beta m) values at each end, i.e. every client")
+    return Aggregator("trimmed_mean", lambda u, w: coordinate.trimmed_mean(u, w, beta=beta),
+                      options=(("beta", beta),))
+
+
+def sign() -> Aggregator:
+    """Majority vote sign(sum_k sign(u_k)) (signSGD)."""
+    return Aggregator("sign", coordinate.sign_vote)
+
+
+def geometric_median(iters: int = 10) -> Aggregator:
+    """Weighted geometric median by `iters` smoothed Weiszfeld steps (RFA, Pillutla et al.)."""
+    validate.positive("geometric_median: iters", iters, integer=True)
+    return Aggregator("geometric_median",
+                      lambda u, w: geometric.geometric_median(u, w, iters=iters),
+                      options=(("iters", iters),))
+
+
+def krum(f: int = 1) -> Aggregator:
+    """Krum: the update closest to its n - f - 2 nearest neighbours (Blanchard et al. 2017)."""
+    return multi_krum(f=f, m=1, _name="krum")
+
+
+def multi_krum(f: int = 1, m: int = 1, *, _name: str = "multi_krum") -> Aggregator:
+    """Multi-Krum: the plain average of the m best Krum-scored updates."""
+    if not isinstance(f, int) or isinstance(f, bool) or f < 0:
+        raise ValueError(f"{_name}: f (krum_f, the number of attackers tolerated) must be an "
+                         f"integer >= 0, got {f!r}")
+    validate.positive(f"{_name}: m", m, integer=True)
+    opts = (("f", f),) if _name == "krum" else (("f", f), ("m", m))
+    return Aggregator(_name, lambda u, w: geometric.krum(u, w, f=f, m=m),
+                      lambda n: geometric.check_krum(n, f=f, m=m), options=opts)
+
+
+def norm_clip(clip_norm: float = 1.0) -> Aggregator:
+    """Weighted mean of updates clipped to norm <= clip_norm (Sun et al. 2019)."""
+    validate.positive("norm_clip: clip_norm", clip_norm)
+    return Aggregator("norm_clip", lambda u, w: coordinate.norm_clip(u, w, clip_norm=clip_norm),
+                      options=(("clip_norm", clip_norm),))
+
+
+AGGREGATORS = {
+    "mean": (mean, "weighted mean sum p_k u_k / sum p_k (FedAvg)"),
+    "median": (median, "coordinate-wise median of the present clients (Yin et al. 2018)"),
+    "trimmed_mean": (trimmed_mean, "coordinate-wise mean after dropping floor(beta m) values at each end"),
+    "sign": (sign, "majority vote sign(sum_k sign(u_k)) (signSGD; pair it with a small server lr)"),
+    "geometric_median": (geometric_median, "weighted geometric median, `iters` smoothed Weiszfeld steps (RFA)"),
+    "krum": (krum, "Krum: the update closest to its n - f - 2 neighbours (Blanchard et al. 2017)"),
+    "multi_krum": (multi_krum, "multi-Krum: average of the m best Krum-scored updates"),
+    "norm_clip": (norm_clip, "weighted mean of updates clipped to norm <= clip_norm (Sun et al. 2019)"),
+}
+
+
+def options(name: str):
+    """[(option, type, default)] of aggregator `name`'s factory (the CLI's --aggregator-OPTION)."""
     validate.one_of("aggregator", name, AGGREGATORS)
-    if name == "trimmed_mean":
-        if not (validate._finite(trim_beta) and 0 <= trim_beta < 0.5):
-            raise ValueError(f"trim_beta must lie in [0, 0.5), got {trim_beta!r}: trim_beta >= 0.5 "
-                             "trims floor(trim_beta m) values at each end, i.e. every client")
-        return Aggregator(name, functools.partial(trimmed_mean, beta=float(trim_beta)))
-    if name in ("krum", "multi_krum"):
-        m = 1 if name == "krum" else krum_m
-        if not isinstance(krum_f, int) or isinstance(krum_f, bool) or krum_f < 0:
-            raise ValueError(f"krum_f must be an integer >= 0, got {krum_f!r}")
-        validate.positive("krum_m", m, integer=True)
-        return Aggregator(name, functools.partial(krum, f=krum_f, m=m),
-                          functools.partial(check_krum, f=krum_f, m=m))
-    if name == "norm_clip":
-        validate.positive("clip_norm", clip_norm)
-        return Aggregator(name, functools.partial(norm_clip, clip_norm=float(clip_norm)))
-    if name == "geometric_median":
-        validate.positive("gm_iters", gm_iters, integer=True)
-        return Aggregator(name, functools.partial(geometric_median, iters=gm_iters))
-    return Aggregator(name, {"mean": mean, "median": median, "sign": sign_vote}[name])
+    out = []
+    for p in inspect.signature(AGGREGATORS[name][0]).parameters.values():
+        if not p.name.startswith("_"):
+            out.append((p.name, values.scalar_type(None, p.default), p.default))
+    return out
 
 
-__all__ = ["AGGREGATORS", "Aggregator", "make_aggregator", "mean", "median", "trimmed_mean",
-           "sign_vote", "geometric_median", "krum", "krum_scores", "krum_selection", "norm_clip",
-           "client_norms", "pairwise_sq_distances", "check_krum"]
+def get(name_or_agg, **opts) -> Aggregator:
+    """An Aggregator from a name and its options (or an Aggregator, unchanged)."""
+    if isinstance(name_or_agg, Aggregator):
+        return name_or_agg
+    validate.one_of("aggregator", name_or_agg, AGGREGATORS)
+    valid = {o for o, _, _ in options(name_or_agg)}
+    unknown = sorted(set(opts) - valid)
+    if unknown:
+        raise ValueError(f"aggregator {name_or_agg!r} has no option(s) {unknown}; its options: "
+                         f"{sorted(valid) or 'none'}")
+    return AGGREGATORS[name_or_agg][0](**opts)
+
+
+__all__ = ["AGGREGATORS", "Aggregator", "get", "options", "mean", "median", "trimmed_mean", "sign",
+           "geometric_median", "krum", "multi_krum", "norm_clip", "coordinate", "geometric"]

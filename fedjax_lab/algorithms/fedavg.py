@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab import attacks as attacks_lib
-from fedjax_lab.aggregators import make_aggregator
+from fedjax_lab import aggregators
 from fedjax_lab.core import comm
 from fedjax_lab.core.evaluate import client_params_of_global
 from fedjax_lab.core.local import local_train
@@ -62,8 +62,10 @@ def fedopt(model: Model, *, client_optimizer="sgd", client_lr: float = 0.01,
                                arg="client_optimizer")
     server_tx = make_optimizer(server_optimizer, server_lr, momentum=server_momentum,
                                eps=server_eps, arg="server_optimizer")
-    agg = make_aggregator(aggregator, trim_beta=trim_beta, krum_f=krum_f, krum_m=krum_m,
-                          clip_norm=clip_norm, gm_iters=gm_iters)
+    opts = {"trimmed_mean": dict(beta=trim_beta), "krum": dict(f=krum_f),
+            "multi_krum": dict(f=krum_f, m=krum_m), "norm_clip": dict(clip_norm=clip_norm),
+            "geometric_median": dict(iters=gm_iters)}.get(aggregator, {})
+    agg = aggregators.get(aggregator, **opts)
     agg.check(clients_per_round)
     adversary = attacks_lib.Adversary(attack, attack_fraction, attack_scale, attack_seed)
     config = dict(algorithm=name, model=model.name, client_optimizer=_name(client_optimizer),

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lab import attacks as attacks_lib
-from fedjax_lab.aggregators import median, sign_vote
+from fedjax_lab.aggregators.coordinate import median, sign_vote
 from fedjax_lab.core import comm, validate
 from fedjax_lab.core.evaluate import client_params_of_global
 from fedjax_lab.core.local import local_train

@@ -1,10 +1,17 @@
-"""Argument checks that run before anything is traced. Each error names the argument."""
+"""Argument checks that run before anything is traced. Each error names the argument.
+
+A traced value (a hyperparameter swept by vmap) passes the numeric checks: it has no value yet.
+"""
 from __future__ import annotations
 
 import math
 
+from fedjax_lab.core.values import is_traced
+
 
 def positive(name: str, value, *, integer: bool = False):
+    if is_traced(value):          # a swept hyperparameter: checked by the caller's grid, not here
+        return
     if integer and (not isinstance(value, int) or isinstance(value, bool)):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not _finite(value) or value <= 0:
@@ -12,11 +19,15 @@ def positive(name: str, value, *, integer: bool = False):
 
 
 def non_negative(name: str, value):
+    if is_traced(value):
+        return
     if not _finite(value) or value < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")
 
 
 def fraction(name: str, value, *, closed_right: bool = True):
+    if is_traced(value):
+        return
     ok = _finite(value) and 0 <= value and (value <= 1 if closed_right else value < 1)
     if not ok:
         raise ValueError(f"{name} must lie in [0, 1{']' if closed_right else ')'}, got {value!r}")
