@@ -1,12 +1,19 @@
 """`fedjax-lab`: run an algorithm, list what exists, describe a dataset.
 
-    fedjax-lab run fedprox --dataset synthetic --alpha 1 --beta 1 --rounds 200 --seed 0 --out runs/x \
+    fedjax-lab run fedprox --dataset synthetic:alpha=1,beta=1 --rounds 200 --seed 0 --out runs/x \
         --mu 1 --stragglers 0.9 --clients-per-round 10 --local-steps 20 --batch-size 10 --client-lr 0.01
+    fedjax-lab run fedavg --aggregator trimmed_mean --aggregator-beta 0.2 --attack sign_flip \
+        --attack-fraction 0.2
+    fedjax-lab run --config runs/x/config.json          # re-run a run exactly (flags override it)
     fedjax-lab list
     fedjax-lab data SPEC
 
-Every keyword hyperparameter of an algorithm factory is a flag: the flags are derived from the
-factory's signature (name -> --kebab-case, type from the annotation or default), never hand-listed.
+No flag is hand-listed. An algorithm's flags are (1) its factory's own keyword hyperparameters
+(`--mu`, `--lam`, `--alpha` ...) and (2) the fields of the shared values in its `Setup`
+(core/setup.py: Cohort, LocalWork, the client_/server_ Optimizer, the attack), with the algorithm's
+defaults, plus the options of the chosen aggregator's factory as `--aggregator-OPTION`. Dataset
+options live in the dataset spec (`--dataset synthetic:alpha=1,beta=1`), so an algorithm may call
+a hyperparameter alpha.
 """
 from __future__ import annotations
 
@@ -14,51 +21,95 @@ import argparse
 import functools
 import inspect
 import json
+import os
 import sys
 import typing
 
-SCALARS = (bool, int, float, str)
-NOT_FLAGS = {"model", "name", "extra_loss"}
+RUN_FLAGS = {"dataset", "model", "rounds", "seed", "eval_every", "checkpoint_every", "resume",
+             "out", "no_progress", "config"}
+NOT_FLAGS = {"model", "setup", "name"}
+# What a run's own config.json holds beyond flags: checked (algorithm) or recomputed (the rest).
+CONFIG_ONLY = {"algorithm", "key", "data", "command", "dataset_options"}
+# Flags of earlier releases, and what they are now.
+RENAMED = {
+    "--trim-beta": "--aggregator trimmed_mean --aggregator-beta B",
+    "--krum-f": "--aggregator krum --aggregator-f F",
+    "--krum-m": "--aggregator multi_krum --aggregator-m M",
+    "--clip-norm": "--aggregator norm_clip --aggregator-clip-norm C",
+    "--gm-iters": "--aggregator geometric_median --aggregator-iters N",
+    "--alpha": "--dataset synthetic:alpha=A,beta=B",
+    "--beta": "--dataset synthetic:alpha=A,beta=B",
+    "--iid": "--dataset synthetic_iid (or synthetic:iid=true)",
+    "--num-clients": "--dataset synthetic:clients=N",
+    "--lr-decay": "--server-lr-schedule",
+    "--lr": "--server-lr",
+    "--momentum": "--server-momentum",
+    "--mu": "--global-solver fedprox (Ditto)",
+}
 
 
-def _factory_params(factory):
-    """[(name, type, default)] of the factory's keyword hyperparameters (partials included)."""
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def own_params(factory):
+    """[(name, type, default)] of the factory's own keyword hyperparameters (partials included)."""
+    from fedjax_lab.core.values import scalar_type
     func = factory.func if isinstance(factory, functools.partial) else factory
     hints = typing.get_type_hints(func)
     out = []
     for p in inspect.signature(factory).parameters.values():
         if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.name in NOT_FLAGS:
             continue
-        typ = hints.get(p.name)
-        args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if typ not in SCALARS and len(args) == 1 and args[0] in SCALARS:
-            typ = args[0]                                   # Optional[int] -> int
-        if typ not in SCALARS:
-            typ = type(p.default) if isinstance(p.default, SCALARS) else None
+        typ = scalar_type(hints.get(p.name), p.default)
         if typ is not None:
             out.append((p.name, typ, p.default))
     return out
 
 
-def _add_factory_flags(parser, factory):
-    group = parser.add_argument_group("algorithm hyperparameters (from the factory signature)")
-    for name, typ, default in _factory_params(factory):
-        flag = "--" + name.replace("_", "-")
-        if typ is bool:
-            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            group.add_argument(flag, dest=name, type=typ, default=default,
-                               help=f"default: {default!r}")
+def setup_params(factory, aggregator=None):
+    """[(name, type, default)] of the shared values' flags, with the algorithm's defaults."""
+    from fedjax_lab import aggregators
+    from fedjax_lab.core.setup import ALL_FIELDS, Setup, setup_flags
+    uses = getattr(factory, "uses", ALL_FIELDS)
+    resolved = Setup().over(getattr(factory, "defaults", Setup()))
+    current = resolved.describe()
+    out = [(name, typ, current.get(name, default))
+           for name, (typ, default) in setup_flags(uses).items()]
+    if "aggregator" not in uses:
+        return out
+    agg = aggregator or resolved.aggregator.name
+    mine = dict(resolved.aggregator.options) if agg == resolved.aggregator.name else {}
+    for opt, typ, default in aggregators.options(agg):
+        out.append((f"aggregator_{opt}", typ, mine.get(opt, default)))
+    return out
 
 
-def _run_parser(alg_name, factory):
+def check_names(alg_name, factory):
+    """An algorithm's own hyperparameter may not shadow a run flag or a shared value's flag."""
+    from fedjax_lab.core.setup import ALL_FIELDS, setup_flags
+    uses = getattr(factory, "uses", ALL_FIELDS)
+    clash = sorted({n for n, _, _ in own_params(factory)} & (RUN_FLAGS | set(setup_flags(uses))))
+    if clash:
+        raise ValueError(f"algorithm {alg_name!r}: keyword(s) {clash} collide with the run's or "
+                         "the Setup's flags; rename them or pass them through the Setup")
+
+
+def _add(group, name, typ, default):
+    if typ is bool:
+        group.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction,
+                           default=default)
+    else:
+        group.add_argument(_flag(name), dest=name, type=typ, default=default,
+                           help=f"default: {default!r}")
+
+
+def run_parser(alg_name, factory, aggregator=None):
+    check_names(alg_name, factory)
     p = argparse.ArgumentParser(prog=f"fedjax-lab run {alg_name}", allow_abbrev=False)
     g = p.add_argument_group("run")
-    g.add_argument("--dataset", default="synthetic", help="dataset spec, e.g. synthetic:1,1")
-    g.add_argument("--alpha", type=float, default=None, help="Synthetic(alpha, beta): alpha")
-    g.add_argument("--beta", type=float, default=None, help="Synthetic(alpha, beta): beta")
-    g.add_argument("--iid", action="store_true", default=None, help="Synthetic-IID")
-    g.add_argument("--num-clients", type=int, default=None, help="number of clients (synthetic)")
+    g.add_argument("--dataset", default="synthetic",
+                   help="dataset spec with its options, e.g. synthetic:alpha=1,beta=1,clients=30")
     g.add_argument("--model", default=None, help="model name (default: logistic)")
     g.add_argument("--rounds", type=int, default=200)
     g.add_argument("--seed", type=int, default=0)
@@ -67,7 +118,15 @@ def _run_parser(alg_name, factory):
     g.add_argument("--resume", action="store_true")
     g.add_argument("--out", default=None, help="directory for config.json, metrics.jsonl, checkpoints")
     g.add_argument("--no-progress", action="store_true")
-    _add_factory_flags(p, factory)
+    g.add_argument("--config", default=None,
+                   help="JSON or TOML file with the same keys as the flags (a run's config.json "
+                        "re-runs it); flags given here override it")
+    own = p.add_argument_group(f"{alg_name} hyperparameters (from the factory signature)")
+    for name, typ, default in own_params(factory):
+        _add(own, name, typ, default)
+    shared = p.add_argument_group("shared values (core/setup.py), with this algorithm's defaults")
+    for name, typ, default in setup_params(factory, aggregator):
+        _add(shared, name, typ, default)
     return p
 
 
@@ -75,45 +134,91 @@ def _valid_flags(parser):
     return sorted(s for a in parser._actions for s in a.option_strings if s.startswith("--"))
 
 
+def read_config(path):
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --config {path}: no such file")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+            with open(path, "rb") as f:
+                cfg = tomllib.load(f)
+        else:
+            with open(path) as f:
+                cfg = json.load(f)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: --config {path}: could not read it as "
+                         f"{'TOML' if path.endswith('.toml') else 'JSON'} ({e})")
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"error: --config {path}: expected a table of flag names, got "
+                         f"{type(cfg).__name__}")
+    return {k.replace("-", "_"): v for k, v in cfg.items()}
+
+
 def make_model(name, data):
     from fedjax_lab import models
-    if hasattr(models, "get"):
-        return models.get(name or "logistic", data.num_classes, data.x[:1])
-    if (name or "logistic") not in models.MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {sorted(models.MODELS)}")
-    return models.MODELS[name or "logistic"][0](data.num_classes)
+    return models.get(name or "logistic", data.num_classes, data.x[:1])
+
+
+def _explain_unknown(unknown, parser, alg_name):
+    hints = [f"{u} is now {RENAMED[u.split('=')[0]]}" for u in unknown if u.split("=")[0] in RENAMED]
+    msg = f"error: unknown flag(s) {' '.join(unknown)} for `fedjax-lab run {alg_name}`"
+    if hints:
+        msg += "; " + "; ".join(hints)
+    return msg + f"; valid flags: {' '.join(_valid_flags(parser))}"
 
 
 def cmd_run(argv):
     from fedjax_lab.algorithms import ALGORITHMS
-    if not argv or argv[0].startswith("-"):
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--aggregator", default=None)
+    known, _ = pre.parse_known_args(argv)
+    cfg = read_config(known.config) if known.config else {}
+    if argv and not argv[0].startswith("-"):
+        alg_name, rest = argv[0], argv[1:]
+    elif "algorithm" in cfg:
+        alg_name, rest = cfg["algorithm"], argv
+    else:
         raise SystemExit(f"usage: fedjax-lab run ALGORITHM [flags]; algorithms: {sorted(ALGORITHMS)}")
-    alg_name, rest = argv[0], argv[1:]
     if alg_name not in ALGORITHMS:
         raise SystemExit(f"error: unknown algorithm {alg_name!r}; valid algorithms: "
                          f"{', '.join(sorted(ALGORITHMS))}")
+    if cfg.get("algorithm", alg_name) != alg_name:
+        raise SystemExit(f"error: --config {known.config} is a config of {cfg['algorithm']!r}, "
+                         f"not of {alg_name!r}")
     factory = ALGORITHMS[alg_name][0]
-    parser = _run_parser(alg_name, factory)
+    try:
+        parser = run_parser(alg_name, factory, known.aggregator or cfg.get("aggregator"))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    dests = {a.dest for a in parser._actions}
+    bad = sorted(k for k in cfg if k not in dests and k not in CONFIG_ONLY)
+    if bad:
+        raise SystemExit(f"error: --config {known.config}: unknown key(s) {bad}; valid keys: "
+                         f"{sorted(dests - {'help', 'config'})}")
+    parser.set_defaults(**{k: v for k, v in cfg.items() if k in dests})
     args, unknown = parser.parse_known_args(rest)
     if unknown:
-        raise SystemExit(f"error: unknown flag(s) {' '.join(unknown)} for `fedjax-lab run "
-                         f"{alg_name}`; valid flags: {' '.join(_valid_flags(parser))}")
-    hparams = {name: getattr(args, name) for name, _, _ in _factory_params(factory)}
+        raise SystemExit(_explain_unknown(unknown, parser, alg_name))
+    hparams = {name: getattr(args, name) for name, _, _ in own_params(factory)}
+    # Only what the user changed (a flag, or a --config key) goes into the Setup: the rest are the
+    # algorithm's own defaults, which may depend on its hyperparameters (signSGD's vote).
+    flat = {name: getattr(args, name) for name, _, default in setup_params(factory, args.aggregator)
+            if getattr(args, name) != default}
 
     import fedjax_lab
+    from fedjax_lab.core.setup import Setup
     from fedjax_lab.data import load
-    options = dict(alpha=args.alpha, beta=args.beta, iid=args.iid, num_clients=args.num_clients)
     try:
-        data = load(args.dataset, seed=args.seed, **options)
+        data = load(args.dataset, seed=args.seed)
         model = make_model(args.model, data)
-        alg = factory(model, **hparams)
+        alg = factory(model, setup=Setup.of(**flat), **hparams)
         result = fedjax_lab.run(
             alg, data, rounds=args.rounds, key=args.seed, eval_every=args.eval_every, out=args.out,
             checkpoint_every=args.checkpoint_every, resume=args.resume,
             progress=not args.no_progress,
-            extra_config=dict(dataset=args.dataset, dataset_options={k: v for k, v in options.items()
-                                                                     if v is not None},
-                              seed=args.seed, command=["fedjax-lab", "run"] + list(argv)))
+            extra_config=dict(dataset=args.dataset, model=args.model or "logistic", seed=args.seed,
+                              command=["fedjax-lab", "run"] + list(argv)))
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
     last = result.history[-1] if result.history else {}
@@ -124,18 +229,20 @@ def cmd_run(argv):
 
 
 def cmd_list(argv):
-    from fedjax_lab import models
+    from fedjax_lab import aggregators, attacks, models
     from fedjax_lab.algorithms import ALGORITHMS
+    from fedjax_lab.core.optimizers import OPTIMIZERS
     from fedjax_lab.data import DATASETS
-    print("algorithms:")
-    for name, (_, desc) in sorted(ALGORITHMS.items()):
-        print(f"  {name:<14} {desc}")
-    print("datasets:")
-    for name, desc in sorted(DATASETS.items()):
-        print(f"  {name:<14} {desc}")
-    print("models:")
-    for name, entry in sorted(models.MODELS.items()):
-        print(f"  {name:<14} {entry[1]}")
+    sections = [("algorithms", {n: d for n, (_, d) in ALGORITHMS.items()}),
+                ("datasets", DATASETS),
+                ("models", {n: e[1] for n, e in models.MODELS.items()}),
+                ("aggregators (--aggregator)", {n: d for n, (_, d) in aggregators.AGGREGATORS.items()}),
+                ("attacks (--attack)", attacks.ATTACKS),
+                ("optimizers (--client-optimizer, --server-optimizer)", OPTIMIZERS)]
+    for title, entries in sections:
+        print(f"{title}:")
+        for name, desc in sorted(entries.items()):
+            print(f"  {name:<16} {desc}")
     return 0
 
 

@@ -7,16 +7,12 @@ import functools
 
 from fedjax_lab.algorithms.ditto import ditto
 from fedjax_lab.algorithms.fedamp import fedamp, heurfedamp
-from fedjax_lab.algorithms.fedavg import fedavg, fedopt
+from fedjax_lab.algorithms.fedavg import fedadagrad, fedadam, fedavg, fedavgm, fedopt, fedyogi
 from fedjax_lab.algorithms.fedprox import fedprox
 from fedjax_lab.algorithms.fetchsgd import fetchsgd
 from fedjax_lab.algorithms.local_topk import local_topk
 from fedjax_lab.algorithms.robust_median import mediansgd, noisy_mediansgd, noisy_signsgd, signsgd
 
-fedavgm = functools.partial(fedopt, server_optimizer="sgd", server_momentum=0.9, name="fedavgm")
-fedadam = functools.partial(fedopt, server_optimizer="fedadam", server_lr=0.01, name="fedadam")
-fedyogi = functools.partial(fedopt, server_optimizer="fedyogi", server_lr=0.01, name="fedyogi")
-fedadagrad = functools.partial(fedopt, server_optimizer="fedadagrad", server_lr=0.01, name="fedadagrad")
 
 ALGORITHMS = {
     "fedavg": (fedavg, "FedAvg (McMahan et al. 2017): average of local SGD models"),

@@ -11,127 +11,61 @@ Adagrad rule from v_{-1} = tau^2, w_{t+1} = w_t + eta m_t / (sqrt(v_t) + tau), n
 Yogi and its Adagrad (no momentum, accumulator from 0.1, eps inside the root) are
 server_optimizer="adam", "yogi", "adagrad"; the paper's rules are "fedadam", "fedyogi", "fedadagrad".
 
-Stragglers (FedProx's systems heterogeneity): with `drop_stragglers=True` (FedAvg's behaviour in
-the FedProx paper) clients that could not finish their work are left out of the average.
+Stragglers (FedProx's systems heterogeneity): FedAvg drops clients that could not finish their
+work from the average (`LocalWork(drop_stragglers=None)` means this default; FedProx keeps them).
 
-Robust aggregation and attacks compose with all of these: `aggregator` replaces the weighted mean
-in Delta_t by any rule of `fedjax_lab.aggregators` (median, trimmed_mean, geometric_median, krum,
-...; zero-weight clients are absent), and `attack` lets a fixed set of round(attack_fraction * N)
-malicious clients (`fedjax_lab.attacks`) corrupt their w_k - w_t (sign_flip, gaussian, scaled,
-alie) or train on flipped labels (label_flip). The defaults (mean, none) are plain FedOpt.
+Everything else is the round skeleton (core/skeleton.py) with the values of the `Setup`: any
+aggregator replaces the weighted mean in Delta_t (median, trimmed_mean, krum, ...), any attack
+corrupts the attackers' w_k - w_t or their labels, any uplink compresses what is sent.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
-
-import jax
-import jax.numpy as jnp
-
-from fedjax_lab import attacks as attacks_lib
-from fedjax_lab import aggregators
-from fedjax_lab.core import comm
-from fedjax_lab.core.evaluate import client_params_of_global
-from fedjax_lab.core.local import local_train
-from fedjax_lab.core.optimizers import make_optimizer
-from fedjax_lab.core.rounds import (LocalWork, client_weights, init_server, participate,
-                                    server_update, weighted_mean_scalar)
-from fedjax_lab.core.tree import tree_sub
+from fedjax_lab.core.setup import Optimizer, Setup, algorithm_config, defaults, resolve
+from fedjax_lab.core.skeleton import ServerRound
 from fedjax_lab.core.types import Algorithm, Model
 
-
-def fedopt(model: Model, *, client_optimizer="sgd", client_lr: float = 0.01,
-           client_momentum: float = 0.0, server_optimizer="sgd", server_lr: float = 1.0,
-           server_momentum: float = 0.0, server_eps: float = 1e-3, clients_per_round: int = 10,
-           local_steps: int = 20, epochs: Optional[int] = None, batch_size: int = 10,
-           stragglers: float = 0.0, drop_stragglers: bool = True, sampling: str = "uniform",
-           weighting: str = "examples", shuffle: str = "auto", aggregator: str = "mean",
-           trim_beta: float = 0.1, krum_f: int = 1, krum_m: int = 1, clip_norm: float = 1.0,
-           gm_iters: int = 10, attack: str = "none", attack_fraction: float = 0.0,
-           attack_scale: Optional[float] = None, attack_seed: int = 0,
-           extra_loss: Optional[Callable] = None, name: str = "fedopt") -> Algorithm:
-    """FedOpt with any client and server optimizer (see module docstring).
-
-    `extra_loss(w, w_t)` is added to every local objective (FedProx's proximal term uses it).
-    `aggregator` (+ trim_beta, krum_f, krum_m, clip_norm, gm_iters) picks the rule that combines
-    the w_k - w_t; `attack`, `attack_fraction`, `attack_scale`, `attack_seed` set up attackers.
-    """
-    work = LocalWork(clients_per_round=clients_per_round, batch_size=batch_size,
-                     local_steps=local_steps, epochs=epochs, stragglers=stragglers,
-                     sampling=sampling, weighting=weighting, shuffle=shuffle)
-    client_tx = make_optimizer(client_optimizer, client_lr, momentum=client_momentum,
-                               arg="client_optimizer")
-    server_tx = make_optimizer(server_optimizer, server_lr, momentum=server_momentum,
-                               eps=server_eps, arg="server_optimizer")
-    opts = {"trimmed_mean": dict(beta=trim_beta), "krum": dict(f=krum_f),
-            "multi_krum": dict(f=krum_f, m=krum_m), "norm_clip": dict(clip_norm=clip_norm),
-            "geometric_median": dict(iters=gm_iters)}.get(aggregator, {})
-    agg = aggregators.get(aggregator, **opts)
-    agg.check(clients_per_round)
-    adversary = attacks_lib.Adversary(attack, attack_fraction, attack_scale, attack_seed)
-    config = dict(algorithm=name, model=model.name, client_optimizer=_name(client_optimizer),
-                  client_lr=client_lr, client_momentum=client_momentum,
-                  server_optimizer=_name(server_optimizer), server_lr=server_lr,
-                  server_momentum=server_momentum, server_eps=server_eps,
-                  clients_per_round=clients_per_round, local_steps=local_steps, epochs=epochs,
-                  batch_size=batch_size, stragglers=stragglers, drop_stragglers=drop_stragglers,
-                  sampling=sampling, weighting=weighting, shuffle=shuffle, aggregator=aggregator,
-                  attack=attack, attack_fraction=attack_fraction)
-    config.update({"trim_beta": trim_beta} if aggregator == "trimmed_mean" else {})
-    config.update({"krum_f": krum_f, "krum_m": krum_m} if "krum" in aggregator else {})
-    config.update({"clip_norm": clip_norm} if aggregator == "norm_clip" else {})
-    config.update({"gm_iters": gm_iters} if aggregator == "geometric_median" else {})
-    config.update(adversary.config())
-
-    def init(key, data):
-        work.check(data)
-        return init_server(server_tx, model.init(key, data.x[:1]))
-
-    def round(state, data, key):
-        k_part, k_train = jax.random.split(key)
-        part = participate(k_part, data, work)
-        w_t = state.params
-        extra = None if extra_loss is None else (lambda w: extra_loss(w, w_t))
-        train = local_train(model, client_tx, extra_loss=extra)
-        keys = jax.vmap(lambda i: jax.random.fold_in(k_train, i))(part.ids)
-        train_data = adversary.poison(data)
-        res = jax.vmap(train, in_axes=(None, None, None, 0, 0, 0))(
-            w_t, train_data.x, train_data.y, part.batches.idx, part.batches.step_mask, keys)
-        p = client_weights(part, work, drop_stragglers=drop_stragglers)
-        deltas = jax.vmap(tree_sub, in_axes=(0, None))(res.params, w_t)
-        deltas = adversary.corrupt(deltas, part.ids, data.num_clients, key, weights=p)
-        state = server_update(server_tx, state, agg(deltas, p))
-        num_up = jnp.sum(p > 0)
-        metrics = dict(local_loss=weighted_mean_scalar(res.loss, p),
-                       local_objective=weighted_mean_scalar(res.objective, p),
-                       clients_aggregated=num_up.astype(jnp.float32),
-                       **comm.round_metrics(up_per_client=comm.dense_bytes(w_t),
-                                            down_per_client=comm.dense_bytes(w_t), num_up=num_up,
-                                            num_down=work.clients_per_round))
-        return state, metrics
-
-    return Algorithm(name=name, init=init, round=round, model=model,
-                     client_params=client_params_of_global(lambda s: s.params),
-                     global_params=lambda s: s.params, check=work.check, config=config)
+FEDAVG = Setup(client_opt=Optimizer("sgd", lr=0.01), server_opt=Optimizer("sgd", lr=1.0))
 
 
-def fedavg(model: Model, *, client_lr: float = 0.01, client_optimizer="sgd",
-           client_momentum: float = 0.0, clients_per_round: int = 10, local_steps: int = 20,
-           epochs: Optional[int] = None, batch_size: int = 10, stragglers: float = 0.0,
-           drop_stragglers: bool = True, sampling: str = "uniform", weighting: str = "examples",
-           shuffle: str = "auto", aggregator: str = "mean", trim_beta: float = 0.1, krum_f: int = 1,
-           krum_m: int = 1, clip_norm: float = 1.0, gm_iters: int = 10, attack: str = "none",
-           attack_fraction: float = 0.0, attack_scale: Optional[float] = None,
-           attack_seed: int = 0) -> Algorithm:
-    """FedAvg: FedOpt with server SGD at lr 1; drops stragglers by default (as in FedProx's study)."""
-    return fedopt(model, client_optimizer=client_optimizer, client_lr=client_lr,
-                  client_momentum=client_momentum, server_optimizer="sgd", server_lr=1.0,
-                  clients_per_round=clients_per_round, local_steps=local_steps, epochs=epochs,
-                  batch_size=batch_size, stragglers=stragglers, drop_stragglers=drop_stragglers,
-                  sampling=sampling, weighting=weighting, shuffle=shuffle, aggregator=aggregator,
-                  trim_beta=trim_beta, krum_f=krum_f, krum_m=krum_m, clip_norm=clip_norm,
-                  gm_iters=gm_iters, attack=attack, attack_fraction=attack_fraction,
-                  attack_scale=attack_scale, attack_seed=attack_seed, name="fedavg")
+def server_averaging(model: Model, setup: Setup, factory, *, objective=None,
+                     drop_stragglers: bool = True, **hparams) -> Algorithm:
+    """The FedOpt family: the skeleton with local training on F_k (+ objective(w, w_t)) as the
+    client; `drop_stragglers` is the algorithm's default for LocalWork(drop_stragglers=None)."""
+    s = resolve(setup, factory)
+    drop = drop_stragglers if s.work.drop_stragglers is None else s.work.drop_stragglers
+    skeleton = ServerRound(model, s, objective=objective, drop_stragglers=drop)
+    name = factory.__name__
+    config = algorithm_config(name, model, s, **hparams)
+    config["drop_stragglers"] = drop
+    return skeleton.algorithm(name, config)
 
 
-def _name(optimizer) -> str:
+@defaults(FEDAVG)
+def fedopt(model: Model, *, setup: Setup = Setup()) -> Algorithm:
+    """FedOpt with the setup's client and server optimizers (see module docstring)."""
+    return server_averaging(model, setup, fedopt)
+
+
+@defaults(FEDAVG)
+def fedavg(model: Model, *, setup: Setup = Setup()) -> Algorithm:
+    """FedAvg: server SGD at lr 1; drops stragglers by default (as in FedProx's study)."""
+    return server_averaging(model, setup, fedavg)
+
+
+def _with_server(alg_name: str, **server):
+    """FedOpt whose default server optimizer is Optimizer(**server)."""
+    def factory(model: Model, *, setup: Setup = Setup()) -> Algorithm:
+        return server_averaging(model, setup, factory)
+    factory.__name__ = factory.__qualname__ = alg_name
+    factory.__doc__ = f"{alg_name}: FedOpt with server optimizer {server} by default (module docstring)."
+    return defaults(Setup(client_opt=Optimizer("sgd", lr=0.01), server_opt=Optimizer(**server)))(factory)
+
+
+fedavgm = _with_server("fedavgm", name="sgd", lr=1.0, momentum=0.9)
+fedadam = _with_server("fedadam", name="fedadam", lr=0.01)
+fedyogi = _with_server("fedyogi", name="fedyogi", lr=0.01)
+fedadagrad = _with_server("fedadagrad", name="fedadagrad", lr=0.01)
+
+
+def _name(optimizer) -> str:     # deprecated: Ditto's hand-written config until it takes a Setup
     return optimizer if isinstance(optimizer, str) else "custom"

@@ -81,9 +81,22 @@ def reddi(rule: str, lr, *, b1: float = 0.9, b2: float = 0.99,
                        optax.scale_by_learning_rate(lr))
 
 
+SCHEDULES = {"constant": "lr at every step",
+             "inv_sqrt": "lr / sqrt(t + 1) at step t = 0, 1, ... (Chen et al. 2020's decay)"}
+
+
+def schedule(lr, name: str = "constant"):
+    """The learning rate as an optax schedule (a plain lr when constant)."""
+    if name == "constant":
+        return lr
+    return lambda t: lr / jnp.sqrt(t + 1.0)
+
+
 def make_optimizer(name_or_tx, lr: float, *, momentum: float = 0.0, eps: float = 1e-3,
-                   b1: float = 0.9, b2: float = 0.99, arg: str = "optimizer"):
-    """OPTIMIZERS[name] with learning rate lr; eps is Reddi et al.'s tau for the paper's rules.
+                   b1: float = 0.9, b2: float = 0.99, lr_schedule: str = "constant",
+                   arg: str = "optimizer"):
+    """OPTIMIZERS[name] with learning rate lr (under SCHEDULES[lr_schedule]); eps is Reddi et
+    al.'s tau for the paper's rules.
 
     `arg` ("client_optimizer", "server_optimizer") names the arguments in error messages.
     """
@@ -96,6 +109,8 @@ def make_optimizer(name_or_tx, lr: float, *, momentum: float = 0.0, eps: float =
     validate.positive(named("eps"), eps)
     validate.fraction(named("b1"), b1, closed_right=False)
     validate.fraction(named("b2"), b2, closed_right=False)
+    validate.one_of(named("lr_schedule"), lr_schedule, SCHEDULES)
+    lr = schedule(lr, lr_schedule)
     if name_or_tx == "sgd":
         return optax.sgd(lr, momentum=momentum or None)
     if name_or_tx in _SECOND_MOMENT:

@@ -26,7 +26,7 @@ class ServerState:
 
 @dataclasses.dataclass(frozen=True)
 class LocalWork:
-    """How clients are picked and how much each trains in a round.
+    """Deprecated: Cohort + setup.LocalWork in one record (FedAMP still builds it).
 
     clients_per_round C; batch_size B; either `local_steps` (steps mode) or `epochs` (epochs mode,
     which overrides local_steps); `stragglers`: fraction of sampled clients doing a random
@@ -82,17 +82,28 @@ class Participation(struct.PyTreeNode):
     valid: Optional[jax.Array] = None  # [C] bool: a sampled client, not mesh padding
 
 
-def sample_ids(key, data, work: LocalWork):
-    """The [C] clients that `participate(key, data, work)` trains (unpadded); only the key matters,
-    so a host-side store can compute them rounds ahead (core/store.py)."""
-    return sample_clients(jax.random.split(key, 3)[0], data.num_clients, work.clients_per_round,
-                          client_sizes=data.client_sizes, scheme=work.sampling)
+def _split(cohort, work):
+    if work is None:             # the deprecated combined record
+        from fedjax_lab.core.setup import Cohort, LocalWork as Work
+        return (Cohort(cohort.clients_per_round, cohort.sampling, cohort.weighting),
+                Work(batch_size=cohort.batch_size, local_steps=cohort.local_steps,
+                     epochs=cohort.epochs, stragglers=cohort.stragglers,
+                     straggler_work=cohort.straggler_work, shuffle=cohort.shuffle))
+    return cohort, work
 
 
-def participate(key, data, work: LocalWork, ids=None) -> Participation:
+def sample_ids(key, data, cohort):
+    """The [C] clients that `participate(key, data, cohort, work)` trains (unpadded); only the key
+    matters, so a host-side store can compute them rounds ahead (core/store.py)."""
+    return sample_clients(jax.random.split(key, 3)[0], data.num_clients, cohort.clients_per_round,
+                          client_sizes=data.client_sizes, scheme=cohort.sampling)
+
+
+def participate(key, data, cohort, work=None, ids=None) -> Participation:
     """Sample clients, draw their batches on device and cut stragglers' work with the step mask.
 
-    `ids`: `sample_ids(key, data, work)` when the caller has them already (it skips sampling, which
+    `cohort` (who) and `work` (how much) are the core/setup.py values.
+    `ids`: `sample_ids(key, data, cohort)` when the caller has them already (it skips sampling, which
     costs O(N log N) for N clients; the result is the same).
 
     Under a mesh with a 'clients' axis of size D (core/sharding.py) the C sampled clients are
@@ -101,9 +112,10 @@ def participate(key, data, work: LocalWork, ids=None) -> Participation:
     every field is sharded along 'clients'. The real clients' ids, batches and stragglers are
     exactly those of the unpadded round. Without a mesh nothing is padded.
     """
+    cohort, work = _split(cohort, work)
     _, k_batch, k_strag = jax.random.split(key, 3)
     if ids is None:
-        ids = sample_ids(key, data, work)
+        ids = sample_ids(key, data, cohort)
     batches = draw_batches(k_batch, data, ids, batch_size=work.batch_size,
                            local_steps=work.local_steps, epochs=work.epochs, shuffle=work.shuffle)
     n = data.client_sizes[ids]
@@ -114,23 +126,23 @@ def participate(key, data, work: LocalWork, ids=None) -> Participation:
     steps, is_straggler = straggler_steps(k_strag, batches.num_steps, work.stragglers,
                                           unit_steps=unit_steps, units=units,
                                           work=work.straggler_work)
-    if work.sampling == "size":          # duplicates: one device, one amount of work
+    if cohort.sampling == "size":        # duplicates: one device, one amount of work
         first = first_draw(ids)
         steps, is_straggler = steps[first], is_straggler[first]
     mask = jnp.arange(batches.idx.shape[1])[None, :] < steps[:, None]
     part = Participation(ids=ids, batches=Batches(batches.idx, mask, steps),
                          is_straggler=is_straggler, num_examples=n, valid=jnp.ones(ids.shape, bool))
-    size = sharding.padded_size(work.clients_per_round)
-    if size != work.clients_per_round:
+    size = sharding.padded_size(cohort.clients_per_round)
+    if size != cohort.clients_per_round:
         fill = Participation(ids=data.num_clients, batches=Batches(0, False, 0), is_straggler=False,
                              num_examples=0, valid=False)
         part = sharding.pad_clients(part, size, fill)
     return sharding.shard_clients(part)
 
 
-def client_weights(part: Participation, work: LocalWork, *, drop_stragglers: bool):
+def client_weights(part: Participation, cohort, *, drop_stragglers: bool):
     """Aggregation weights p_k: n_k or 1, zero for dropped stragglers and clients with no steps."""
-    w = part.num_examples.astype(jnp.float32) if work.weighting == "examples" \
+    w = part.num_examples.astype(jnp.float32) if cohort.weighting == "examples" \
         else jnp.ones(part.ids.shape, jnp.float32)
     w = w * (part.batches.num_steps > 0)
     w = w if part.valid is None else w * part.valid

@@ -58,7 +58,7 @@ class Algorithm:
 
     `check(data)` raises ValueError on bad hyperparameters for this data, before any compilation;
     `config` holds the factory's hyperparameters (written to config.json and checkpoints).
-    `bytes_per_round(data)` is filled by algorithms that account for communication.
+    `setup` is the resolved `Setup` (cohort, local work, optimizers, ...) it runs with.
     """
     name: str
     init: Callable[[PRNGKey, Any], Any]
@@ -69,3 +69,5 @@ class Algorithm:
     personalized: bool = False
     check: Callable[[Any], None] = lambda data: None
     config: dict = dataclasses.field(default_factory=dict)
+    setup: Any = None         # the resolved core.setup.Setup the algorithm was built with
+    server_round: Any = None  # the core.skeleton.ServerRound it is built from, if any

@@ -1,0 +1,313 @@
+"""The plumbing every algorithm shares, as frozen values passed in (never re-listed as keywords):
+
+    setup = Setup(cohort=Cohort(clients_per_round=10, sampling="size"),
+                  work=LocalWork(epochs=20, batch_size=10, stragglers=0.9),
+                  client_opt=Optimizer("sgd", lr=0.01),
+                  aggregator=aggregators.trimmed_mean(beta=0.2),
+                  attack=attacks.Adversary("sign_flip", fraction=0.2))
+    alg = algorithms.fedprox(model, mu=1.0, setup=setup)
+
+Who takes part (`Cohort`), how much local work (`LocalWork`), the client and server optimizers
+(`Optimizer`: a named rule of core/optimizers.py with its hyperparameters, or any optax
+GradientTransformation via `Optimizer.of(tx)`), how client messages are combined (an
+`aggregators.Aggregator`) and who attacks (`attacks.Adversary`). A field left None takes the
+algorithm's default (`Setup.over`): FedAdam's server optimizer is Adam, signSGD's cohort weights
+clients uniformly, and `Setup(cohort=Cohort(20))` changes only the cohort of either.
+
+Every value validates itself when built (ValueError naming the argument) and describes itself
+(`describe()`: the flat {flag: value} that config.json records and the CLI reads back), so the factory
+call is the config. `Setup.of(clients_per_round=20, client_lr=0.1, aggregator="median")` builds a
+setup from those flat names (the CLI's flags, with `-` for `_`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Optional
+
+import optax
+
+from fedjax_lab.core import validate, values
+from fedjax_lab.core.optimizers import OPTIMIZERS, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Cohort:
+    """Who takes part in a round: `clients_per_round` C; `sampling` "uniform" (C distinct clients
+    uniformly), "size" (C draws with p_k = n_k / n, with replacement: FedProx's Algorithm 2) or
+    "size_distinct" (C distinct clients, successive draws by size); `weighting` of the aggregate:
+    "examples" (p_k = n_k) or "uniform"."""
+    clients_per_round: int = 10
+    sampling: str = "uniform"
+    weighting: str = "examples"
+
+    def __post_init__(self):
+        from fedjax_lab.core.sampling import SCHEMES
+        validate.positive("clients_per_round", self.clients_per_round, integer=True)
+        validate.one_of("sampling", self.sampling, set(SCHEMES))
+        validate.one_of("weighting", self.weighting, {"examples", "uniform"})
+
+    def check(self, data):
+        validate.clients_per_round(self.clients_per_round, data.num_clients)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalWork:
+    """How much each sampled client trains: batch_size B; either `local_steps` (steps mode) or
+    `epochs` E (epochs mode, which overrides local_steps); `stragglers`: the fraction of sampled
+    clients doing a random amount of work (FedProx Sec. 5.2), an integer number of epochs (or
+    steps) in [1, E) with `straggler_work="code"` (default, the official code) or in [1, E] with
+    "paper"; `drop_stragglers`: leave them out of the aggregate (None: the algorithm's default,
+    FedAvg drops them, FedProx keeps their partial work); `shuffle`: "auto", "epoch" or
+    "replacement" (core/batching.py).
+
+    With sampling="size" a client drawn twice is the same device selected twice: it draws the same
+    batches and the same local-training keys (both are folded from the client id), takes the
+    straggler status and work of its first draw, so both copies compute the same update, and that
+    update counts twice in the average (and twice in bytes and compute). Per-client rows written
+    back from the copies are therefore identical.
+    """
+    batch_size: int = 10
+    local_steps: int = 20
+    epochs: Optional[int] = None
+    stragglers: float = 0.0
+    straggler_work: str = "code"
+    drop_stragglers: Optional[bool] = None
+    shuffle: str = "auto"
+
+    def __post_init__(self):
+        from fedjax_lab.core.sampling import STRAGGLER_WORK
+        validate.positive("batch_size", self.batch_size, integer=True)
+        validate.positive("local_steps", self.local_steps, integer=True)
+        if self.epochs is not None:
+            validate.positive("epochs", self.epochs, integer=True)
+        validate.fraction("stragglers", self.stragglers)
+        validate.one_of("straggler_work", self.straggler_work, set(STRAGGLER_WORK))
+        validate.one_of("drop_stragglers", self.drop_stragglers, {None, True, False})
+        validate.one_of("shuffle", self.shuffle, {"auto", "epoch", "replacement"})
+
+    def check(self, data):
+        if data.max_client_size == 0:
+            raise ValueError("data: every client is empty; there is nothing to train on")
+
+    def num_steps(self, data) -> int:
+        from fedjax_lab.core.batching import plan_steps
+        return plan_steps(data, local_steps=self.local_steps, epochs=self.epochs,
+                          batch_size=self.batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """A client or server optimizer: `name` in core/optimizers.OPTIMIZERS with learning rate `lr`
+    (under `lr_schedule`: "constant" or "inv_sqrt", lr / sqrt(t + 1)), `momentum` (sgd), `b1`, `b2`,
+    `eps` (adaptive rules; eps is Reddi et al.'s tau), or any optax
+    GradientTransformation (`Optimizer.of(tx)`, recorded as "custom:" + a fingerprint of the
+    hyperparameters its closures hold, so two different custom optimizers are told apart)."""
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-3
+    lr_schedule: str = "constant"
+    tx: Any = dataclasses.field(default=None, metadata={"flag": False})
+
+    FLAG_NAMES = {"name": "{prefix}_optimizer"}
+
+    def __post_init__(self):
+        if self.tx is not None:
+            if not isinstance(self.tx, optax.GradientTransformation):
+                raise ValueError(f"optimizer must be an optax.GradientTransformation, got "
+                                 f"{type(self.tx).__name__}")
+            return
+        make_optimizer(self.name, self.lr, momentum=self.momentum, eps=self.eps, b1=self.b1,
+                       b2=self.b2, lr_schedule=self.lr_schedule)
+
+    @classmethod
+    def of(cls, tx) -> "Optimizer":
+        """Wrap a name, an Optimizer or an optax transformation."""
+        if isinstance(tx, Optimizer):
+            return tx
+        if isinstance(tx, str):
+            return cls(tx)
+        fp = hashlib.sha1(repr(values.fingerprint(tx)).encode()).hexdigest()[:12]
+        return cls(name=f"custom:{fp}", tx=tx)
+
+    def build(self, role: str = "optimizer") -> optax.GradientTransformation:
+        if self.tx is not None:
+            return self.tx
+        return make_optimizer(self.name, self.lr, momentum=self.momentum, eps=self.eps,
+                              b1=self.b1, b2=self.b2, lr_schedule=self.lr_schedule, arg=role)
+
+    def describe(self, prefix=None) -> dict:
+        flags = values.flag_fields(Optimizer, prefix)
+        if self.tx is not None:
+            return {flags[0][0]: self.name}
+        keep = {"name", "lr", "lr_schedule"} | ({"momentum"} if self.name == "sgd"
+                                                else {"b1", "b2", "eps"})
+        return {flag: values.json_value(getattr(self, field))
+                for flag, field, _, _ in flags if field in keep}
+
+
+def sgd(lr: float, momentum: float = 0.0) -> Optimizer:
+    return Optimizer("sgd", lr=lr, momentum=momentum)
+
+
+OPTIMIZER_NAMES = OPTIMIZERS
+
+
+SETUP_FIELDS = ("cohort", "work", "client_opt", "server_opt", "aggregator", "attack", "uplink")
+PREFIX = {"client_opt": "client", "server_opt": "server"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The shared values of an algorithm (module docstring); None fields take its defaults."""
+    cohort: Optional[Cohort] = None
+    work: Optional[LocalWork] = None
+    client_opt: Optional[Optimizer] = None
+    server_opt: Optional[Optimizer] = None
+    aggregator: Any = None
+    attack: Any = None
+    uplink: Any = None
+    overrides: tuple = ()     # ((flat name, value), ...) from Setup.of, applied by `over`
+
+    def __post_init__(self):
+        from fedjax_lab import aggregators, attacks
+        from fedjax_lab.core import uplink
+        kinds = dict(cohort=Cohort, work=LocalWork, client_opt=Optimizer, server_opt=Optimizer,
+                     aggregator=aggregators.Aggregator, attack=attacks.Adversary,
+                     uplink=uplink.Uplink)
+        for field, kind in kinds.items():
+            v = getattr(self, field)
+            if field in ("client_opt", "server_opt") and v is not None:
+                object.__setattr__(self, field, v := Optimizer.of(v))
+            if field == "aggregator" and isinstance(v, str):
+                object.__setattr__(self, field, v := aggregators.get(v))
+            if v is not None and not isinstance(v, kind):
+                raise ValueError(f"Setup.{field} must be a {kind.__module__}.{kind.__name__} "
+                                 f"(or None for the algorithm's default), got {type(v).__name__}")
+
+    def over(self, defaults: "Setup") -> "Setup":
+        """This setup with its None fields taken from `defaults`, and the rest defaulted."""
+        from fedjax_lab import aggregators, attacks
+        from fedjax_lab.core import uplink
+        base = dict(cohort=Cohort(), work=LocalWork(), client_opt=Optimizer("sgd", lr=0.01),
+                    server_opt=Optimizer("sgd", lr=1.0), aggregator=aggregators.mean(),
+                    attack=attacks.Adversary(), uplink=uplink.identity())
+        pick = lambda f: next(v for v in (getattr(self, f), getattr(defaults, f), base[f])
+                              if v is not None)
+        resolved = Setup(**{f: pick(f) for f in SETUP_FIELDS})
+        for layer in (defaults.overrides, self.overrides):
+            if layer:
+                resolved = resolved._apply(dict(layer))
+        return resolved
+
+    def check(self, data):
+        self.cohort.check(data)
+        self.work.check(data)
+
+    def describe(self, prefix=None) -> dict:
+        """The flat {flag: value} of every value (None fields are left out)."""
+        out = {}
+        for f in SETUP_FIELDS:
+            v = getattr(self, f)
+            if v is not None:
+                out.update(values.describe(v, PREFIX.get(f)))
+        return out
+
+    @classmethod
+    def of(cls, **flat) -> "Setup":
+        """A Setup from flat names, applied on top of the algorithm's defaults: Cohort's and
+        LocalWork's fields, client_/server_ optimizer fields (client_lr, server_optimizer ...),
+        aggregator (+ its options as aggregator_OPTION), attack, attack_fraction, attack_scale,
+        attack_seed. `Setup.of(server_lr=0.05)` keeps FedAdam's Adam and changes its lr."""
+        valid = set(setup_flags())
+        unknown = sorted(k for k in flat if k not in valid and not k.startswith("aggregator_"))
+        if unknown:
+            raise ValueError(f"Setup.of: unknown name(s) {unknown}; valid names: {sorted(valid)} "
+                             "and aggregator_OPTION")
+        return cls(overrides=tuple(sorted(flat.items())))
+
+    def _apply(self, overrides: dict) -> "Setup":
+        from fedjax_lab import aggregators, attacks
+        out = {f: getattr(self, f) for f in SETUP_FIELDS}
+        for f, kind in VALUE_KINDS():
+            names = {flag for flag, *_ in values.flag_fields(kind, PREFIX.get(f))}
+            mine = {k: overrides[k] for k in overrides if k in names}
+            if mine:
+                out[f] = values.from_flags(kind, mine, base=out[f], prefix=PREFIX.get(f))
+        opts = {k[len("aggregator_"):]: v for k, v in overrides.items() if k.startswith("aggregator_")}
+        if "aggregator" in overrides:
+            out["aggregator"] = aggregators.get(overrides["aggregator"], **opts)
+        elif opts:
+            agg = out["aggregator"]
+            out["aggregator"] = aggregators.get(agg.name, **{**dict(agg.options), **opts})
+        return Setup(**out)
+
+
+def VALUE_KINDS():
+    from fedjax_lab import attacks
+    return (("cohort", Cohort), ("work", LocalWork), ("client_opt", Optimizer),
+            ("server_opt", Optimizer), ("attack", attacks.Adversary))
+
+
+def setup_flags(uses=frozenset(SETUP_FIELDS)) -> dict:
+    """{flag: (type, default)} of the values a Setup holds (those in `uses`; aggregator options
+    excluded)."""
+    out = {}
+    for f, kind in VALUE_KINDS():
+        if f in uses:
+            for flag, _, typ, default in values.flag_fields(kind, PREFIX.get(f)):
+                out[flag] = (typ, default)
+    if "aggregator" in uses:
+        out["aggregator"] = (str, "mean")
+    return out
+
+
+ALL_FIELDS = frozenset(SETUP_FIELDS)
+
+
+def defaults(setup: Setup, uses=ALL_FIELDS):
+    """Attach an algorithm's default Setup (and the Setup fields it uses) to its factory: the
+    CLI offers those fields' flags with these defaults, and `resolve` rejects the others."""
+    unknown = set(uses) - ALL_FIELDS
+    if unknown:
+        raise ValueError(f"defaults(uses=...): unknown Setup field(s) {sorted(unknown)}")
+
+    def wrap(factory):
+        factory.defaults, factory.uses = setup, frozenset(uses)
+        return factory
+    return wrap
+
+
+def resolve(setup: Setup, factory) -> Setup:
+    """`setup` over the factory's defaults; a value the algorithm has no use for is an error."""
+    if not isinstance(setup, Setup):
+        raise ValueError(f"setup must be a fedjax_lab.Setup, got {type(setup).__name__}")
+    name = getattr(factory, "__name__", "algorithm")
+    uses = getattr(factory, "uses", ALL_FIELDS)
+    given = {f for f in SETUP_FIELDS if getattr(setup, f) is not None}
+    given |= {_field_of(k) for k, _ in setup.overrides}
+    unused = sorted(given - uses)
+    if unused:
+        raise ValueError(f"{name} takes no Setup.{', Setup.'.join(unused)}: it uses "
+                         f"{', '.join(sorted(uses))}")
+    return setup.over(getattr(factory, "defaults", Setup()))
+
+
+def _field_of(flat_name: str) -> str:
+    if flat_name.startswith("aggregator"):
+        return "aggregator"
+    for f, kind in VALUE_KINDS():
+        if flat_name in {flag for flag, *_ in values.flag_fields(kind, PREFIX.get(f))}:
+            return f
+    return "uplink"
+
+
+def algorithm_config(name: str, model, setup: Setup, uses=ALL_FIELDS, **hparams) -> dict:
+    """config.json of an algorithm: its name, model, own hyperparameters and its values' fields."""
+    flat = {k: v for f in SETUP_FIELDS if f in uses and getattr(setup, f) is not None
+            for k, v in values.describe(getattr(setup, f), PREFIX.get(f)).items()}
+    return dict(algorithm=name, model=model.name, **flat,
+                **{k: values.json_value(v) for k, v in hparams.items()})

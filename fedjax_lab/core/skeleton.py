@@ -1,0 +1,128 @@
+"""The one round skeleton of every algorithm that aggregates client messages into a server step:
+
+    sample -> batches -> map clients -> message -> uplink -> attack -> aggregate -> server step -> metrics
+
+    ids, batches, stragglers = participate(k_part, data, cohort, work)        (core/rounds.py)
+    m_k    = client(w_t, batches_k, key_k)    w_k - w_t after local training (default), or a gradient
+    s_k    = uplink.encode(m_k)               noise, sign, top-k, QSGD ... (core/uplink.py)
+    s_k    = attack.corrupt(s_k)              Byzantine clients send what they like (attacks.py)
+    Delta  = aggregator({s_k}, {p_k})         mean, median, trimmed mean, vote ... (aggregators/)
+    w_{t+1} = ServerOpt(w_t, -Delta)          (a gradient message: ServerOpt(w_t, Delta))
+
+An algorithm states only what its paper adds: FedProx a proximal `objective`, noisy signSGD a
+perturb-then-sign uplink and a vote, Ditto a personal update around `step` (algorithms/ditto.py).
+Everything else comes from the `Setup` values, so every such algorithm composes with every
+aggregator, attack, uplink and server optimizer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_lab.core import comm
+from fedjax_lab.core.evaluate import client_params_of_global
+from fedjax_lab.core.local import local_train
+from fedjax_lab.core.rounds import (client_weights, init_server, participate, server_update,
+                                    weighted_mean_scalar)
+from fedjax_lab.core.setup import Setup
+from fedjax_lab.core.tree import tree_scale, tree_sub
+from fedjax_lab.core.types import Algorithm, Model
+
+
+def client_keys(key, ids):
+    """[C] keys of the sampled clients: fold_in(key, id), independent of who else was sampled."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+
+
+def local_delta(model: Model, optimizer, objective: Optional[Callable] = None):
+    """The default client: local training from w_t on F_k (+ objective(w, w_t)); sends w_k - w_t.
+
+    Returns client(w_t, x, y, idx [S, B], step_mask [S], key) -> (message, loss, objective)."""
+    def client(w_t, x, y, idx, step_mask, key):
+        extra = None if objective is None else (lambda w: objective(w, w_t))
+        res = local_train(model, optimizer, extra_loss=extra)(w_t, x, y, idx, step_mask, key)
+        return tree_sub(res.params, w_t), res.loss, res.objective
+    return client
+
+
+def map_clients(client, w_t, data, part, key):
+    """vmap `client` over the sampled clients (w_t and the flat data shared, batches per client)."""
+    return jax.vmap(client, in_axes=(None, None, None, 0, 0, 0))(
+        w_t, data.x, data.y, part.batches.idx, part.batches.step_mask, client_keys(key, part.ids))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ServerRound:
+    """The skeleton, for `model` under the resolved `setup` (see the module docstring).
+
+    client: (w_t, x, y, idx, step_mask, key) -> (message, loss, objective); None = local_delta
+    with the setup's client optimizer and `objective`. gradient_message: the message is a
+    gradient (the server steps along -Delta's negation, i.e. descends on it). down_bytes(w_t,
+    data) -> bytes per client downstream (default: the dense model).
+    """
+    model: Model
+    setup: Setup
+    objective: Optional[Callable] = None
+    client: Optional[Callable] = None
+    gradient_message: bool = False
+    drop_stragglers: bool = True
+    down_bytes: Optional[Callable] = None
+
+    def __post_init__(self):
+        self.setup.aggregator.check(self.setup.cohort.clients_per_round)
+
+    @property
+    def server_tx(self):
+        return self.setup.server_opt.build("server_optimizer")
+
+    def client_fn(self):
+        if self.client is not None:
+            return self.client
+        return local_delta(self.model, self.setup.client_opt.build("client_optimizer"),
+                           self.objective)
+
+    def check(self, data):
+        self.setup.check(data)
+
+    def init(self, key, data):
+        self.check(data)
+        return init_server(self.server_tx, self.model.init(key, data.x[:1]))
+
+    def participate(self, key, data, ids=None):
+        return participate(key, data, self.setup.cohort, self.setup.work, ids=ids)
+
+    def step(self, state, data, part, *, k_train, key):
+        """The server's half of a round for a given participation `part`; `data` already poisoned.
+        Returns (state, metrics, per-client losses)."""
+        s = self.setup
+        w_t = state.params
+        msgs, loss, objective = map_clients(self.client_fn(), w_t, data, part, k_train)
+        p = client_weights(part, s.cohort, drop_stragglers=self.drop_stragglers)
+        sent = s.uplink.encode(msgs, key, part.ids)
+        sent = s.attack.corrupt(sent, part.ids, data.num_clients, key, weights=p)
+        direction = s.aggregator(sent, p)
+        state = server_update(self.server_tx, state,
+                              tree_scale(direction, -1.0) if self.gradient_message else direction)
+        num_up = jnp.sum(p > 0)
+        down = comm.dense_bytes(w_t) if self.down_bytes is None else self.down_bytes(w_t, data)
+        metrics = dict(local_loss=weighted_mean_scalar(loss, p),
+                       local_objective=weighted_mean_scalar(objective, p),
+                       clients_aggregated=num_up.astype(jnp.float32),
+                       **comm.round_metrics(up_per_client=s.uplink.bytes(w_t, comm.dense_bytes(w_t)),
+                                            down_per_client=down, num_up=num_up,
+                                            num_down=s.cohort.clients_per_round))
+        return state, metrics
+
+    def round(self, state, data, key):
+        k_part, k_train = jax.random.split(key)
+        part = self.participate(k_part, data)
+        return self.step(state, self.setup.attack.poison(data), part, k_train=k_train, key=key)
+
+    def algorithm(self, name: str, config: dict) -> Algorithm:
+        return Algorithm(name=name, init=self.init, round=self.round, model=self.model,
+                         client_params=client_params_of_global(lambda s: s.params),
+                         global_params=lambda s: s.params, check=self.check, config=config,
+                         setup=self.setup, server_round=self)
