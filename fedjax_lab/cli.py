@@ -4,6 +4,7 @@
         --mu 1 --stragglers 0.9 --clients-per-round 10 --local-steps 20 --batch-size 10 --client-lr 0.01
     fedjax-lab run fedavg --aggregator trimmed_mean --aggregator-beta 0.2 --attack sign_flip \
         --attack-fraction 0.2
+    fedjax-lab run fedavg --uplink top_k --uplink-k 100 # compress what clients send
     fedjax-lab run --config runs/x/config.json          # re-run a run exactly (flags override it)
     fedjax-lab list
     fedjax-lab data SPEC
@@ -67,21 +68,37 @@ def own_params(factory):
     return out
 
 
-def setup_params(factory, aggregator=None):
+def _options(factory, prefix):
+    """[(prefix_option, type, default)] of a value factory's keyword options."""
+    from fedjax_lab.core.values import scalar_type
+    hints = typing.get_type_hints(factory)
+    return [(f"{prefix}_{p.name}", scalar_type(hints.get(p.name), p.default),
+             None if p.default is inspect.Parameter.empty else p.default)
+            for p in inspect.signature(factory).parameters.values() if not p.name.startswith("_")]
+
+
+def setup_params(factory, aggregator=None, uplink=None):
     """[(name, type, default)] of the shared values' flags, with the algorithm's defaults."""
     from fedjax_lab import aggregators
+    from fedjax_lab.core import uplink as uplinks
     from fedjax_lab.core.setup import ALL_FIELDS, Setup, setup_flags
     uses = getattr(factory, "uses", ALL_FIELDS)
     resolved = Setup().over(getattr(factory, "defaults", Setup()))
     current = resolved.describe()
     out = [(name, typ, current.get(name, default))
            for name, (typ, default) in setup_flags(uses).items()]
-    if "aggregator" not in uses:
-        return out
-    agg = aggregator or resolved.aggregator.name
-    mine = dict(resolved.aggregator.options) if agg == resolved.aggregator.name else {}
-    for opt, typ, default in aggregators.options(agg):
-        out.append((f"aggregator_{opt}", typ, mine.get(opt, default)))
+    if "aggregator" in uses:
+        agg = aggregator or resolved.aggregator.name
+        mine = dict(resolved.aggregator.options) if agg == resolved.aggregator.name else {}
+        for opt, typ, default in aggregators.options(agg):
+            out.append((f"aggregator_{opt}", typ, mine.get(opt, default)))
+    if "uplink" in uses:         # one transform from the command line; chains from Python
+        up = uplink or resolved.uplink.name
+        out.append(("uplink", str, resolved.uplink.name))
+        if up in uplinks.UPLINKS:
+            mine = dict(resolved.uplink.options) if up == resolved.uplink.name else {}
+            out += [(n, t, mine.get(n[len("uplink_"):], d))
+                    for n, t, d in _options(uplinks.UPLINKS[up], "uplink")]
     return out
 
 
@@ -104,7 +121,7 @@ def _add(group, name, typ, default):
                            help=f"default: {default!r}")
 
 
-def run_parser(alg_name, factory, aggregator=None):
+def run_parser(alg_name, factory, aggregator=None, uplink=None):
     check_names(alg_name, factory)
     p = argparse.ArgumentParser(prog=f"fedjax-lab run {alg_name}", allow_abbrev=False)
     g = p.add_argument_group("run")
@@ -125,7 +142,7 @@ def run_parser(alg_name, factory, aggregator=None):
     for name, typ, default in own_params(factory):
         _add(own, name, typ, default)
     shared = p.add_argument_group("shared values (core/setup.py), with this algorithm's defaults")
-    for name, typ, default in setup_params(factory, aggregator):
+    for name, typ, default in setup_params(factory, aggregator, uplink):
         _add(shared, name, typ, default)
     return p
 
@@ -172,6 +189,7 @@ def cmd_run(argv):
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--aggregator", default=None)
+    pre.add_argument("--uplink", default=None)
     known, _ = pre.parse_known_args(argv)
     cfg = read_config(known.config) if known.config else {}
     if argv and not argv[0].startswith("-"):
@@ -188,7 +206,8 @@ def cmd_run(argv):
                          f"not of {alg_name!r}")
     factory = ALGORITHMS[alg_name][0]
     try:
-        parser = run_parser(alg_name, factory, known.aggregator or cfg.get("aggregator"))
+        parser = run_parser(alg_name, factory, known.aggregator or cfg.get("aggregator"),
+                            known.uplink or cfg.get("uplink"))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     dests = {a.dest for a in parser._actions}
@@ -203,7 +222,8 @@ def cmd_run(argv):
     hparams = {name: getattr(args, name) for name, _, _ in own_params(factory)}
     # Only what the user changed (a flag, or a --config key) goes into the Setup: the rest are the
     # algorithm's own defaults, which may depend on its hyperparameters (signSGD's vote).
-    flat = {name: getattr(args, name) for name, _, default in setup_params(factory, args.aggregator)
+    flat = {name: getattr(args, name) for name, _, default in
+            setup_params(factory, getattr(args, "aggregator", None), getattr(args, "uplink", None))
             if getattr(args, name) != default}
 
     import fedjax_lab

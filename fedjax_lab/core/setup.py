@@ -222,15 +222,17 @@ class Setup:
         LocalWork's fields, client_/server_ optimizer fields (client_lr, server_optimizer ...),
         aggregator (+ its options as aggregator_OPTION), attack, attack_fraction, attack_scale,
         attack_seed. `Setup.of(server_lr=0.05)` keeps FedAdam's Adam and changes its lr."""
-        valid = set(setup_flags())
-        unknown = sorted(k for k in flat if k not in valid and not k.startswith("aggregator_"))
+        valid = set(setup_flags()) | {"uplink"}
+        unknown = sorted(k for k in flat if k not in valid
+                         and not k.startswith(("aggregator_", "uplink_")))
         if unknown:
-            raise ValueError(f"Setup.of: unknown name(s) {unknown}; valid names: {sorted(valid)} "
-                             "and aggregator_OPTION")
+            raise ValueError(f"Setup.of: unknown name(s) {unknown}; valid names: {sorted(valid)}, "
+                             "aggregator_OPTION and uplink_OPTION")
         return cls(overrides=tuple(sorted(flat.items())))
 
     def _apply(self, overrides: dict) -> "Setup":
-        from fedjax_lab import aggregators, attacks
+        from fedjax_lab import aggregators
+        from fedjax_lab.core import uplink
         out = {f: getattr(self, f) for f in SETUP_FIELDS}
         for f, kind in VALUE_KINDS():
             names = {flag for flag, *_ in values.flag_fields(kind, PREFIX.get(f))}
@@ -243,6 +245,11 @@ class Setup:
         elif opts:
             agg = out["aggregator"]
             out["aggregator"] = aggregators.get(agg.name, **{**dict(agg.options), **opts})
+        up_opts = {k[len("uplink_"):]: v for k, v in overrides.items() if k.startswith("uplink_")}
+        if "uplink" in overrides:
+            out["uplink"] = uplink.get(overrides["uplink"], **up_opts)
+        elif up_opts:
+            out["uplink"] = uplink.get(out["uplink"].name, **{**dict(out["uplink"].options), **up_opts})
         return Setup(**out)
 
 

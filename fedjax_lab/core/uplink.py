@@ -124,3 +124,17 @@ def chain(*uplinks: Uplink) -> Uplink:
 
 
 UPLINKS = {"identity": identity, "noise": noise, "sign": sign, "top_k": top_k, "qsgd": qsgd}
+
+
+def get(name_or_uplink, **opts) -> Uplink:
+    """An Uplink from its `describe()` form: a name ("top_k", or a chain "noise+sign") and its
+    options ({"k": 10}; in a chain prefixed by the position, {"0_sigma": 0.1})."""
+    if isinstance(name_or_uplink, Uplink):
+        return name_or_uplink
+    parts = str(name_or_uplink).split("+")
+    for p in parts:
+        validate.one_of("uplink", p, UPLINKS)
+    if len(parts) == 1:
+        return UPLINKS[parts[0]](**opts)
+    mine = lambda i: {k[len(f"{i}_"):]: v for k, v in opts.items() if k.startswith(f"{i}_")}
+    return chain(*(UPLINKS[p](**mine(i)) for i, p in enumerate(parts)))
