@@ -163,6 +163,33 @@ def _worker_devices(out_path):
         json.dump(report, f)
 
 
+def _worker_fedamp(out_path):
+    """FedAMP / HeurFedAMP with neighbors="sampled", C = 3 padded to 4: the dummy (id N, whose
+    gather clamps to row N - 1) must get no attention from the real clients."""
+    data, mesh = _data(), sharding.client_mesh()
+    data_m, model, out = sharding.replicate(data, mesh), models.logistic(data.num_classes), {}
+    for attention in ("exp", "cosine"):
+        alg = algorithms.fedamp(model, lam=0.5, alpha_k=0.2, sigma=2.0, attention=attention,
+                                self_weight=0.4, neighbors="sampled", clients_per_round=3, **COMMON)
+        state0 = alg.init(jax.random.key(0), data)
+        noise = lambda x: 0.03 * jax.random.normal(jax.random.key(4), x.shape)   # distinct rows
+        state0 = state0.replace(rows=jax.tree.map(lambda x: x + noise(x), state0.rows))
+        rnd = jax.jit(alg.round)
+        plain, sharded = state0, sharding.place_state(state0, mesh)
+        m_diff = 0.0
+        for t in range(2):
+            key = jax.random.key(30 + t)
+            plain, m_plain = rnd(plain, data, key)
+            with jax.set_mesh(mesh):
+                sharded, m_sharded = rnd(sharded, data_m, key)
+            m_diff = max(m_diff, _maxdiff(m_plain, m_sharded))
+        out[attention] = dict(rows_diff=_maxdiff(plain.rows, sharded.rows), metrics_diff=m_diff,
+                              self_attention=float(m_plain["self_attention"]),
+                              self_attention_sharded=float(m_sharded["self_attention"]))
+    with open(out_path, "w") as f:
+        json.dump(out, f)
+
+
 def _worker_stateful(out_path):
     """Ditto's rows [N, ...] on 4 devices with padding: the dummy id N must not be written."""
     data, mesh = _data(), sharding.client_mesh()
@@ -255,6 +282,17 @@ def test_padding_adds_zero_weight_dummies_and_keeps_the_real_clients(four_device
     assert p["num_examples"] == p["plain_num_examples"] + [0, 0]
     assert p["idx_spec"] == str(jax.sharding.PartitionSpec("clients"))
     assert p["idx_devices"] == 4 and p["idx_shard_shape"] == [2, 4, 5]
+
+
+def test_padded_fedamp_gives_the_dummy_no_attention(tmp_path):
+    out = tmp_path / "fedamp.json"
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "fedamp", str(out)],
+                          env=_env(4), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for attention, r in json.load(open(out)).items():
+        assert r["rows_diff"] < 1e-5, (attention, r)   # sharded (3 real + 1 dummy) == unsharded
+        assert r["metrics_diff"] < 1e-5, (attention, r)
+        assert 0.0 < r["self_attention"] < 0.95, (attention, r)   # the attention matters here
 
 
 @pytest.mark.slow
@@ -365,5 +403,7 @@ if __name__ == "__main__":
         _worker_devices(sys.argv[2])
     elif sys.argv[1] == "stateful":
         _worker_stateful(sys.argv[2])
+    elif sys.argv[1] == "fedamp":
+        _worker_fedamp(sys.argv[2])
     else:
         _worker_host(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

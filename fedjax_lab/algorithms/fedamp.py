@@ -13,6 +13,11 @@ ones hardly at all. Round k (sampled clients S_k; the paper's cross-silo setting
                    with the self-weight xi_ii = `self_weight` a hyperparameter
   client i:  w_i <- argmin_w F_i(w) + lam / (2 alpha_k) * ||w - u_i||^2   (local_steps SGD steps)
 
+U = W - alpha_k grad A(W) is a gradient step on the attention term, the client step a proximal
+step on F (an incremental-proximal method). `attention="none"` is the ablation: xi_ij = 0 for
+j != i, so u_i = w_i and the proximal term only keeps w_i near its value at the start of the round
+(local training with the same proximal term, no message passing, nothing sent).
+
 The pairwise distances are one matrix computation on the flattened models W [M, P] (never a double
 loop): ||w_i - w_j||^2 = g_ii + g_jj - 2 g_ij from the Gram matrix of the *centred* models (the
 distances do not change under a shift, and centring avoids cancellation in float32). Memory:
@@ -20,6 +25,11 @@ W is M x P floats, the distance block C x M; both are computed in chunks of `att
 sampled clients with `lax.map`, so the peak is attention_chunk x M + M x P floats. At M = 1,000
 clients: the [1000, 1000] distance matrix is 4 MB, and W is 2.4 MB for the 610-parameter logistic
 model but 4 GB for a 1M-parameter CNN (then W, not the Gram matrix, is the limit).
+
+Paper vs. its own gradient: d/dw_i A(||w_i - w_j||^2) = 2 A'(.) (w_i - w_j), so the exact step
+u_i = w_i - alpha_k grad_i sum_{i<j} A has xi_ij = 2 alpha_k A'(.); the paper writes
+xi_ij = alpha_k A'(.), i.e. it absorbs the factor 2 into alpha_k. We follow the paper's xi (our
+alpha_k is the paper's), and keep the same alpha_k in the proximal weight lam / (2 alpha_k).
 
 Paper vs. PFLlib's FedAMP (the code most people run; the authors' code is not public):
   * PFLlib's proximal term uses `p.data`, so it contributes no gradient, and takes the norm without
@@ -31,6 +41,15 @@ Paper vs. PFLlib's FedAMP (the code most people run; the authors' code is not pu
     from u_i instead. The paper only states the argmin, which both approximate.
 With neighbors="all" the self-weight is 1 - alpha_k * sum_j A'(.) >= 1 - alpha_k (M - 1) / sigma,
 which `check` requires to be >= 0 (at round 1 all models are equal and the bound is attained).
+
+Mesh padding (core/sharding.py) and repeated draws: the candidates are distinct real clients.
+With neighbors="all" they are the N stored rows, so the dummy clients (id N) are none of them. With
+neighbors="sampled" the dummy's gathered row is a clamped copy of row N - 1, and a client drawn
+twice by sampling="size" (with replacement) is one device with one model: only the first draw of
+each real client is a column, so neither a dummy nor a client's own copy takes attention. The
+dummy's u_i and trained row are dropped by the scatter; a repeated client's copies share u_i,
+batches and keys, so they write back the same row (and count twice in the metrics, as in
+core/rounds.py).
 """
 from __future__ import annotations
 
@@ -45,6 +64,7 @@ from fedjax_lab.core.client_state import ClientRows, RowAlgorithm
 from fedjax_lab.core.local import local_train
 from fedjax_lab.core.optimizers import make_optimizer
 from fedjax_lab.core.rounds import LocalWork, participate, weighted_mean_scalar
+from fedjax_lab.core.sampling import first_draw
 from fedjax_lab.core.tree import flatten, tree_broadcast, tree_put, tree_sq_norm, tree_sub, tree_take
 from fedjax_lab.core.types import Model
 
@@ -62,29 +82,36 @@ def cosine_similarity(a, b):
     return na @ nb.T
 
 
-def fedamp_attention(sq_dists, is_self, *, alpha_k: float, sigma: float):
-    """FedAMP's xi [C, M]: alpha_k A'(d_ij) off the diagonal, 1 - their sum on it (is_self)."""
-    off = jnp.where(is_self, 0.0, alpha_k * jnp.exp(-sq_dists / sigma) / sigma)
+def fedamp_attention(sq_dists, is_self, valid, *, alpha_k: float, sigma: float):
+    """FedAMP's xi [C, M]: alpha_k A'(d_ij) off the diagonal, 1 - their sum on it (is_self);
+    0 in the columns that are not valid [M]."""
+    off = jnp.where(is_self | ~valid, 0.0, alpha_k * jnp.exp(-sq_dists / sigma) / sigma)
     return jnp.where(is_self, 1.0 - jnp.sum(off, axis=1, keepdims=True), off)
 
 
-def heuristic_attention(cos, is_self, *, self_weight: float, sigma: float):
-    """HeurFedAMP's xi [C, M]: softmax of sigma * cos over j != i, scaled by 1 - self_weight."""
-    logits = jnp.where(is_self, -jnp.inf, sigma * cos)
-    off = (1.0 - self_weight) * jax.nn.softmax(logits, axis=1)
-    return jnp.where(is_self, self_weight, off)
+def heuristic_attention(cos, is_self, valid, *, self_weight: float, sigma: float):
+    """HeurFedAMP's xi [C, M]: softmax of sigma * cos over the valid j != i, scaled by
+    1 - self_weight; a client with no valid neighbour (all its draws are copies) keeps xi_ii = 1."""
+    neighbour = ~is_self & valid
+    alone = ~jnp.any(neighbour, axis=1, keepdims=True)
+    logits = jnp.where(neighbour | alone, sigma * cos, -jnp.inf)      # no all -inf row (NaN)
+    off = jnp.where(neighbour, (1.0 - self_weight) * jax.nn.softmax(logits, axis=1), 0.0)
+    return jnp.where(is_self, jnp.where(alone, 1.0, self_weight), off)
 
 
-def attention_weights(flat_sampled, flat_all, self_col, *, attention: str, alpha_k: float,
-                      sigma: float, self_weight: float):
+def attention_weights(flat_sampled, flat_all, self_col, valid=None, *, attention: str,
+                      alpha_k: float, sigma: float, self_weight: float):
     """xi [C, M] of the sampled clients (flat [C, P]) over the candidate models (flat [M, P]);
-    self_col [C] is each sampled client's own column in the candidates."""
-    is_self = jnp.arange(flat_all.shape[0])[None, :] == self_col[:, None]
+    self_col [C] is each sampled client's own column in the candidates; columns where `valid` [M]
+    is False (mesh padding) get no weight."""
+    m = flat_all.shape[0]
+    is_self = jnp.arange(m)[None, :] == self_col[:, None]
+    valid = jnp.ones((1, m), bool) if valid is None else valid[None, :]
     if attention == "exp":
         centre = jnp.mean(flat_all, axis=0)
         d = pairwise_sq_dists(flat_sampled - centre, flat_all - centre)
-        return fedamp_attention(d, is_self, alpha_k=alpha_k, sigma=sigma)
-    return heuristic_attention(cosine_similarity(flat_sampled, flat_all), is_self,
+        return fedamp_attention(d, is_self, valid, alpha_k=alpha_k, sigma=sigma)
+    return heuristic_attention(cosine_similarity(flat_sampled, flat_all), is_self, valid,
                                self_weight=self_weight, sigma=sigma)
 
 
@@ -95,7 +122,8 @@ def fedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: floa
            local_steps: int = 20, epochs: Optional[int] = None, batch_size: int = 10,
            stragglers: float = 0.0, sampling: str = "uniform", shuffle: str = "auto",
            name: str = "fedamp") -> RowAlgorithm:
-    """FedAMP (attention="exp") or HeurFedAMP (attention="cosine"); see the module docstring.
+    """FedAMP (attention="exp"), HeurFedAMP (attention="cosine") or the no-message-passing
+    ablation (attention="none"); see the module docstring.
 
     lam, alpha_k: the proximal weight is lam / alpha_k; sigma: A's scale (exp) or the softmax
     temperature (cosine); self_weight: HeurFedAMP's xi_ii.
@@ -103,7 +131,7 @@ def fedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: floa
     validate.positive("lam", lam)
     validate.positive("alpha_k", alpha_k)
     validate.positive("sigma", sigma)
-    validate.one_of("attention", attention, {"exp", "cosine"})
+    validate.one_of("attention", attention, {"exp", "cosine", "none"})
     validate.fraction("self_weight", self_weight)
     validate.one_of("neighbors", neighbors, {"all", "sampled"})
     validate.one_of("start", start, {"own", "cloud"})
@@ -143,14 +171,19 @@ def fedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: floa
         return ClientRows(server=jnp.zeros((), jnp.int32),
                           rows=jax.tree.map(jnp.array, tree_broadcast(params, data.num_clients)))
 
-    def cloud_models(rows, ids, num_clients):
-        """u_i for the sampled ids, stacked [C, ...] like the rows."""
+    def cloud_models(rows, ids, valid):
+        """u_i for the sampled ids [C'] (valid [C']: not mesh padding), stacked like the rows,
+        and xi_ii [C']."""
+        if attention == "none":
+            return tree_take(rows, ids), jnp.ones(ids.shape, jnp.float32)
         _, unravel = flatten(jax.tree.map(lambda x: x[0], rows))
         ravel = jax.vmap(lambda r: flatten(r)[0])
-        if neighbors == "all":
-            flat_all, self_col = ravel(rows), ids
-        else:
-            flat_all, self_col = ravel(tree_take(rows, ids)), jnp.arange(ids.shape[0])
+        if neighbors == "all":      # the dummy id N is no candidate; its own u is dropped
+            flat_all, self_col, valid_col = ravel(rows), ids, None
+        else:                       # columns: the first draw of each real client
+            slot = jnp.arange(ids.shape[0])
+            self_col = first_draw(ids) if sampling == "size" else slot
+            flat_all, valid_col = ravel(tree_take(rows, ids)), valid & (self_col == slot)
         attend = functools.partial(attention_weights, attention=attention, alpha_k=alpha_k,
                                    sigma=sigma, self_weight=self_weight)
         own = flat_all[self_col]
@@ -158,7 +191,7 @@ def fedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: floa
         pad = -ids.shape[0] % chunk
         cols = jnp.concatenate([self_col, jnp.broadcast_to(self_col[:1], (pad,))]).reshape(-1, chunk)
         def block(c):
-            xi = attend(flat_all[c], flat_all, c)
+            xi = attend(flat_all[c], flat_all, c, valid_col)
             return xi @ flat_all, jnp.sum(jnp.where(jnp.arange(flat_all.shape[0]) == c[:, None],
                                                     xi, 0.0), axis=1)
         u, xi_self = jax.lax.map(block, cols)
@@ -168,7 +201,7 @@ def fedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: floa
     def round(state, data, key):
         k_part, k_train = jax.random.split(key)
         part = participate(k_part, data, work)
-        u, xi_self = cloud_models(state.rows, part.ids, data.num_clients)
+        u, xi_self = cloud_models(state.rows, part.ids, part.valid)
         own = tree_take(state.rows, part.ids)
         coef = lam / (2.0 * alpha_k)
         def train_one(w0, u_i, idx, mask, k):
@@ -178,8 +211,10 @@ def fedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: floa
         res = jax.vmap(train_one)(own if start == "own" else u, u, part.batches.idx,
                                   part.batches.step_mask, keys)
         real = part.valid.astype(jnp.float32)          # mesh padding clients count for nothing
-        row_bytes = comm.dense_bytes(jax.tree.map(lambda x: x[0], state.rows))
+        row_bytes = 0 if attention == "none" else comm.dense_bytes(
+            jax.tree.map(lambda x: x[0], state.rows))
         metrics = dict(local_loss=weighted_mean_scalar(res.loss, real),
+                       local_objective=weighted_mean_scalar(res.objective, real),
                        self_attention=weighted_mean_scalar(xi_self, real),
                        **comm.round_metrics(up_per_client=row_bytes, down_per_client=row_bytes,
                                             num_up=jnp.sum(real), num_down=jnp.sum(real)))
