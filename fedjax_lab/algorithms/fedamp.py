@@ -204,12 +204,12 @@ def fedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: floa
         u, xi_self = cloud_models(state.rows, part.ids, part.valid)
         own = tree_take(state.rows, part.ids)
         coef = lam / (2.0 * alpha_k)
-        def train_one(w0, u_i, idx, mask, k):
-            prox = lambda w: coef * tree_sq_norm(tree_sub(w, u_i))
-            return local_train(model, client_tx, extra_loss=prox)(w0, data.x, data.y, idx, mask, k)
+        prox = lambda w, u_i: coef * tree_sq_norm(tree_sub(w, u_i))   # u_i an argument: see local_train
+        train = local_train(model, client_tx, extra_loss=prox)
         keys = jax.vmap(lambda i: jax.random.fold_in(k_train, i))(part.ids)
-        res = jax.vmap(train_one)(own if start == "own" else u, u, part.batches.idx,
-                                  part.batches.step_mask, keys)
+        res = jax.vmap(train, in_axes=(0, None, None, 0, 0, 0, None, 0))(
+            own if start == "own" else u, data.x, data.y, part.batches.idx,
+            part.batches.step_mask, keys, None, u)
         real = part.valid.astype(jnp.float32)          # mesh padding clients count for nothing
         row_bytes = 0 if attention == "none" else comm.dense_bytes(
             jax.tree.map(lambda x: x[0], state.rows))

@@ -43,11 +43,15 @@ class LocalResult(NamedTuple):
 def local_train(model: Model, optimizer: optax.GradientTransformation, *,
                 extra_loss: Optional[Callable] = None, loss_fn: Optional[Callable] = None,
                 clients: str = "auto", chunk: int = 1):
-    """Returns train(params, x, y, idx [S, B], step_mask [S], key, opt_state=None) -> LocalResult.
+    """Returns train(params, x, y, idx [S, B], step_mask [S], key, opt_state=None, anchor=None)
+    -> LocalResult.
 
     `x`, `y` are the flat federated arrays; the step's batch is gathered inside the scan, so the
     [C, S, B, ...] batch tensor is never materialized. `loss_fn(params, xb, yb, rng)` replaces the
-    model's loss entirely (meta-learning, distillation); `extra_loss(params)` is added to it.
+    model's loss entirely (meta-learning, distillation); `extra_loss(params)` is added to it, or
+    `extra_loss(params, anchor)` when `train` is given an `anchor` (a per-client reference point
+    such as FedAMP's u_i: pass it as an argument, not in a closure, so that a vmap over clients
+    that runs as a lax.map sees it as batched).
     `clients` ("auto", "vmap" or "map") and `chunk` choose how a vmap over clients runs (module
     docstring); the result does not depend on them beyond float rounding.
     """
@@ -57,21 +61,23 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, *,
         raise ValueError(f"chunk must be a positive int (clients per vmapped chunk), got {chunk!r}")
     base = loss_fn or (lambda p, xb, yb, rng: batch_loss(model, p, xb, yb, rng, train=True))
 
-    def total(p, xb, yb, rng):
+    def total(p, xb, yb, rng, anchor):
         data_loss = base(p, xb, yb, rng)
-        extra = 0.0 if extra_loss is None else extra_loss(p)
+        extra = 0.0 if extra_loss is None else (
+            extra_loss(p) if anchor is None else extra_loss(p, anchor))
         return data_loss + extra, data_loss
 
     grad_fn = jax.value_and_grad(total, has_aux=True)
 
-    def train_one(params, x, y, idx, step_mask, key, opt_state) -> LocalResult:
+    def train_one(params, x, y, idx, step_mask, key, opt_state, anchor) -> LocalResult:
         if opt_state is None:
             opt_state = optimizer.init(params)
 
         def step(carry, inp):
             params, opt_state = carry
             rows, active, s = inp
-            (objective, loss), g = grad_fn(params, x[rows], y[rows], jax.random.fold_in(key, s))
+            (objective, loss), g = grad_fn(params, x[rows], y[rows], jax.random.fold_in(key, s),
+                                          anchor)
             updates, new_opt_state = optimizer.update(g, opt_state, params)
             new_params = optax.apply_updates(params, updates)
             carry = (tree_where(active, new_params, params), tree_where(active, new_opt_state, opt_state))
@@ -86,9 +92,9 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, *,
 
     mapped = clients_as_map(train_one, chunk)
 
-    def train(params, x, y, idx, step_mask, key, opt_state=None) -> LocalResult:
+    def train(params, x, y, idx, step_mask, key, opt_state=None, anchor=None) -> LocalResult:
         use_map = clients == "map" or (clients == "auto" and map_pays_off(params))
-        return (mapped if use_map else train_one)(params, x, y, idx, step_mask, key, opt_state)
+        return (mapped if use_map else train_one)(params, x, y, idx, step_mask, key, opt_state, anchor)
 
     return train
 
