@@ -30,10 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lab import Setup, models
 from fedjax_lab import compression as cz
-from fedjax_lab import models
 from fedjax_lab.algorithms.fetchsgd import client_gradients, fetchsgd
-from fedjax_lab.core.rounds import LocalWork, participate
+from fedjax_lab.core.rounds import participate
 from fedjax_lab.core.tree import flatten
 from fedjax_lab.data import federated_arrays
 
@@ -91,19 +91,19 @@ def part2(args):
     y = rng.integers(0, 10, n)
     data = federated_arrays(x, y, np.arange(args.round_clients + 1) * (n // args.round_clients),
                             num_classes=10)
-    work = LocalWork(clients_per_round=args.round_clients, batch_size=args.batch_size,
-                     local_steps=args.local_steps, weighting="uniform")
-    kw = dict(lr=0.1, k=args.k, sketch_rows=args.rows, sketch_cols=args.cols,
-              clients_per_round=args.round_clients, batch_size=args.batch_size,
-              local_steps=args.local_steps)
-    state = fetchsgd(model, **kw).init(jax.random.key(0), data)
+    setup = Setup.of(clients_per_round=args.round_clients, batch_size=args.batch_size,
+                     local_steps=args.local_steps, server_lr=0.1)
+    kw = dict(k=args.k, sketch_rows=args.rows, sketch_cols=args.cols, setup=setup)
+    alg = fetchsgd(model, **kw)
+    s = alg.setup                              # uniform weights, client lr 1 (FetchSGD's defaults)
+    state = alg.init(jax.random.key(0), data)
     d = flatten(state.params)[0].shape[0]
     key = jax.random.key(1)
 
     def local_only(state, data, key):
         k_part, k_train = jax.random.split(key)
-        part = participate(k_part, data, work)
-        return client_gradients(model, work, 1.0, state.params, data, part, k_train)[0]
+        part = participate(k_part, data, s.cohort, s.work)
+        return client_gradients(model, s.client_opt, state.params, data, part, k_train)[0]
 
     g = jax.jit(local_only)(state, data, key)
     t_local = timeit(jax.jit(local_only), state, data, key, repeats=args.repeats, label="local")

@@ -3,14 +3,17 @@ unjitted per-client SGD), bytes on the wire, the learning claim, and bad input."
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import fedjax_lab as fl
-from fedjax_lab import models
+from fedjax_lab import Setup, aggregators, models
 from fedjax_lab.algorithms import ALGORITHMS
 from fedjax_lab.algorithms.fetchsgd import fetchsgd
 from fedjax_lab.algorithms.local_topk import local_topk
-from fedjax_lab.core.rounds import LocalWork, participate
+from fedjax_lab.core import uplink
+from fedjax_lab.core.rounds import participate
+from fedjax_lab.core.setup import Cohort, LocalWork, Optimizer
 from fedjax_lab.core.tree import flatten
 from fedjax_lab.core.types import batch_loss
 from test_compression import NumpyCountSketch
@@ -47,12 +50,14 @@ def client_grads_reference(model, data, part, w, unravel, key, client_lr):
     return np.stack(gs), np.array(losses)
 
 
-participate_jit = jax.jit(participate, static_argnums=2)     # the shared sampler, tested elsewhere
+participate_jit = jax.jit(participate, static_argnums=(2, 3))   # shared sampler, tested elsewhere
 
 
-def weights_reference(part, weighting):
+def weights_reference(part, weighting, drop_stragglers=False):
     p = np.asarray(part.num_examples, np.float64) if weighting == "examples" \
         else np.ones(part.ids.shape[0])
+    if drop_stragglers:
+        p = np.where(np.asarray(part.is_straggler), 0.0, p)
     return p / p.sum()
 
 
@@ -63,18 +68,19 @@ def topk_reference(v, k):
 def fetchsgd_reference(model, data, key, rounds, *, lr, momentum, k, rows, cols, second_round=False,
                        num_candidates=0, masking="subtract", momentum_masking=True, local_steps=1,
                        client_lr=1.0, batch_size=4, clients_per_round=3, weighting="uniform",
-                       per_client_sketch=True):
+                       per_client_sketch=True, lr_schedule="constant", stragglers=0.0,
+                       drop_stragglers=False):
     """Algorithm 1 of the paper, written out with numpy arrays and loops."""
     k_init, k_rounds = jax.random.split(key)
-    alg = fetchsgd(model, lr=lr, momentum=momentum, k=k, sketch_rows=rows, sketch_cols=cols,
-                   clients_per_round=clients_per_round)
+    alg = fetchsgd(model, k=k, sketch_rows=rows, sketch_cols=cols,
+                   setup=Setup.of(clients_per_round=clients_per_round))
     state = alg.init(k_init, data)                      # same initial params and hash seeds
     w, unravel = flatten(state.params)
     w = np.asarray(w)
     d = w.shape[0]
     ref = NumpyCountSketch(np.asarray(state.sketch.seeds), d, rows, cols)
-    work = LocalWork(clients_per_round=clients_per_round, batch_size=batch_size,
-                     local_steps=local_steps, weighting=weighting)
+    cohort = Cohort(clients_per_round, weighting=weighting)
+    work = LocalWork(batch_size=batch_size, local_steps=local_steps, stragglers=stragglers)
     s_u, s_e = np.zeros((rows, cols)), np.zeros((rows, cols))
     m = num_candidates or k
 
@@ -88,18 +94,21 @@ def fetchsgd_reference(model, data, key, rounds, *, lr, momentum, k, rows, cols,
             table[j, ref.buckets[j, idx].astype(np.int64)] = 0.0
         return table
 
+    senders = []
     for r in range(1, rounds + 1):
         k_part, k_train = jax.random.split(jax.random.fold_in(k_rounds, r))
-        part = participate_jit(k_part, data, work)
+        part = participate_jit(k_part, data, cohort, work)
         g, _ = client_grads_reference(model, data, part, w, unravel, k_train, client_lr)
-        p = weights_reference(part, weighting)
+        p = weights_reference(part, weighting, drop_stragglers)
+        senders.append(int((p > 0).sum()))
+        eta = lr / np.sqrt(r) if lr_schedule == "inv_sqrt" else lr     # eta_t at t = r - 1
         table = sum(p[i] * ref.sketch(g[i].astype(np.float64)) for i in range(g.shape[0]))
         s_u = momentum * s_u + table
-        s_e = s_e + lr * s_u
+        s_e = s_e + eta * s_u
         est = ref.estimate(s_e)
         if second_round:
             cand = topk_reference(est, m)
-            vals = ref.estimate(s_e - lr * table)[cand] + lr * (p @ g)[cand]
+            vals = ref.estimate(s_e - eta * table)[cand] + eta * (p @ g)[cand]
             keep = topk_reference(vals, k)
             idx, delta = cand[keep], vals[keep]
         else:
@@ -110,7 +119,7 @@ def fetchsgd_reference(model, data, key, rounds, *, lr, momentum, k, rows, cols,
             s_u = remove(s_u, idx, ref.estimate(s_u)[idx])
         w = w.copy()
         w[idx] -= delta.astype(np.float32)
-    return w, s_u, s_e
+    return w, s_u, s_e, senders
 
 
 def run_rounds(alg, data, key, rounds):
@@ -131,7 +140,22 @@ CASES = {
     "code_zero_cells_sketch_of_sum": dict(masking="zero_cells", per_client_sketch=False),
     "local_steps_examples_weights": dict(local_steps=3, client_lr=0.5, weighting="examples",
                                          momentum_masking=False),
+    "inv_sqrt_server_lr": dict(lr_schedule="inv_sqrt"),
+    # stragglers' partial gradients are kept by default; drop_stragglers=True weighs them 0
+    "stragglers_kept": dict(local_steps=3, client_lr=0.5, stragglers=0.6),
+    "stragglers_dropped": dict(local_steps=3, client_lr=0.5, stragglers=0.6, drop_stragglers=True),
 }
+# the reference's arguments that are Setup values, and their flat names
+SHARED = dict(lr="server_lr", momentum="server_momentum", lr_schedule="server_lr_schedule",
+              local_steps="local_steps", client_lr="client_lr", weighting="weighting",
+              stragglers="stragglers", drop_stragglers="drop_stragglers")
+
+
+def split_hyper(hyper, **fixed):
+    """The reference's keywords -> (FetchSGD's own hyperparameters, Setup.of(...))."""
+    own = {k: v for k, v in hyper.items() if k not in SHARED}
+    own["sketch_rows"], own["sketch_cols"] = own.pop("rows"), own.pop("cols")
+    return own, Setup.of(**fixed, **{SHARED[k]: v for k, v in hyper.items() if k in SHARED})
 
 
 LOGISTIC = models.logistic(3)                      # d = 4 * 3 + 3 = 15, one model: one grad jit
@@ -142,10 +166,9 @@ def test_fetchsgd_rounds_equal_reference_loop(tiny_data, case):
     model = LOGISTIC
     hyper = dict(lr=0.5, momentum=0.9, k=3, rows=3, cols=5, **CASES[case])
     key = jax.random.key(7)
-    w_ref, s_u_ref, s_e_ref = fetchsgd_reference(model, tiny_data, key, 3, **hyper)
-    kw = dict(hyper)
-    kw["sketch_rows"], kw["sketch_cols"] = kw.pop("rows"), kw.pop("cols")
-    alg = fetchsgd(model, clients_per_round=3, batch_size=4, **kw)
+    w_ref, s_u_ref, s_e_ref, senders = fetchsgd_reference(model, tiny_data, key, 3, **hyper)
+    own, setup = split_hyper(hyper, clients_per_round=3, batch_size=4)
+    alg = fetchsgd(model, setup=setup, **own)
     state, (w0, *metrics) = run_rounds(alg, tiny_data, key, 3)
     np.testing.assert_allclose(np.asarray(flatten(state.params)[0]), w_ref, atol=1e-5)
     np.testing.assert_allclose(np.asarray(state.momentum), s_u_ref, atol=1e-5)
@@ -153,27 +176,38 @@ def test_fetchsgd_rounds_equal_reference_loop(tiny_data, case):
     moved = np.asarray(flatten(state.params)[0]) != np.asarray(w0)
     assert 3 <= moved.sum() <= 9                    # at most k coordinates per round
     up = 3 * 5 * 4 + (4 * 6 if case == "second_round" else 0)
-    assert float(metrics[0]["bytes_up"]) == 3 * up   # 3 clients, r x c float32 (+ k' floats)
+    assert float(metrics[0]["bytes_up"]) == senders[0] * up   # r x c float32 (+ k' floats) each
+    assert senders[0] == 3 or case == "stragglers_dropped"
+    for m in metrics:                     # no extra loss: the local objective is the data loss
+        assert float(m["local_objective"]) == float(m["local_loss"])
 
 
-@pytest.mark.parametrize("error_feedback", [True, False])
-def test_local_topk_rounds_equal_reference_loop(tiny_data, error_feedback):
+@pytest.mark.parametrize("error_feedback, server", [(True, "sgdm"), (False, "sgdm"),
+                                                    (True, "fedadam")])
+def test_local_topk_rounds_equal_reference_loop(tiny_data, error_feedback, server):
+    """Server SGD with momentum (the baseline of the paper) or any server optimizer on the mean
+    message (FedAdam: Reddi et al.'s Algorithm 2, written out below)."""
     model = LOGISTIC
     lr, rho, k, rounds = 0.5, 0.9, 4, 3
+    b1, b2, tau = 0.9, 0.99, 1e-3
     key = jax.random.key(3)
     k_init, k_rounds = jax.random.split(key)
-    alg = local_topk(model, lr=lr, momentum=rho, k=k, error_feedback=error_feedback,
-                     clients_per_round=3, batch_size=4)
+    server_opt = dict(server_lr=lr, server_momentum=rho) if server == "sgdm" else \
+        dict(server_optimizer="fedadam", server_lr=lr, server_b1=b1, server_b2=b2, server_eps=tau)
+    alg = local_topk(model, k=k, error_feedback=error_feedback,
+                     setup=Setup.of(clients_per_round=3, batch_size=4, **server_opt))
     state, (_, *metrics) = run_rounds(alg, tiny_data, key, rounds)
 
     w, unravel = flatten(alg.init(k_init, tiny_data).params)
     w = np.asarray(w)
     errors = np.zeros((tiny_data.num_clients, w.shape[0]), np.float32)
     u = np.zeros_like(w)
-    work = LocalWork(clients_per_round=3, batch_size=4, local_steps=1, weighting="uniform")
+    m_adam, v_adam = np.zeros_like(w), np.full_like(w, tau ** 2)
+    cohort = Cohort(3, weighting="uniform")
+    work = LocalWork(batch_size=4, local_steps=1)
     for r in range(1, rounds + 1):
         k_part, k_train = jax.random.split(jax.random.fold_in(k_rounds, r))
-        part = participate_jit(k_part, tiny_data, work)
+        part = participate_jit(k_part, tiny_data, cohort, work)
         g, _ = client_grads_reference(model, tiny_data, part, w, unravel, k_train, 1.0)
         sent = np.zeros_like(g)
         for i, cid in enumerate(np.asarray(part.ids)):
@@ -182,12 +216,19 @@ def test_local_topk_rounds_equal_reference_loop(tiny_data, error_feedback):
             sent[i, top] = a[top]
             if error_feedback:
                 errors[cid] = a - sent[i]
-        u = rho * u + sent.mean(0)
-        w = w - lr * u
+        if server == "sgdm":
+            u = rho * u + sent.mean(0)
+            w = w - lr * u
+        else:
+            g_t = sent.mean(0)
+            m_adam = b1 * m_adam + (1 - b1) * g_t
+            v_adam = b2 * v_adam + (1 - b2) * g_t ** 2
+            w = w - lr * m_adam / (np.sqrt(v_adam) + tau)
     np.testing.assert_allclose(np.asarray(flatten(state.params)[0]), w, atol=1e-5)
     if error_feedback:
         np.testing.assert_allclose(np.asarray(state.errors), errors, atol=1e-5)
     assert float(metrics[0]["bytes_up"]) == 3 * k * 8
+    assert all(float(m["local_objective"]) == float(m["local_loss"]) for m in metrics)
 
 
 # The learning claim (Rothchild et al. 2020, issue 6): on a small non-iid task FetchSGD with a sketch
@@ -219,15 +260,13 @@ def fetchsgd_claim_accuracies(seed):
     """Mean test accuracy over rounds 250-500 of SGD-M, FetchSGD and local top-k without EF."""
     data = fl.data.load("digits:shards=2,clients=100", seed=seed)
     model = models.mlp(10, hidden=(64,))
-    common = dict(clients_per_round=10, batch_size=20)
+    common = dict(clients_per_round=10, batch_size=20, server_lr=0.1, server_momentum=0.9)
     algs = {
-        "sgdm": fl.algorithms.fedopt(model, client_lr=1.0, local_steps=1, server_lr=0.1,
-                                     server_momentum=0.9, weighting="uniform", **common),
-        "fetchsgd": fetchsgd(model, lr=0.1, momentum=0.9, k=96, sketch_rows=1, sketch_cols=481,
-                             masking="zero_cells", second_round=True, num_candidates=192,
-                             **common),
-        "topk_no_ef": local_topk(model, lr=0.1, momentum=0.9, k=96, error_feedback=False,
-                                 **common),
+        "sgdm": fl.algorithms.fedopt(model, setup=Setup.of(client_lr=1.0, local_steps=1,
+                                                           weighting="uniform", **common)),
+        "fetchsgd": fetchsgd(model, k=96, sketch_rows=1, sketch_cols=481, masking="zero_cells",
+                             second_round=True, num_candidates=192, setup=Setup.of(**common)),
+        "topk_no_ef": local_topk(model, k=96, error_feedback=False, setup=Setup.of(**common)),
     }
     acc = {}
     for name, alg in algs.items():
@@ -270,23 +309,76 @@ def test_registered_in_algorithms():
     (dict(k=0), "k must be"),
     (dict(sketch_rows=0), "sketch_rows"),
     (dict(sketch_cols=1.5), "sketch_cols"),
-    (dict(momentum=1.0), "momentum"),
-    (dict(lr=-1.0), "lr"),
+    (dict(setup=Setup.of(server_momentum=1.0)), r"server_momentum must lie in \[0, 1\)"),
     (dict(masking="median"), "masking"),
     (dict(k=5, num_candidates=3), "num_candidates"),
-    (dict(clients_per_round=0), "clients_per_round"),
+    (dict(setup=Setup.of(server_optimizer="fedadam")), "server_opt must be .*sgd.*'fedadam'"),
+    (dict(setup=Setup(client_opt=Optimizer.of(optax.sgd(0.1)))), "client_opt"),
 ])
 def test_fetchsgd_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fetchsgd(models.logistic(3), **kwargs)
 
 
+@pytest.mark.parametrize("factory", [fetchsgd, local_topk])
+@pytest.mark.parametrize("setup, field", [
+    (Setup(aggregator=aggregators.median()), "aggregator"),
+    (Setup.of(attack="sign_flip"), "attack"),
+    (Setup(uplink=uplink.sign()), "uplink"),
+])
+def test_sketch_is_the_uplink_no_aggregator_attack_or_uplink(factory, setup, field):
+    with pytest.raises(ValueError, match=f"takes no Setup.{field}"):
+        factory(models.logistic(3), setup=setup)
+
+
 def test_check_rejects_k_above_model_size_and_too_many_clients(tiny_data):
+    two = Setup.of(clients_per_round=2)
     with pytest.raises(ValueError, match="k=100 .*d=15"):
-        fetchsgd(models.logistic(3), k=100, clients_per_round=2).check(tiny_data)
+        fetchsgd(models.logistic(3), k=100, setup=two).check(tiny_data)
     with pytest.raises(ValueError, match="k=16 exceeds"):
-        local_topk(models.logistic(3), k=16, clients_per_round=2).check(tiny_data)
+        local_topk(models.logistic(3), k=16, setup=two).check(tiny_data)
     with pytest.raises(ValueError, match="clients_per_round"):
-        fetchsgd(models.logistic(3), k=3, clients_per_round=6).check(tiny_data)
+        fetchsgd(models.logistic(3), k=3, setup=Setup.of(clients_per_round=6)).check(tiny_data)
     with pytest.raises(ValueError, match="k must be"):
         local_topk(models.logistic(3), k=0)
+
+
+def test_defaults_and_config_are_the_setup():
+    """The old defaults (golden runs): server SGD lr 0.1 momentum 0.9, client lr 1, one step of
+    batch 10, 10 clients averaged uniformly; config.json holds the flat names the CLI reads."""
+    for factory in (fetchsgd, local_topk):
+        alg = factory(models.logistic(3))
+        s = alg.setup
+        assert (s.server_opt.name, s.server_opt.lr, s.server_opt.momentum) == ("sgd", 0.1, 0.9)
+        assert (s.client_opt.name, s.client_opt.lr) == ("sgd", 1.0)
+        assert (s.work.local_steps, s.work.batch_size) == (1, 10)
+        assert (s.cohort.clients_per_round, s.cohort.sampling, s.cohort.weighting) == \
+            (10, "uniform", "uniform")
+        assert alg.config["algorithm"] == factory.__name__
+        assert alg.config["server_lr"] == 0.1 and alg.config["server_momentum"] == 0.9
+        assert alg.config["k"] == 100 and "aggregator" not in alg.config
+    assert fetchsgd(models.logistic(3), setup=Setup.of(server_lr=0.3)).config["server_lr"] == 0.3
+
+
+def test_fetchsgd_server_lr_may_be_traced(tiny_data):
+    """A vmap over eta gives each eta's own run (the reference loop with that eta). rho is read the
+    same way, but a traced momentum cannot build an Optimizer yet (core/optimizers.py branches on
+    `momentum or None`)."""
+    key = jax.random.key(5)
+    hyper = dict(momentum=0.9, k=3, rows=3, cols=5)
+
+    def final(eta):
+        own, _ = split_hyper(hyper)
+        alg = fetchsgd(LOGISTIC, **own, setup=Setup(
+            cohort=Cohort(3, weighting="uniform"), work=LocalWork(batch_size=4, local_steps=1),
+            server_opt=Optimizer("sgd", lr=eta, momentum=hyper["momentum"])))
+        state, _ = run_rounds(alg, tiny_data, key, 2)
+        return flatten(state.params)[0], state.error
+
+    etas = (0.5, 0.25)
+    w, err = jax.jit(jax.vmap(final))(jnp.array(etas))
+    for i, eta in enumerate(etas):
+        w_ref, _, s_e_ref, _ = fetchsgd_reference(LOGISTIC, tiny_data, key, 2, lr=eta, **hyper)
+        np.testing.assert_allclose(np.asarray(w[i]), w_ref, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(err[i]), s_e_ref, atol=1e-5)
+    assert not np.allclose(w[0], w[1])

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 import fedjax_lab as fl
+from fedjax_lab import Setup
 from fedjax_lab.algorithms import fedopt, fetchsgd, local_topk
 from fedjax_lab.core.tree import flatten
 
@@ -44,21 +45,22 @@ def methods(model, d, *, ratio, clients, batch, lr=0.1, rho=0.9, rows=1):
     cells = rows * cols
     k = cols // 5                                         # c / k = 5 (the paper's CIFAR runs: 10)
     few = max(1, round(clients * cells / d))               # equal upload bytes: C r c = C' d
-    kw = dict(clients_per_round=clients, batch_size=batch)
-    sk = dict(lr=lr, momentum=rho, k=k, sketch_rows=rows, sketch_cols=cols, **kw)
-    sgdm = dict(client_lr=1.0, local_steps=1, batch_size=batch, server_lr=lr,
-                server_momentum=rho, weighting="uniform")
+    # FetchSGD's and local top-k's defaults: one gradient (client lr 1), uniform weights
+    shared = Setup.of(clients_per_round=clients, batch_size=batch, server_lr=lr,
+                      server_momentum=rho)
+    sgdm = lambda c: Setup.of(clients_per_round=c, client_lr=1.0, local_steps=1, batch_size=batch,
+                              server_lr=lr, server_momentum=rho, weighting="uniform")
+    sk = dict(k=k, sketch_rows=rows, sketch_cols=cols, setup=shared)
     out = {
-        "uncompressed SGD-M": fedopt(model, clients_per_round=clients, name="sgdm", **sgdm),
+        "uncompressed SGD-M": fedopt(model, setup=sgdm(clients)),
         f"FetchSGD (code's zero-cells) k={k}": fetchsgd(model, masking="zero_cells", **sk),
         f"FetchSGD (paper's subtract) k={k}": fetchsgd(model, masking="subtract", **sk),
         f"FetchSGD 2nd round, 2k cand.": fetchsgd(model, masking="zero_cells", second_round=True,
                                                   num_candidates=2 * k, **sk),
-        f"local top-k + EF, k={cells // 2}": local_topk(model, lr=lr, momentum=rho, k=cells // 2, **kw),
-        f"local top-k, no EF, k={cells // 2}": local_topk(model, lr=lr, momentum=rho, k=cells // 2,
-                                                          error_feedback=False, **kw),
-        f"FedAvg-SGD-M, {few} client(s)/round": fedopt(model, clients_per_round=few, name="few",
-                                                       **sgdm),
+        f"local top-k + EF, k={cells // 2}": local_topk(model, k=cells // 2, setup=shared),
+        f"local top-k, no EF, k={cells // 2}": local_topk(model, k=cells // 2,
+                                                          error_feedback=False, setup=shared),
+        f"FedAvg-SGD-M, {few} client(s)/round": fedopt(model, setup=sgdm(few)),
     }
     return out, dict(rows=rows, cols=cols, k=k, cells=cells, few=few)
 

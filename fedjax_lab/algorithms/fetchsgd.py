@@ -1,8 +1,9 @@
 """FetchSGD (Rothchild, Panda, Ullah, Ivkin, Stoica, Braverman, Gonzalez, Arora; ICML 2020),
 Algorithm 1: momentum and error feedback in count-sketch space, stateless clients.
 
-Round t, sampled clients c_1 ... c_W, count sketch S (r x c, hashes shared via a key), server lr eta,
-momentum rho:
+Round t, sampled clients c_1 ... c_W, count sketch S (r x c, hashes shared via a key), server lr eta
+and momentum rho (the Setup's server optimizer, which must be "sgd": FetchSGD is SGD with momentum
+in sketch space; eta follows its lr_schedule):
 
     client i:   g_i = gradient of its loss at w_t on a batch;  sends S(g_i)        (r c floats)
     server:     S^t   = sum_i p_i S(g_i) / sum_i p_i          (= S(mean g): S is linear)
@@ -26,8 +27,10 @@ Variants (named options):
     (clients are stateless; older rounds live only in the sketch), so a candidate's value is
     U(S_e - eta S^t)_j + eta g_j and the k largest of these are applied. With rho = 0 and no carried
     error this is the exact two-round top-k of Ivkin et al. (2019).
-  * `local_steps > 1` (our generalization; Algorithm 1 takes one gradient): the client runs local
-    SGD at `client_lr` and sends g_i = (w_t - w_i) / client_lr, the sum of its local gradients.
+  * `LocalWork(local_steps > 1)` (our generalization; Algorithm 1 takes one gradient): the client
+    runs local training with the Setup's client optimizer and sends g_i = (w_t - w_i) / client_lr,
+    the sum of its local gradients under constant-lr SGD. Stragglers (`LocalWork.stragglers`) send
+    their partial work's g_i unless `drop_stragglers=True`.
   * `per_client_sketch=False`: the server sketches sum_i p_i g_i once instead of summing C tables;
     identical up to float rounding (linearity), C times cheaper to simulate.
 
@@ -52,6 +55,12 @@ sharing a cell both receive the cell's value and subtracting both over-corrects 
 sign and grows); with more rows, noisy estimates grow the error ||e - Delta|| round after round.
 Zeroing cells forgets the other coordinates' mass in those cells but is stable.
 
+Shared pieces: sampling and batches (`participate`), the clients' local training
+(`skeleton.local_delta` mapped by `skeleton.map_clients`) and the weights p_i (`client_weights`)
+are the round skeleton's. The rest is not: the server's state and step live in sketch space (S_u,
+S_e; no server optimizer acts on w), and the second round needs the raw g_i after unsketching, so
+the sketch is no stateless uplink followed by an aggregator.
+
 Communication per round: up, W r c float32 (+ W k float32 in the second round); down, the dense
 model to each of the W clients (4 d bytes; sparse downloads of the changed weights are not
 modelled) (+ W k int32 candidate indices in the second round).
@@ -62,19 +71,29 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import struct
 
 from fedjax_lab import compression as cz
 from fedjax_lab.core import comm, validate
 from fedjax_lab.core.evaluate import client_params_of_global
-from fedjax_lab.core.local import local_train
-from fedjax_lab.core.rounds import LocalWork, client_weights, participate, weighted_mean_scalar
+from fedjax_lab.core.optimizers import schedule
+from fedjax_lab.core.rounds import client_weights, participate, weighted_mean_scalar
+from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config,
+                                   defaults, resolve)
+from fedjax_lab.core.skeleton import local_delta, map_clients
 from fedjax_lab.core.tree import flatten
 from fedjax_lab.core.types import Algorithm, Model
 
 
 SCATTER_BUDGET = 1 << 26   # values per batched scatter-add (256 MB of float32) when sketching clients
+
+# One gradient of batch 10 per client, 10 clients averaged uniformly (the paper's 1/W), eta = 0.1,
+# rho = 0.9; shared with local top-k, FetchSGD's baseline.
+SKETCHED = Setup(cohort=Cohort(10, sampling="uniform", weighting="uniform"),
+                 work=LocalWork(batch_size=10, local_steps=1),
+                 client_opt=Optimizer("sgd", lr=1.0),
+                 server_opt=Optimizer("sgd", lr=0.1, momentum=0.9))
+USES = {"cohort", "work", "client_opt", "server_opt"}    # the sketch is the uplink
 
 
 @struct.dataclass
@@ -86,16 +105,21 @@ class FetchSGDState:
     round: jax.Array
 
 
-def client_gradients(model, work: LocalWork, client_lr: float, w_t, data, part, key):
-    """[C, d] flat g_i = (w_t - w_i) / client_lr after each client's local SGD (one step: its
-    batch gradient), and the [C] local losses."""
-    train = local_train(model, optax.sgd(client_lr))
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(part.ids)
-    res = jax.vmap(train, in_axes=(None, None, None, 0, 0, 0))(
-        w_t, data.x, data.y, part.batches.idx, part.batches.step_mask, keys)
-    flat_t, _ = flatten(w_t)
-    flat_i = jax.vmap(lambda p: flatten(p)[0])(res.params)
-    return (flat_t[None, :] - flat_i) / client_lr, res.loss
+def check_client_opt(client_opt: Optimizer):
+    """g_i = (w_t - w_i) / client_lr needs the client optimizer's learning rate."""
+    if client_opt.tx is not None:
+        raise ValueError("setup.client_opt: the message is (w_t - w_i) / client_lr, so it needs "
+                         "a named optimizer with its lr (Optimizer('sgd', lr=...)), not a custom "
+                         "optax one")
+
+
+def client_gradients(model, client_opt: Optimizer, w_t, data, part, key):
+    """[C, d] flat g_i = (w_t - w_i) / client_lr after each client's local training (one SGD step:
+    its batch gradient), and the [C] local losses F_k and local objectives."""
+    client = local_delta(model, client_opt.build("client_optimizer"))
+    delta, loss, objective = map_clients(client, w_t, data, part, key)
+    flat = jax.vmap(lambda t: flatten(t)[0])(delta)          # w_i - w_t, negated exactly below
+    return -flat / client_opt.lr, loss, objective
 
 
 def normalized(p):
@@ -111,40 +135,46 @@ def remove_support(cs, table, idx, values, masking: str):
     return table.at[jnp.arange(cs.rows)[:, None], buckets].set(0.0)
 
 
-def fetchsgd(model: Model, *, lr: float = 0.1, momentum: float = 0.9, k: int = 100,
-             sketch_rows: int = 5, sketch_cols: int = 1000, second_round: bool = False,
-             num_candidates: int = 0, masking: str = "subtract", momentum_masking: bool = True,
-             per_client_sketch: bool = True, clients_per_round: int = 10, local_steps: int = 1,
-             client_lr: float = 1.0, batch_size: int = 10, sampling: str = "uniform",
-             weighting: str = "uniform", shuffle: str = "auto") -> Algorithm:
-    """FetchSGD (see module docstring). num_candidates = 0 means k (second round only)."""
-    validate.positive("lr", lr)
-    validate.fraction("momentum", momentum, closed_right=False)
+def num_params(model, data) -> int:
+    params = jax.eval_shape(model.init, jax.random.key(0), data.x[:1])
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+@defaults(SKETCHED, uses=USES)
+def fetchsgd(model: Model, *, k: int = 100, sketch_rows: int = 5, sketch_cols: int = 1000,
+             second_round: bool = False, num_candidates: int = 0, masking: str = "subtract",
+             momentum_masking: bool = True, per_client_sketch: bool = True,
+             setup: Setup = Setup()) -> Algorithm:
+    """FetchSGD (see module docstring). num_candidates = 0 means k (second round only).
+    eta = server_lr and rho = server_momentum may be traced."""
+    s = resolve(setup, fetchsgd)
+    if s.server_opt.name != "sgd":
+        raise ValueError(f"setup.server_opt must be Optimizer('sgd', lr=eta, momentum=rho): "
+                         f"FetchSGD is SGD with momentum in sketch space, got "
+                         f"{s.server_opt.name!r}")
+    check_client_opt(s.client_opt)
+    eta, rho = s.server_opt.lr, s.server_opt.momentum
+    validate.fraction("server_momentum", rho, closed_right=False)
     validate.positive("k", k, integer=True)
     validate.positive("sketch_rows", sketch_rows, integer=True)
     validate.positive("sketch_cols", sketch_cols, integer=True)
-    validate.positive("client_lr", client_lr)
     validate.one_of("masking", masking, {"subtract", "zero_cells"})
     if not isinstance(num_candidates, int) or num_candidates < 0:
         raise ValueError(f"num_candidates must be an integer >= 0 (0 means k), got {num_candidates!r}")
     if num_candidates and num_candidates < k:
         raise ValueError(f"num_candidates must be >= k={k} (or 0 for k), got {num_candidates}")
     m = num_candidates or k
-    work = LocalWork(clients_per_round=clients_per_round, batch_size=batch_size,
-                     local_steps=local_steps, sampling=sampling, weighting=weighting,
-                     shuffle=shuffle)
-    config = dict(algorithm="fetchsgd", model=model.name, lr=lr, momentum=momentum, k=k,
-                  sketch_rows=sketch_rows, sketch_cols=sketch_cols, second_round=second_round,
-                  num_candidates=num_candidates, masking=masking,
-                  momentum_masking=momentum_masking, per_client_sketch=per_client_sketch,
-                  clients_per_round=clients_per_round, local_steps=local_steps,
-                  client_lr=client_lr, batch_size=batch_size, sampling=sampling,
-                  weighting=weighting, shuffle=shuffle)
+    eta_at = schedule(eta, s.server_opt.lr_schedule)
+    drop = bool(s.work.drop_stragglers)         # None: keep stragglers' partial gradients
+    config = algorithm_config("fetchsgd", model, s, uses=USES, k=k, sketch_rows=sketch_rows,
+                              sketch_cols=sketch_cols, second_round=second_round,
+                              num_candidates=num_candidates, masking=masking,
+                              momentum_masking=momentum_masking,
+                              per_client_sketch=per_client_sketch)
 
     def check(data):
-        work.check(data)
-        params = jax.eval_shape(model.init, jax.random.key(0), data.x[:1])
-        d = sum(int(x.size) for x in jax.tree.leaves(params))
+        s.check(data)
+        d = num_params(model, data)
         if m > d:
             raise ValueError(f"k={k} (num_candidates={m}) exceeds the number of model parameters "
                              f"d={d}; expected k <= num_candidates <= d")
@@ -162,16 +192,18 @@ def fetchsgd(model: Model, *, lr: float = 0.1, momentum: float = 0.9, k: int = 1
     def round(state, data, key):
         k_part, k_train = jax.random.split(key)
         cs = state.sketch
-        part = participate(k_part, data, work)
-        g, losses = client_gradients(model, work, client_lr, state.params, data, part, k_train)
-        p = client_weights(part, work, drop_stragglers=False)
+        lr = eta_at(state.round) if callable(eta_at) else eta_at
+        part = participate(k_part, data, s.cohort, s.work)
+        g, losses, objectives = client_gradients(model, s.client_opt, state.params, data, part,
+                                                 k_train)
+        p = client_weights(part, s.cohort, drop_stragglers=drop)
         pn = normalized(p)
         if per_client_sketch:                # clients in chunks of <= 2^26 scattered values
             chunk = max(1, SCATTER_BUDGET // (cs.rows * cs.dim))
             table = jnp.tensordot(pn, cz.sketch_clients(cs, g, chunk=chunk), axes=1)
         else:
             table = cz.sketch(cs, pn @ g)                                 # S(sum_i p_i g_i)
-        s_u = momentum * state.momentum + table
+        s_u = rho * state.momentum + table
         s_e = state.error + lr * s_u
         if second_round:
             history = s_e - lr * table
@@ -190,12 +222,13 @@ def fetchsgd(model: Model, *, lr: float = 0.1, momentum: float = 0.9, k: int = 1
         up = cs.num_bytes + (4 * m if second_round else 0)
         down = 4 * cs.dim + (4 * m if second_round else 0)
         metrics = dict(local_loss=weighted_mean_scalar(losses, p),
+                       local_objective=weighted_mean_scalar(objectives, p),
                        clients_aggregated=num_up.astype(jnp.float32),
                        update_norm=jnp.linalg.norm(delta),
                        **comm.round_metrics(up_per_client=up, down_per_client=down,
-                                            num_up=num_up, num_down=work.clients_per_round))
+                                            num_up=num_up, num_down=s.cohort.clients_per_round))
         return state.replace(params=params, momentum=s_u, error=s_e, round=state.round + 1), metrics
 
     return Algorithm(name="fetchsgd", init=init, round=round, model=model,
-                     client_params=client_params_of_global(lambda s: s.params),
-                     global_params=lambda s: s.params, check=check, config=config)
+                     client_params=client_params_of_global(lambda st: st.params),
+                     global_params=lambda st: st.params, check=check, config=config, setup=s)

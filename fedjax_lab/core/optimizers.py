@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lab.core import validate
+from fedjax_lab.core.values import is_traced
 
 OPTIMIZERS = {
     "sgd": "plain SGD (with momentum when momentum > 0)",
@@ -112,7 +113,8 @@ def make_optimizer(name_or_tx, lr: float, *, momentum: float = 0.0, eps: float =
     validate.one_of(named("lr_schedule"), lr_schedule, SCHEDULES)
     lr = schedule(lr, lr_schedule)
     if name_or_tx == "sgd":
-        return optax.sgd(lr, momentum=momentum or None)
+        plain = not is_traced(momentum) and momentum == 0     # a swept momentum stays traced
+        return optax.sgd(lr, momentum=None if plain else momentum)
     if name_or_tx in _SECOND_MOMENT:
         return reddi(name_or_tx, lr, b1=b1, b2=b2, tau=eps)
     if name_or_tx == "adam":
