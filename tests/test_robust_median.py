@@ -5,10 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.stats import norm
 
-from fedjax_lab import algorithms, models
-from fedjax_lab.algorithms.robust_median import NOISE_STREAM, mediansgd, perturb, signsgd
-from fedjax_lab.core.rounds import LocalWork, participate
+from fedjax_lab import Setup, algorithms, attacks, models
+from fedjax_lab.algorithms.robust_median import mediansgd, signsgd
+from fedjax_lab.core.rounds import participate
+from fedjax_lab.core.uplink import NOISE_STREAM, perturb
 from tests.reference import softmax_grads
 
 
@@ -24,10 +26,13 @@ def _documented_noise(tree, key, client_id, noise):
 
 
 def _reference_round(data, state, key, *, rule, vote, noise, sigma, server_lr, local_steps,
-                     client_lr, work):
-    """Unjitted, no vmap: one client after another; numpy gradients, numpy sign / median."""
+                     client_lr, setup, aggregator=None, attack=None, fraction=0.0, scale=None):
+    """Unjitted, no vmap: one client after another; numpy gradients, numpy sign / median.
+
+    Attackers replace what they send (the signs for signSGD); the server reads a signSGD message
+    by its signs. `aggregator` "trimmed_mean" (beta 0.25) replaces the vote / median."""
     k_part, _ = jax.random.split(key)
-    part = jax.jit(participate, static_argnums=2)(k_part, data, work)
+    part = jax.jit(participate, static_argnums=(2, 3))(k_part, data, setup.cohort, setup.work)
     W0 = np.asarray(state.params["Dense_0"]["kernel"], np.float64)
     b0 = np.asarray(state.params["Dense_0"]["bias"], np.float64)
     x, y = np.asarray(data.x, np.float64), np.asarray(data.y)
@@ -45,17 +50,34 @@ def _reference_round(data, state, key, *, rule, vote, noise, sigma, server_lr, l
             gW, gb = gW + sigma * xi["kernel"], gb + sigma * xi["bias"]
         msgs_W.append(gW)
         msgs_b.append(gb)
+    bad = (np.asarray(attacks.malicious_clients(data.num_clients, fraction))[ids] if attack
+           else np.zeros(len(ids), bool))
     out = []
     for msgs in (msgs_W, msgs_b):
         M = np.stack(msgs)
-        if rule == "median":
+        if rule == "sign":
+            M = np.sign(M)                                     # what an honest node sends
+        if attack == "sign_flip":
+            M[bad] = -M[bad]
+        elif attack == "scaled":
+            M[bad] = scale * M[bad]
+        elif attack == "alie":                                 # Baruch et al. over the honest sends
+            n, f = len(ids), bad.sum()
+            z = norm.ppf((n - (np.floor(n / 2 + 1) - f)) / n)
+            M[bad] = M[~bad].mean(0) - z * M[~bad].std(0)
+        if rule == "sign":
+            M = np.sign(M)                                     # 1 bit a coordinate is all that arrives
+        if aggregator == "trimmed_mean":
+            k = int(np.floor(0.25 * len(M)))
+            d = np.sort(M, axis=0)[k:len(M) - k].mean(0)
+        elif rule == "median":
             d = np.median(M, axis=0)
         elif vote == "majority":
-            d = np.sign(np.sign(M).sum(0))
+            d = np.sign(M.sum(0))
         else:
-            d = np.sign(M).mean(0)
+            d = M.mean(0)
         out.append(d)
-    return W0 - server_lr * out[0], b0 - server_lr * out[1]
+    return W0 - server_lr * out[0], b0 - server_lr * out[1], bad.sum()
 
 
 CASES = {
@@ -65,6 +87,17 @@ CASES = {
     "noisy_mediansgd_gaussian": dict(rule="median", vote="majority", noise="gaussian", sigma=0.3),
     "noisy_mediansgd_uniform_3_local_steps": dict(rule="median", vote="majority", noise="uniform",
                                                   sigma=0.3, local_steps=3),
+    # composed with the Setup's aggregator and attack
+    "noisy_signsgd_trimmed_mean": dict(rule="sign", vote="majority", noise="gaussian", sigma=0.5,
+                                       aggregator="trimmed_mean"),
+    "noisy_signsgd_mean_vote_alie": dict(rule="sign", vote="mean", noise="gaussian", sigma=0.5,
+                                         attack="alie", fraction=0.4),
+    "noisy_signsgd_mean_vote_scaled": dict(rule="sign", vote="mean", noise="gaussian", sigma=0.5,
+                                           attack="scaled", fraction=0.4, scale=10.0),
+    "noisy_signsgd_sign_flip": dict(rule="sign", vote="majority", noise="gaussian", sigma=0.5,
+                                    attack="sign_flip", fraction=0.4, scale=1.0),
+    "noisy_mediansgd_alie_3_local_steps": dict(rule="median", vote="majority", noise="gaussian",
+                                               sigma=0.3, local_steps=3, attack="alie", fraction=0.4),
 }
 
 
@@ -74,21 +107,29 @@ def test_round_matches_per_client_reference(case, tiny_data):
     local_steps = c.pop("local_steps", 1)
     rule, vote = c.pop("rule"), c.pop("vote")
     server_lr = 0.05
-    common = dict(noise=c["noise"], sigma=c["sigma"], server_lr=server_lr, client_lr=0.1,
-                  local_steps=local_steps, clients_per_round=4, batch_size=4)
+    flat = dict(server_lr=server_lr, client_lr=0.1, local_steps=local_steps, clients_per_round=4,
+                batch_size=4)
+    if "aggregator" in c:
+        flat.update(aggregator="trimmed_mean", aggregator_beta=0.25)
+    if "attack" in c:
+        flat.update(attack=c["attack"], attack_fraction=c["fraction"], attack_scale=c.get("scale"))
     model = models.logistic(3)
-    alg = signsgd(model, vote=vote, **common) if rule == "sign" else mediansgd(model, **common)
-    work = LocalWork(clients_per_round=4, batch_size=4, local_steps=local_steps, weighting="uniform")
+    own = dict(noise=c["noise"], sigma=c["sigma"], setup=Setup.of(**flat))
+    alg = signsgd(model, vote=vote, **own) if rule == "sign" else mediansgd(model, **own)
     state = alg.init(jax.random.key(0), tiny_data)
     round_fn = jax.jit(alg.round)
+    attackers = 0
     for t in range(2):
         key = jax.random.key(20 + t)
-        W, b = _reference_round(tiny_data, state, key, rule=rule, vote=vote, server_lr=server_lr,
-                                local_steps=local_steps, client_lr=0.1, work=work, **c)
+        W, b, n_bad = _reference_round(tiny_data, state, key, rule=rule, vote=vote,
+                                       server_lr=server_lr, local_steps=local_steps, client_lr=0.1,
+                                       setup=alg.setup, **c)
+        attackers += n_bad
         state, metrics = round_fn(state, tiny_data, key)
         np.testing.assert_allclose(state.params["Dense_0"]["kernel"], W, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(state.params["Dense_0"]["bias"], b, atol=1e-5, rtol=1e-5)
         assert float(metrics["clients_aggregated"]) == 4
+    assert (attackers > 0) == ("attack" in c)              # the attack cases do see attackers
 
 
 # ---- the noise itself: perturb's distribution, and the round's noise seen through its output ----
@@ -136,11 +177,10 @@ def test_round_noise_statistics_match_the_rule(noise):
     xi_i has E d = 1/M sum_i m_i and Var d = 1/M^2 sum_i (1 - m_i^2), where m_i = E sign(g_i + sigma xi)
     = 2 Phi(g_i / sigma) - 1 (gaussian) or g_i / sigma for |g_i| <= sigma (uniform). Noise shared
     by the clients would give Var d ~ 4x larger (measured 0.77 vs 0.19); shared by the coordinates, 0."""
-    from scipy.stats import norm
     D, sigma, c = 4000, 5.0, np.array([0.0, 0.0, 0.0, 1.0, 4.0])
     data = models.quadratic_clients(c[:, None] * np.ones((1, D)))
-    alg = signsgd(models.quadratic(D), noise=noise, sigma=sigma, vote="mean", server_lr=1.0,
-                  clients_per_round=5, batch_size=2)
+    alg = signsgd(models.quadratic(D), noise=noise, sigma=sigma, vote="mean",
+                  setup=Setup.of(server_lr=1.0, clients_per_round=5, batch_size=2))
     state = alg.init(jax.random.key(0), data)
     new, _ = jax.jit(alg.round)(state, data, jax.random.key(3))
     d = np.asarray(state.params["x"] - new.params["x"], np.float64)       # x_1 = x_0 - delta * d
@@ -155,14 +195,15 @@ def test_round_noise_statistics_match_the_rule(noise):
 
 
 def test_inv_sqrt_server_step_follows_the_rule():
-    """lr_decay="inv_sqrt": x_{t+1} = x_t - delta / sqrt(t + 1) * median_i(x_t - a_i), t = 0, 1, 2
+    """server_lr_schedule="inv_sqrt" (the old lr_decay):
+    x_{t+1} = x_t - delta / sqrt(t + 1) * median_i(x_t - a_i), t = 0, 1, 2
     (plain medianSGD on quadratics with exact gradients, all 5 clients every round)."""
     a = np.array([[0.0, 2.0], [1.0, -1.0], [3.0, 0.5], [-2.0, 4.0], [5.0, 1.0]])
     delta, x0 = 0.8, np.array([10.0, -6.0])
     data = models.quadratic_clients(a)
     for decay, step in (("inv_sqrt", lambda t: delta / np.sqrt(t + 1)), ("constant", lambda t: delta)):
-        alg = mediansgd(models.quadratic(2, init=x0), server_lr=delta, lr_decay=decay,
-                        clients_per_round=5, batch_size=2)
+        alg = mediansgd(models.quadratic(2, init=x0), setup=Setup.of(
+            server_lr=delta, server_lr_schedule=decay, clients_per_round=5, batch_size=2))
         state, x = alg.init(jax.random.key(0), data), x0.copy()
         round_fn = jax.jit(alg.round)
         for t in range(3):
@@ -180,6 +221,7 @@ def test_inv_sqrt_server_step_follows_the_rule():
 
 A = [[0.0], [0.0], [0.0], [1.0], [4.0]]     # mean 1 (the stationary point of f), median 0
 X_MEAN = 1.0
+QUAD = Setup.of(server_lr=0.01, clients_per_round=5, batch_size=2)
 
 
 def _tail(alg, data, *, rounds=1200, tail=600, seeds=6):
@@ -201,8 +243,7 @@ def test_noise_closes_the_gap_between_median_and_mean(rule):
     make = mediansgd if rule == "median" else signsgd
     gap, spread = {}, {}
     for sigma in (0.0, 1.0, 3.0):
-        xs = _tail(make(models.quadratic(1), sigma=sigma, server_lr=0.01, clients_per_round=5,
-                        batch_size=2), data)
+        xs = _tail(make(models.quadratic(1), sigma=sigma, setup=QUAD), data)
         gap[sigma] = abs(xs.mean() - X_MEAN)
         spread[sigma] = xs.std()
     print(rule, "gap", gap, "std", spread)
@@ -216,52 +257,87 @@ def test_uniform_noise_mean_vote_is_unbiased_once_sigma_covers_the_gradients():
     """E sign(g + sigma u) = g / sigma for u ~ U[-1, 1] and |g| <= sigma: the mean vote is an
     unbiased (scaled) mean gradient, so the fixed point is the mean's optimum itself."""
     data = models.quadratic_clients(A)
-    xs = _tail(signsgd(models.quadratic(1), noise="uniform", sigma=3.0, vote="mean", server_lr=0.01,
-                       clients_per_round=5, batch_size=2), data, rounds=3000, tail=1500)
+    xs = _tail(signsgd(models.quadratic(1), noise="uniform", sigma=3.0, vote="mean", setup=QUAD),
+               data, rounds=3000, tail=1500)
     assert abs(xs.mean() - X_MEAN) < 0.03                # measured ~0.004; majority vote: ~0.01-0.13
-    plain = _tail(signsgd(models.quadratic(1), vote="mean", server_lr=0.01, clients_per_round=5,
-                          batch_size=2), data, rounds=300, tail=100, seeds=1)
+    plain = _tail(signsgd(models.quadratic(1), vote="mean", setup=QUAD), data, rounds=300,
+                  tail=100, seeds=1)
     assert abs(plain.mean() - X_MEAN) > 0.95             # without noise: stuck at the median 0
 
 
 def test_bytes_per_round():
+    """Up: 1 bit a coordinate for signSGD, dense for medianSGD. Down: the vote's levels when every
+    client takes part (so every node can apply it), else the dense model."""
     data = models.quadratic_clients(np.zeros((5, 100)))
-    P = 100
+    P, m = 100, models.quadratic(100)
+    of = lambda **kw: Setup.of(batch_size=2, **{"clients_per_round": 5, **kw})
     for alg, up, down in [
-        (signsgd(models.quadratic(100), clients_per_round=5, batch_size=2), math.ceil(P / 8), math.ceil(P / 8)),
-        (signsgd(models.quadratic(100), clients_per_round=5, batch_size=2, vote="mean"),
-         math.ceil(P / 8), math.ceil(P * 3 / 8)),                 # 6 levels -> 3 bits
-        (signsgd(models.quadratic(100), clients_per_round=4, batch_size=2), math.ceil(P / 8), 4 * P),
-        (mediansgd(models.quadratic(100), clients_per_round=5, batch_size=2), 4 * P, 4 * P),
+        (signsgd(m, setup=of()), math.ceil(P / 8), math.ceil(P / 8)),
+        (signsgd(m, vote="mean", setup=of()), math.ceil(P / 8), math.ceil(P * 3 / 8)),  # 6 levels: 3 bits
+        (signsgd(m, setup=of(clients_per_round=4)), math.ceil(P / 8), 4 * P),
+        (mediansgd(m, setup=of()), 4 * P, 4 * P),
+        (signsgd(m, setup=of(aggregator="trimmed_mean")), math.ceil(P / 8), 4 * P),   # not a vote
+        (signsgd(m, setup=of(sampling="size")), math.ceil(P / 8), 4 * P),    # some miss the round
+        (signsgd(m, vote="mean", setup=of(weighting="examples")), math.ceil(P / 8), 4 * P),
     ]:
         state = alg.init(jax.random.key(0), data)
-        _, m = jax.jit(alg.round)(state, data, jax.random.key(1))
+        _, metrics = jax.jit(alg.round)(state, data, jax.random.key(1))
         C = alg.config["clients_per_round"]
-        assert float(m["bytes_up_per_client"]) == up and float(m["bytes_down_per_client"]) == down
-        assert float(m["bytes_up"]) == C * up and float(m["bytes_down"]) == C * down
+        assert float(metrics["bytes_up_per_client"]) == up
+        assert float(metrics["bytes_down_per_client"]) == down
+        assert float(metrics["bytes_up"]) == C * up and float(metrics["bytes_down"]) == C * down
+
+
+@pytest.mark.parametrize("make", [signsgd, mediansgd])
+def test_sigma_may_be_traced(make):
+    """A sweep over sigma vmapped in one program gives each sigma's own round."""
+    data, model = models.quadratic_clients(np.array(A) * np.ones((1, 50))), models.quadratic(50)
+    setup = Setup.of(server_lr=0.1, clients_per_round=5, batch_size=2)
+    state = make(model, setup=setup).init(jax.random.key(0), data)
+    step = lambda sigma: make(model, sigma=sigma, setup=setup).round(state, data, jax.random.key(3))
+    sigmas = [0.0, 2.0]
+    swept = jax.jit(jax.vmap(lambda s: step(s)[0].params["x"]))(jnp.array(sigmas))
+    for i, sigma in enumerate(sigmas):
+        np.testing.assert_allclose(swept[i], jax.jit(lambda: step(sigma)[0].params["x"])(),
+                                   rtol=1e-6, atol=1e-7)
+    assert not np.allclose(swept[0], swept[1])
 
 
 def test_errors_name_the_argument():
     model = models.quadratic(1)
     with pytest.raises(ValueError, match="noise"):
         signsgd(model, noise="laplace")
+    with pytest.raises(ValueError, match="noise"):
+        mediansgd(model, noise="laplace")
     with pytest.raises(ValueError, match="sigma"):
         mediansgd(model, sigma=-1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        signsgd(model, sigma=-1.0)
     with pytest.raises(ValueError, match="vote"):
         signsgd(model, vote="plurality")
-    with pytest.raises(ValueError, match="lr_decay"):
-        signsgd(model, lr_decay="cosine")
-    with pytest.raises(ValueError, match="attack_fraction"):
-        mediansgd(model, attack="sign_flip", attack_fraction=1.0)
-    with pytest.raises(ValueError, match="clients_per_round"):
-        signsgd(model, clients_per_round=6).init(jax.random.key(0), models.quadratic_clients(A))
+    from fedjax_lab import uplink
+    with pytest.raises(ValueError, match="uplink"):     # the uplink is the algorithm's own
+        signsgd(model, setup=Setup(uplink=uplink.top_k(1)))
 
 
-def test_registered_with_cli_flags():
-    from fedjax_lab.cli import _factory_params
-    for name in ("signsgd", "noisy_signsgd", "mediansgd", "noisy_mediansgd"):
+def test_registered_with_cli_flags_and_the_old_defaults():
+    from fedjax_lab import cli
+    for name, server_lr, sigma in (("signsgd", 1e-3, 0.0), ("noisy_signsgd", 1e-3, 0.1),
+                                   ("mediansgd", 0.1, 0.0), ("noisy_mediansgd", 0.1, 0.1)):
         factory, _ = algorithms.ALGORITHMS[name]
-        names = {p[0] for p in _factory_params(factory)}
-        assert {"sigma", "noise", "server_lr", "attack", "attack_fraction"} <= names
-    names = {p[0] for p in _factory_params(algorithms.ALGORITHMS["fedavg"][0])}
-    assert {"aggregator", "attack", "attack_fraction", "trim_beta", "krum_f"} <= names
+        assert factory.__name__ == name
+        flags = {n: d for n, _, d in cli.own_params(factory) + cli.setup_params(factory)}
+        assert {"sigma", "noise", "server_lr", "server_lr_schedule", "attack", "attack_fraction",
+                "aggregator"} <= set(flags)
+        assert ("vote" in flags) == ("signsgd" in name)
+        assert flags["server_lr"] == server_lr and flags["sigma"] == sigma
+        assert (flags["client_lr"], flags["local_steps"], flags["batch_size"],
+                flags["clients_per_round"], flags["sampling"], flags["weighting"],
+                flags["server_lr_schedule"]) == (0.01, 1, 10, 10, "uniform", "uniform", "constant")
+        assert flags["aggregator"] == ("sign" if "signsgd" in name else "median")
+        alg = factory(models.quadratic(1))
+        assert alg.name == alg.config["algorithm"] == name and alg.config["sigma"] == sigma
+    names = {p[0] for p in cli.setup_params(algorithms.ALGORITHMS["fedavg"][0], "trimmed_mean")}
+    assert {"aggregator", "attack", "attack_fraction", "aggregator_beta"} <= names
+    names = {p[0] for p in cli.setup_params(algorithms.ALGORITHMS["fedavg"][0], "krum")}
+    assert "aggregator_f" in names

@@ -26,12 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import fedjax_lab as fl
+from fedjax_lab import Setup
 from fedjax_lab.algorithms import fedavg, mediansgd, signsgd
 
 A = [[0.0], [0.0], [0.0], [1.0], [4.0]]
 X_MEAN = 1.0
 HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 
 def trajectories(alg, data, rounds: int, seeds: int):
@@ -45,27 +45,32 @@ def trajectories(alg, data, rounds: int, seeds: int):
 
 
 def quadratic_methods(lr=0.01):
-    m, kw = fl.models.quadratic(1), dict(clients_per_round=5, batch_size=2, server_lr=lr)
-    out = {"SGD (mean)": fedavg(m, client_lr=lr, local_steps=1, clients_per_round=5, batch_size=2,
-                                weighting="uniform")}
-    out["signSGD"] = signsgd(m, **kw)
+    m, kw = fl.models.quadratic(1), dict(clients_per_round=5, batch_size=2)
+    out = {"SGD (mean)": fedavg(m, setup=Setup.of(client_lr=lr, local_steps=1, weighting="uniform",
+                                                  **kw))}
+    setup = Setup.of(server_lr=lr, **kw)
+    out["signSGD"] = signsgd(m, setup=setup)
     for s in (0.5, 1.0, 3.0):
-        out[f"noisy signSGD s={s:g}"] = signsgd(m, sigma=s, **kw)
-    out["medianSGD"] = mediansgd(m, **kw)
+        out[f"noisy signSGD s={s:g}"] = signsgd(m, sigma=s, setup=setup)
+    out["medianSGD"] = mediansgd(m, setup=setup)
     for s in (0.5, 1.0, 3.0):
-        out[f"noisy medianSGD s={s:g}"] = mediansgd(m, sigma=s, **kw)
-    out["noisy signSGD s=3 uniform, mean vote"] = signsgd(m, sigma=3.0, noise="uniform", vote="mean", **kw)
+        out[f"noisy medianSGD s={s:g}"] = mediansgd(m, sigma=s, setup=setup)
+    out["noisy signSGD s=3 uniform, mean vote"] = signsgd(m, sigma=3.0, noise="uniform", vote="mean",
+                                                          setup=setup)
     return out
 
 
 def digits_methods():
     m = fl.models.logistic(10)
     kw = dict(clients_per_round=10, batch_size=32)
-    out = {"SGD (mean)": fedavg(m, client_lr=0.3, local_steps=1, weighting="uniform", **kw)}
+    out = {"SGD (mean)": fedavg(m, setup=Setup.of(client_lr=0.3, local_steps=1, weighting="uniform",
+                                                  **kw))}
     for s in (0.0, 0.1, 0.3):
-        out["signSGD" if s == 0 else f"noisy signSGD s={s:g}"] = signsgd(m, server_lr=0.003, sigma=s, **kw)
+        out["signSGD" if s == 0 else f"noisy signSGD s={s:g}"] = signsgd(
+            m, sigma=s, setup=Setup.of(server_lr=0.003, **kw))
     for s in (0.0, 0.1, 0.3):
-        out["medianSGD" if s == 0 else f"noisy medianSGD s={s:g}"] = mediansgd(m, server_lr=0.3, sigma=s, **kw)
+        out["medianSGD" if s == 0 else f"noisy medianSGD s={s:g}"] = mediansgd(
+            m, sigma=s, setup=Setup.of(server_lr=0.3, **kw))
     return out
 
 

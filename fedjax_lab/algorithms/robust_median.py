@@ -21,180 +21,147 @@ population median m solves sum_i F((m - g_i)/sigma) = M/2, F linearized at 0) fo
 the g_i. With uniform xi on [-1, 1] the linearization is exact for |g| <= sigma:
 E sign(g + sigma xi) = g / sigma. The gap shrinks like 1/sigma while the variance of the sent
 messages grows with sigma, so the step delta must shrink (the paper's theorems couple sigma, delta
-and the horizon T; we expose sigma and delta as hyperparameters and a 1/sqrt(t+1) decay).
+and the horizon T; sigma and delta are hyperparameters, and the server optimizer's
+`lr_schedule="inv_sqrt"` is the decay delta_t = delta / sqrt(t + 1)).
+
+The round skeleton (core/skeleton.py) with: the client's gradient as the message, the uplink
+`noise(noise, sigma)` (+ `sign()` for signSGD, core/uplink.py), the aggregator `sign()` (majority
+vote), `mean()` (mean vote) or `median()`, and server SGD descending on the aggregate (delta =
+server_lr: 1e-3 for signSGD, 0.1 for medianSGD). Any other aggregator, attack or server optimizer
+of the `Setup` composes (signSGD with `aggregator="trimmed_mean"` is a trimmed mean of the signs).
 
 Options (what the paper leaves open, or where variants are in common use):
   * noise: "gaussian" xi ~ N(0, 1) or "uniform" xi ~ U[-1, 1]; sigma = 0 gives plain signSGD/medianSGD.
   * vote (signSGD): "majority" (the paper: sign of the sum of signs, 1 bit down) or "mean"
-    (the mean of the signs, an unbiased scaled mean estimate with uniform noise, log2(M+1) bits down).
-  * lr_decay: "constant" delta (the theorems fix delta for a horizon T) or "inv_sqrt"
-    delta_t = delta / sqrt(t + 1).
-  * local_steps: the paper sends one stochastic gradient per round (local_steps=1, a mini-batch of
-    batch_size examples at x_t). local_steps > 1 is our extension to federated rounds: node i runs
-    local SGD (client_lr) and sends its accumulated gradient (x_t - x_i)/client_lr, which equals
-    g_{t,i} for one step; the noise and the sign/median are applied to that message.
+    (the mean of the signs, an unbiased scaled mean estimate with uniform noise, log2(M+1) bits
+    down); it picks the default aggregator, a `Setup.aggregator` replaces it.
+  * local work: the paper sends one stochastic gradient per round (local_steps=1, a mini-batch of
+    batch_size examples at x_t). More local steps is our extension to federated rounds: node i
+    runs local training with the client optimizer and sends (x_t - x_i) / client_lr, which for SGD
+    is the sum of its local gradients and equals g_{t,i} for one step; the noise and the
+    sign/median apply to that message.
 We could not consult the authors' code offline, so no code-specific variant is reproduced here.
 
-Attacks (fedjax_lab.attacks) act on the sent messages before the sign, i.e. a Byzantine node sends
-what it likes; the honest nodes' noise is unaffected. Clients with no data (weight 0) are absent.
+Attacks (fedjax_lab.attacks) act on what is sent, after the uplink's encoding: the signs for
+signSGD, the perturbed gradients for medianSGD (the honest nodes' noise is unaffected). A Byzantine
+node sends any message of the protocol's format, so the server reads an attacker's signSGD message
+by its signs (a "scaled" attacker gains nothing, "gaussian" sends random signs). Changed from the
+earlier gradient-domain attacks: sign_flip is the same (sign(-g) = -sign(g)); ALIE's mean and
+standard deviation are computed over the honest *signs*. Clients with no data (weight 0) are absent.
+
 Communication: signSGD sends ceil(P/8) bytes up; the majority vote comes back in ceil(P/8) bytes
-(the mean vote in P log2(M+1) bits) when every client takes part each round, else nodes must fetch
-the dense model; medianSGD sends dense float32 both ways.
+(a uniform mean vote in P log2(M+1) bits) when every client takes part each round, else nodes must
+fetch the dense model; medianSGD sends dense float32 both ways.
 """
 from __future__ import annotations
 
-import functools
-from typing import Optional
+import dataclasses
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from fedjax_lab import attacks as attacks_lib
-from fedjax_lab.aggregators.coordinate import median, sign_vote
-from fedjax_lab.core import comm, validate
-from fedjax_lab.core.evaluate import client_params_of_global
+from fedjax_lab import aggregators
+from fedjax_lab.core import comm, uplink, validate
 from fedjax_lab.core.local import local_train
-from fedjax_lab.core.rounds import (LocalWork, client_weights, init_server, participate,
-                                    server_update, weighted_mean_scalar)
-from fedjax_lab.core.tree import tree_scale, tree_sub, tree_weighted_mean
+from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config,
+                                   defaults, resolve)
+from fedjax_lab.core.skeleton import ServerRound
+from fedjax_lab.core.tree import tree_scale, tree_sub
 from fedjax_lab.core.types import Algorithm, Model, batch_loss
 
-NOISE_STREAM = 0x401   # fold_in constant: the noise's random stream, apart from the attack's
+USES = frozenset({"cohort", "work", "client_opt", "server_opt", "aggregator", "attack"})
+_SHARED = dict(cohort=Cohort(clients_per_round=10, sampling="uniform", weighting="uniform"),
+               work=LocalWork(batch_size=10, local_steps=1), client_opt=Optimizer("sgd", lr=0.01))
+SIGNSGD = Setup(server_opt=Optimizer("sgd", lr=1e-3), aggregator=aggregators.sign(), **_SHARED)
+MEDIANSGD = Setup(server_opt=Optimizer("sgd", lr=0.1), aggregator=aggregators.median(), **_SHARED)
+VOTES = {"majority": aggregators.sign, "mean": aggregators.mean}
 
 
-def perturb(g, key, *, noise: str, sigma: float):
-    """g + sigma * xi, xi ~ N(0, 1) ("gaussian") or U[-1, 1] ("uniform"), iid per coordinate.
-
-    The stream (a contract, tested): one key per leaf, jax.random.split(key, num_leaves) in
-    jax.tree.flatten order, xi = jax.random.normal / uniform(k, leaf.shape, leaf.dtype[, -1, 1]).
-    A round passes client i the key fold_in(fold_in(round_key, NOISE_STREAM), i), so i's noise
-    depends on the round and on i only (not on its row, nor on who else was sampled).
-    """
-    if sigma == 0:
-        return g
-    leaves, treedef = jax.tree.flatten(g)
-    keys = jax.random.split(key, len(leaves))
-    draw = (lambda k, x: jax.random.normal(k, x.shape, x.dtype)) if noise == "gaussian" else \
-        (lambda k, x: jax.random.uniform(k, x.shape, x.dtype, -1.0, 1.0))
-    return jax.tree.unflatten(treedef, [x + sigma * draw(k, x) for k, x in zip(keys, leaves)])
-
-
-def server_schedule(server_lr: float, lr_decay: str):
-    """delta_t: constant, or delta / sqrt(t + 1) with t the server step count."""
-    if lr_decay == "constant":
-        return server_lr
-    return lambda t: server_lr / jnp.sqrt(t + 1.0)
-
-
-def _family(model: Model, *, rule: str, noise: str, sigma: float, vote: str, server_lr: float,
-            lr_decay: str, client_lr: float, local_steps: int, batch_size: int,
-            clients_per_round: int, sampling: str, shuffle: str, attack: str,
-            attack_fraction: float, attack_scale: Optional[float], attack_seed: int,
-            name: str) -> Algorithm:
-    validate.one_of("noise", noise, {"gaussian", "uniform"})
-    validate.non_negative("sigma", sigma)
-    validate.one_of("vote", vote, {"majority", "mean"})
-    validate.positive("server_lr", server_lr)
-    validate.one_of("lr_decay", lr_decay, {"constant", "inv_sqrt"})
-    validate.positive("client_lr", client_lr)
-    adversary = attacks_lib.Adversary(attack, attack_fraction, attack_scale, attack_seed)
-    work = LocalWork(clients_per_round=clients_per_round, batch_size=batch_size,
-                     local_steps=local_steps, sampling=sampling, weighting="uniform", shuffle=shuffle)
-    server_tx = optax.sgd(server_schedule(server_lr, lr_decay))
-    client_tx = optax.sgd(client_lr)
-    config = dict(algorithm=name, model=model.name, rule=rule, noise=noise, sigma=sigma,
-                  server_lr=server_lr, lr_decay=lr_decay, client_lr=client_lr,
-                  local_steps=local_steps, batch_size=batch_size,
-                  clients_per_round=clients_per_round, sampling=sampling, shuffle=shuffle,
-                  attack=attack, attack_fraction=attack_fraction)
-    config.update({"vote": vote} if rule == "sign" else {})
-    config.update(adversary.config())
+def gradient_client(model: Model, client_opt: Optimizer):
+    """g_{t,i}: one stochastic gradient at w_t when one step is planned, else (w_t - w_i) / lr
+    after local training. Returns client(w_t, x, y, idx, step_mask, key) -> (g, loss, objective)."""
     grad_fn = jax.value_and_grad(lambda w, xb, yb, rng: batch_loss(model, w, xb, yb, rng))
+    train = local_train(model, client_opt.build("client_optimizer"))
 
-    def message(w_t, x, y, idx, step_mask, key):
-        """(g_i, loss): one stochastic gradient at x_t, or the accumulated local-SGD gradient."""
-        if local_steps == 1:
+    def client(w_t, x, y, idx, step_mask, key):
+        if idx.shape[0] == 1:          # static: the paper's round, no optimizer involved
             loss, g = grad_fn(w_t, x[idx[0]], y[idx[0]], jax.random.fold_in(key, 0))
-            return tree_scale(g, step_mask[0].astype(jnp.float32)), loss * step_mask[0]
-        res = local_train(model, client_tx)(w_t, x, y, idx, step_mask, key)
-        return tree_scale(tree_sub(w_t, res.params), 1.0 / client_lr), res.loss
-
-    def init(key, data):
-        work.check(data)
-        return init_server(server_tx, model.init(key, data.x[:1]))
-
-    def round(state, data, key):
-        k_part, k_train = jax.random.split(key)
-        part = participate(k_part, data, work)
-        w_t = state.params
-        per_client = lambda i: jax.random.fold_in(k_train, i)
-        keys = jax.vmap(per_client)(part.ids)
-        data = adversary.poison(data)
-        g, loss = jax.vmap(message, in_axes=(None, None, None, 0, 0, 0))(
-            w_t, data.x, data.y, part.batches.idx, part.batches.step_mask, keys)
-        k_noise = jax.random.fold_in(key, NOISE_STREAM)
-        noisy = jax.vmap(lambda gi, i: perturb(gi, jax.random.fold_in(k_noise, i), noise=noise,
-                                               sigma=sigma))(g, part.ids)
-        p = client_weights(part, work, drop_stragglers=False)
-        noisy = adversary.corrupt(noisy, part.ids, data.num_clients, key, weights=p)
-        if rule == "median":
-            direction = median(noisy, p)
-        elif vote == "majority":
-            direction = sign_vote(noisy, p)
-        else:
-            direction = tree_weighted_mean(jax.tree.map(jnp.sign, noisy), (p > 0).astype(jnp.float32))
-        state = server_update(server_tx, state, tree_scale(direction, -1.0))
-        num_up = jnp.sum(p > 0)
-        dense = comm.dense_bytes(w_t)
-        full = data.num_clients == clients_per_round
-        if rule == "median":
-            up, down = dense, dense
-        else:
-            up = comm.sign_bytes(w_t)
-            down = (comm.sign_bytes(w_t) if vote == "majority"
-                    else comm.level_bytes(w_t, clients_per_round + 1)) if full else dense
-        metrics = dict(local_loss=weighted_mean_scalar(loss, p),
-                       clients_aggregated=num_up.astype(jnp.float32),
-                       **comm.round_metrics(up_per_client=up, down_per_client=down, num_up=num_up,
-                                            num_down=clients_per_round))
-        return state, metrics
-
-    return Algorithm(name=name, init=init, round=round, model=model,
-                     client_params=client_params_of_global(lambda s: s.params),
-                     global_params=lambda s: s.params, check=work.check, config=config)
+            loss = loss * step_mask[0]
+            return tree_scale(g, step_mask[0].astype(jnp.float32)), loss, loss
+        res = train(w_t, x, y, idx, step_mask, key)
+        return tree_scale(tree_sub(w_t, res.params), 1.0 / client_opt.lr), res.loss, res.objective
+    return client
 
 
+def _reads_signs(agg: aggregators.Aggregator) -> aggregators.Aggregator:
+    """`agg` over sign(s_k): a 1-bit message carries its signs only, whatever an attacker put in."""
+    return aggregators.Aggregator(agg.name, lambda u, w: agg(jax.tree.map(jnp.sign, u), w),
+                                  agg.check, agg.options)
+
+
+def _vote_bytes(s: Setup):
+    """Bytes down per client: the vote (ceil(P/8) bytes; a uniform mean of C signs, C + 1 levels)
+    when every client takes part, so that all nodes can apply it; otherwise the dense model."""
+    C, name = s.cohort.clients_per_round, s.aggregator.name
+
+    def down(w_t, data):
+        if data.num_clients != C or s.cohort.sampling == "size":     # someone misses the round
+            return comm.dense_bytes(w_t)
+        if name == "sign":
+            return comm.sign_bytes(w_t)
+        if name == "mean" and s.cohort.weighting == "uniform":
+            return comm.level_bytes(w_t, C + 1)
+        return comm.dense_bytes(w_t)
+    return down
+
+
+def _family(model, factory, setup, *, noise, sigma, vote=None) -> Algorithm:
+    """The skeleton with gradient messages, perturbed (and signed, given a `vote`) on the uplink;
+    the vote picks the default aggregator over factory.defaults; stragglers kept by default."""
+    send, hparams = uplink.noise(noise, sigma), dict(noise=noise, sigma=sigma)
+    if vote is not None:
+        validate.one_of("vote", vote, VOTES)
+        send, hparams["vote"] = uplink.chain(send, uplink.sign()), vote
+        setup = setup if setup.aggregator is not None else \
+            dataclasses.replace(setup, aggregator=VOTES[vote]())
+    s = resolve(setup, factory)
+    drop = False if s.work.drop_stragglers is None else s.work.drop_stragglers
+    config = dict(algorithm_config(factory.__name__, model, s, uses=USES, **hparams),
+                  drop_stragglers=drop)
+    down = None if vote is None else _vote_bytes(s)
+    s = dataclasses.replace(s, uplink=send, aggregator=s.aggregator if vote is None
+                            else _reads_signs(s.aggregator))
+    return ServerRound(model, s, client=gradient_client(model, s.client_opt),
+                       gradient_message=True, drop_stragglers=drop,
+                       down_bytes=down).algorithm(factory.__name__, config)
+
+
+@defaults(SIGNSGD, uses=USES)
 def signsgd(model: Model, *, noise: str = "gaussian", sigma: float = 0.0, vote: str = "majority",
-            server_lr: float = 1e-3, lr_decay: str = "constant", client_lr: float = 0.01,
-            local_steps: int = 1, batch_size: int = 10, clients_per_round: int = 10,
-            sampling: str = "uniform", shuffle: str = "auto", attack: str = "none",
-            attack_fraction: float = 0.0, attack_scale: Optional[float] = None,
-            attack_seed: int = 0, name: str = "signsgd") -> Algorithm:
-    """(Noisy) signSGD with majority vote; sigma > 0 is noisy signSGD (see module docstring)."""
-    return _family(model, rule="sign", noise=noise, sigma=sigma, vote=vote, server_lr=server_lr,
-                   lr_decay=lr_decay, client_lr=client_lr, local_steps=local_steps,
-                   batch_size=batch_size, clients_per_round=clients_per_round, sampling=sampling,
-                   shuffle=shuffle, attack=attack, attack_fraction=attack_fraction,
-                   attack_scale=attack_scale, attack_seed=attack_seed, name=name)
+            setup: Setup = Setup()) -> Algorithm:
+    """(Noisy) signSGD: x_{t+1} = x_t - delta sign(sum_i sign(g_i + sigma xi_i)) with the majority
+    vote, delta/M sum_i sign(g_i + sigma xi_i) with vote="mean". sigma may be traced."""
+    return _family(model, signsgd, setup, noise=noise, sigma=sigma, vote=vote)
 
 
-def mediansgd(model: Model, *, noise: str = "gaussian", sigma: float = 0.0, server_lr: float = 0.1,
-              lr_decay: str = "constant", client_lr: float = 0.01, local_steps: int = 1,
-              batch_size: int = 10, clients_per_round: int = 10, sampling: str = "uniform",
-              shuffle: str = "auto", attack: str = "none", attack_fraction: float = 0.0,
-              attack_scale: Optional[float] = None, attack_seed: int = 0,
-              name: str = "mediansgd") -> Algorithm:
-    """(Noisy) medianSGD: coordinate-wise median of the (perturbed) client gradients."""
-    return _family(model, rule="median", noise=noise, sigma=sigma, vote="majority",
-                   server_lr=server_lr, lr_decay=lr_decay, client_lr=client_lr,
-                   local_steps=local_steps, batch_size=batch_size,
-                   clients_per_round=clients_per_round, sampling=sampling, shuffle=shuffle,
-                   attack=attack, attack_fraction=attack_fraction, attack_scale=attack_scale,
-                   attack_seed=attack_seed, name=name)
+@defaults(SIGNSGD, uses=USES)
+def noisy_signsgd(model: Model, *, noise: str = "gaussian", sigma: float = 0.1,
+                  vote: str = "majority", setup: Setup = Setup()) -> Algorithm:
+    """signsgd with sigma = 0.1 by default (of the order of the spread of the clients' gradient
+    coordinates for logistic models on standardized data; see experiments/reproduce)."""
+    return _family(model, noisy_signsgd, setup, noise=noise, sigma=sigma, vote=vote)
 
 
-# Noisy defaults for the CLI: sigma should be of the order of the spread of the clients'
-# gradient coordinates (0.1 suits logistic models on standardized data; see experiments/reproduce).
-noisy_signsgd = functools.partial(signsgd, sigma=0.1, name="noisy_signsgd")
-noisy_mediansgd = functools.partial(mediansgd, sigma=0.1, name="noisy_mediansgd")
+@defaults(MEDIANSGD, uses=USES)
+def mediansgd(model: Model, *, noise: str = "gaussian", sigma: float = 0.0,
+              setup: Setup = Setup()) -> Algorithm:
+    """(Noisy) medianSGD: x_{t+1} = x_t - delta median_i(g_i + sigma xi_i), coordinate-wise.
+    sigma may be traced."""
+    return _family(model, mediansgd, setup, noise=noise, sigma=sigma)
+
+
+@defaults(MEDIANSGD, uses=USES)
+def noisy_mediansgd(model: Model, *, noise: str = "gaussian", sigma: float = 0.1,
+                    setup: Setup = Setup()) -> Algorithm:
+    """mediansgd with sigma = 0.1 by default (see noisy_signsgd)."""
+    return _family(model, noisy_mediansgd, setup, noise=noise, sigma=sigma)
