@@ -67,7 +67,7 @@ def rss_gib():
 def child(args):
     import jax
     import jax.numpy as jnp
-    from fedjax_lab import models
+    from fedjax_lab import Setup, models
     from fedjax_lab.algorithms.ditto import ditto
     from fedjax_lab.core import driver
     from fedjax_lab.core.evaluate import client_sums
@@ -77,8 +77,8 @@ def child(args):
     data = load_data(args.data)
     data_bytes = sum(int(a.nbytes) for a in jax.tree.leaves(data))
     load_s, rss_data = time.perf_counter() - t0, rss_gib()
-    alg = ditto(models.logistic(10), lam=0.1, client_lr=0.05, clients_per_round=args.cpr,
-                local_steps=args.steps, batch_size=10)
+    alg = ditto(models.logistic(10), lam=0.1, setup=Setup.of(
+        client_lr=0.05, clients_per_round=args.cpr, local_steps=args.steps, batch_size=10))
     key = jax.random.key(0)
     k_init, k_rounds = jax.random.split(key)
     warm, R = args.warmup, args.rounds

@@ -45,7 +45,7 @@ RENAMED = {
     "--lr-decay": "--server-lr-schedule",
     "--lr": "--server-lr",
     "--momentum": "--server-momentum",
-    "--mu": "--global-solver fedprox (Ditto)",
+    "--mu": "--global-solver fedprox:mu=M (Ditto)",
 }
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedjax_lab import data as D
-from fedjax_lab import models, run
+from fedjax_lab import Setup, models, run
 from fedjax_lab.algorithms.ditto import ditto
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.core import driver
@@ -41,8 +41,8 @@ def test_bad_ids():
 @pytest.fixture(scope="module")
 def small():
     d = D.synthetic(1, 1, num_clients=8, seed=2, max_size=30, min_size=8)
-    alg = ditto(models.logistic(10), lam=0.5, client_lr=0.05, clients_per_round=4, local_steps=3,
-                batch_size=5)
+    alg = ditto(models.logistic(10), lam=0.5, setup=Setup.of(client_lr=0.05, clients_per_round=4,
+                                                             local_steps=3, batch_size=5))
     rounds = 6
     ref = run(alg, d, rounds=rounds, key=3, eval_every=rounds, progress=False).state
     return d, alg, rounds, ref
@@ -94,8 +94,9 @@ def test_store_run_equals_device_run_with_repeated_clients(tmp_path):
     """sampling="size" draws with replacement: a client can appear twice in a round, and a
     duplicated client of round t+1 that was also in round t needs every copy patched."""
     d = D.synthetic(1, 1, num_clients=5, seed=2, max_size=30, min_size=8)
-    alg = ditto(models.logistic(10), lam=0.5, client_lr=0.05, clients_per_round=4, local_steps=3,
-                batch_size=5, sampling="size", stragglers=0.5)
+    alg = ditto(models.logistic(10), lam=0.5, setup=Setup.of(
+        client_lr=0.05, clients_per_round=4, local_steps=3, batch_size=5, sampling="size",
+        stragglers=0.5))
     rounds, key = 8, jax.random.key(4)
     ref = run(alg, d, rounds=rounds, key=key, eval_every=rounds, progress=False).state
     k_rounds = jax.random.split(key)[1]

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import optax
 
-from fedjax_lab import models, run
+from fedjax_lab import Setup, models, run
 from fedjax_lab.algorithms.ditto import ditto
 from fedjax_lab.algorithms.fedavg import fedavg
 from fedjax_lab.attacks import malicious_clients
@@ -100,7 +100,8 @@ def main():
             akw = dict(attack="none" if frac == 0 else attack, attack_fraction=frac, attack_seed=0)
             benign = ~np.asarray(malicious_clients(NUM_TRAIN, frac, seed=0))
             row = dict(attack=attack, fraction=frac)
-            fa = fedavg(model, **kw, **akw)
+            setup = Setup.of(**kw, **akw)
+            fa = fedavg(model, setup=setup)
             st = run(fa, train_test, rounds=args.rounds, key=args.seed, eval_every=args.rounds,
                      progress=False).state
             row["fedavg"] = benign_stats(jax.device_get(driver.evaluate(fa, st, train_test))["test"],
@@ -110,7 +111,7 @@ def main():
             row["fedavg_ft"] = benign_stats(jax.device_get(ft), benign)
             best = None
             for lam in lam_grid(frac):
-                alg = ditto(model, lam=lam, **kw, **akw)
+                alg = ditto(model, lam=lam, setup=setup)
                 st = run(alg, train_test, rounds=args.rounds, key=args.seed,
                          eval_every=args.rounds, progress=False).state
                 val = benign_stats(jax.device_get(driver.evaluate(alg, st, train_val))

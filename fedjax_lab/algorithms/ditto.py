@@ -2,7 +2,8 @@
 Personalization", ICML 2021, Algorithm 1).
 
 Two problems share one round. The global model solves the usual federated objective with any
-base solver (FedAvg by default; FedProx with `mu > 0`; FedOpt with another `server_optimizer`):
+global solver built from the round skeleton (core/skeleton.py; `global_solver`, FedAvg by default,
+`functools.partial(fedprox, mu=...)`, "fedadam", ...):
 
     w* = argmin_w G(F_1(w), ..., F_N(w))
 
@@ -12,16 +13,20 @@ and every client k keeps a personal model v_k, a row of the state [N, ...], solv
 
 Round t, sampled clients S_t, for k in S_t (vmapped):
     v_k <- v_k - eta_p * (grad F_k(v_k) + lam * (v_k - w_t))        s = personal_steps times
-    w_k <- UPDATE_GLOBAL(w_t, grad F_k)                              local_steps times
-and the server aggregates the w_k into w_{t+1}. Unsampled clients keep their v_k. `client_params`
-returns v_k; `global_params` returns w_t. lam -> 0 gives local training, lam -> inf the global model.
+    w_{t+1} = the global solver's round from w_t                     local_steps per client
+Unsampled clients keep their v_k. `client_params` returns v_k; `global_params` returns w_t.
+lam -> 0 gives local training, lam -> inf the global model. Ditto adds only the personal update:
+the global half is the solver's `server_round.step`, so the setup's aggregator (median, trimmed
+mean, krum ...), attack, uplink and server optimizer all act on the global model. eta_p =
+`personal_lr` (default: the client optimizer's lr), with the client optimizer's rule.
 
-Stragglers (`stragglers`, FedProx Sec. 5.2) do less work on both problems: by default the personal
-steps reuse the global steps' batches and mask, so a straggler's personal work is cut exactly as
-its global work; with `personal_steps=s` a straggler that does q of its local_steps global steps
-does ceil(s * q / local_steps) personal steps (the same fraction, at least one). With
-`drop_stragglers=True` (default) their global updates are left out of the average; their personal
-models keep the partial work either way.
+Stragglers (`LocalWork.stragglers`, FedProx Sec. 5.2) do less work on both problems: by default the
+personal steps reuse the global steps' batches and mask, so a straggler's personal work is cut
+exactly as its global work; with `personal_steps=s` a straggler that does q of its local_steps
+global steps does ceil(s * q / local_steps) personal steps (the same fraction, at least one).
+Whether their global updates enter the aggregate is the global solver's rule (FedAvg drops them,
+FedProx keeps them; `LocalWork(drop_stragglers=...)` overrides it); their personal models keep the
+partial work either way.
 
 Choosing lam: the paper selects it per client on local validation data from {0.05, 0.1, 0.2}
 under strong attacks and {0.1, 1, 2} otherwise (Sec. 5 / App. C); `experiments/reproduce/ditto.py`
@@ -37,140 +42,179 @@ none. The code's `dynamic_lam` (a per-step choice of lam on validation loss) is 
 Sampling and weighting: the code's default (`--sampling 2`, fedbase.select_clients) draws the C
 clients with probability n_k / n without replacement (numpy `choice(replace=False, p=...)`) and
 averages their updates uniformly (`simple_average`); our defaults are uniform sampling and n_k
-weighting, as in FedAvg. `sampling="size_distinct", weighting="uniform"` is the code's scheme
-(`sampling="size"` draws by size with replacement, as FedProx's Algorithm 2 does).
+weighting, as in FedAvg. `Cohort(sampling="size_distinct", weighting="uniform")` is the code's
+scheme (`sampling="size"` draws by size with replacement, as FedProx's Algorithm 2 does).
 
-Attacks (as in FedAvg, `fedjax_lab.attacks`): a fixed set of round(attack_fraction * N) malicious
-clients either corrupt their global update w_k - w_t (sign_flip: -attack_scale * (w_k - w_t);
-random_update: the paper's A2 "random updates"; scaled: its "model replacement"; gaussian, alie)
-or train on flipped labels (label_flip, y -> num_classes - 1 - y, which then also feeds their own
-personal models). Benign clients' v_k only see w_t through lam. The code's variants differ in
-detail: its boosting factor is clients_per_round (ours attack_scale, default 10), and its label
-poisoning draws uniformly random labels on FEMNIST/Fashion-MNIST (1 - y on CelebA, -y on Vehicle)
-rather than flipping them.
+Attacks (the setup's `attacks.Adversary`): a fixed set of round(fraction * N) malicious clients
+either corrupt their global update w_k - w_t (sign_flip: -scale * (w_k - w_t); random_update: the
+paper's A2 "random updates"; scaled: its "model replacement"; gaussian, alie) or train on flipped
+labels (label_flip, y -> num_classes - 1 - y, which then also feeds their own personal models).
+Benign clients' v_k only see w_t through lam. The code's variants differ in detail: its boosting
+factor is clients_per_round (ours `Adversary.scale`, default 10), and its label poisoning draws
+uniformly random labels on FEMNIST/Fashion-MNIST (1 - y on CelebA, -y on Vehicle) rather than
+flipping them.
 """
 from __future__ import annotations
 
-from typing import Optional
+import ast
+import dataclasses
+import functools
+import inspect
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
-from fedjax_lab import attacks as attacks_lib
-from fedjax_lab.algorithms.fedavg import _name
-from fedjax_lab.core import comm, validate
+from fedjax_lab.algorithms.fedavg import FEDAVG
+from fedjax_lab.algorithms.fedprox import proximal_term
+from fedjax_lab.core import validate
 from fedjax_lab.core.batching import draw_batches
 from fedjax_lab.core.client_state import RowAlgorithm, RowRound, row_algorithm
 from fedjax_lab.core.local import local_train
-from fedjax_lab.core.optimizers import make_optimizer
-from fedjax_lab.core.rounds import (LocalWork, client_weights, init_server, participate,
-                                    sample_ids, server_update, weighted_mean_scalar)
-from fedjax_lab.core.tree import tree_sq_norm, tree_sub, tree_weighted_mean
+from fedjax_lab.core.rounds import sample_ids, weighted_mean_scalar
+from fedjax_lab.core.setup import Optimizer, Setup, algorithm_config, defaults
+from fedjax_lab.core.skeleton import ServerRound, client_keys
 from fedjax_lab.core.types import Model
 
 
-
-
+@defaults(FEDAVG)
 def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None,
-          personal_steps: Optional[int] = None, mu: float = 0.0, client_lr: float = 0.01,
-          client_optimizer="sgd", client_momentum: float = 0.0, server_optimizer="sgd",
-          server_lr: float = 1.0, clients_per_round: int = 10, local_steps: int = 20,
-          epochs: Optional[int] = None, batch_size: int = 10, stragglers: float = 0.0,
-          drop_stragglers: bool = True, sampling: str = "uniform", weighting: str = "examples",
-          shuffle: str = "auto", attack: str = "none", attack_fraction: float = 0.0,
-          attack_scale: Optional[float] = None, attack_seed: int = 0) -> RowAlgorithm:
-    """Ditto with a FedAvg (mu = 0) or FedProx (mu > 0) global solver; see the module docstring.
+          personal_steps: Optional[int] = None,
+          global_solver: Union[str, Callable] = "fedavg",
+          setup: Setup = Setup()) -> RowAlgorithm:
+    """Ditto around `global_solver` (module docstring); lam and personal_lr may be traced.
 
-    lam: personalization strength; personal_lr: step size of the personal SGD (default client_lr);
-    personal_steps: s personal steps on their own batches (default: the global steps' batches);
-    a straggler does the fraction of them that it does of its global steps (module docstring).
+    lam: personalization strength; personal_lr: step size eta_p of the personal updates (default
+    the client optimizer's lr); personal_steps: s personal steps on their own batches (default:
+    the global steps' batches); global_solver: a registered algorithm name ("fedavg", "fedprox",
+    "fedadam", ...; "name:opt=value,..." sets its own hyperparameters, e.g. "fedprox:mu=0.1") or a
+    factory (`functools.partial(algorithms.fedprox, mu=0.1)`) whose algorithm is built from the
+    round skeleton. `setup` goes to the global solver, over its defaults.
     """
     validate.non_negative("lam", lam)
-    validate.non_negative("mu", mu)
-    adversary = attacks_lib.Adversary(attack, attack_fraction, attack_scale, attack_seed)
-    personal_lr = client_lr if personal_lr is None else personal_lr
-    validate.positive("personal_lr", personal_lr)
+    if personal_lr is not None:
+        validate.positive("personal_lr", personal_lr)
     if personal_steps is not None:
         validate.positive("personal_steps", personal_steps, integer=True)
-        if epochs is not None:
-            raise ValueError("personal_steps must be None (reuse the global batches) when "
-                             f"epochs is set, got personal_steps={personal_steps}")
-    work = LocalWork(clients_per_round=clients_per_round, batch_size=batch_size,
-                     local_steps=local_steps, epochs=epochs, stragglers=stragglers,
-                     sampling=sampling, weighting=weighting, shuffle=shuffle)
-    client_tx = make_optimizer(client_optimizer, client_lr, momentum=client_momentum,
-                               arg="client_optimizer")
-    personal_tx = make_optimizer(client_optimizer, personal_lr, momentum=client_momentum,
-                                 arg="client_optimizer")
-    server_tx = make_optimizer(server_optimizer, server_lr, arg="server_optimizer")
-    config = dict(algorithm="ditto", model=model.name, lam=lam, personal_lr=personal_lr,
-                  personal_steps=personal_steps, mu=mu, client_lr=client_lr,
-                  client_optimizer=_name(client_optimizer), client_momentum=client_momentum,
-                  server_optimizer=_name(server_optimizer), server_lr=server_lr,
-                  clients_per_round=clients_per_round, local_steps=local_steps, epochs=epochs,
-                  batch_size=batch_size, stragglers=stragglers, drop_stragglers=drop_stragglers,
-                  sampling=sampling, weighting=weighting, shuffle=shuffle,
-                  attack=attack, attack_fraction=attack_fraction, attack_scale=attack_scale,
-                  attack_seed=attack_seed)
+    solver, solver_name = _solver(global_solver)
+    takes_setup = "setup" in inspect.signature(solver).parameters
+    rnd = getattr(solver(model, setup=setup), "server_round", None) if takes_setup else None
+    if not isinstance(rnd, ServerRound):
+        raise ValueError(
+            f"global_solver={solver_name!r} is no solver built from the round skeleton (it "
+            f"{'gives server_round=None' if takes_setup else 'takes no setup='}); expected a "
+            f"factory(model, setup=...) whose algorithm has a core.skeleton.ServerRound as "
+            f"server_round, such as {', '.join(_qualifying(model))}")
+    s = rnd.setup
+    if personal_steps is not None and s.work.epochs is not None:
+        raise ValueError("personal_steps must be None (reuse the global batches) when "
+                         f"epochs is set, got personal_steps={personal_steps}")
+    personal_tx = _personal_optimizer(s.client_opt, personal_lr).build("client_optimizer")
+    work = s.work
 
-    def init_server_(key, data):
-        work.check(data)
-        return init_server(server_tx, model.init(key, data.x[:1]))
-
-    def sample(data, key):
-        return sample_ids(jax.random.split(key, 3)[0], data, work)
+    def personal_batches(data, part, k_pers):
+        if personal_steps is None:
+            return part.batches.idx, part.batches.step_mask
+        pb = draw_batches(k_pers, data, part.ids, batch_size=work.batch_size,
+                          local_steps=personal_steps, shuffle=work.shuffle)
+        # stragglers do the fraction of their personal work that they do of their global work
+        q = part.batches.num_steps
+        p_steps = (personal_steps * q + work.local_steps - 1) // work.local_steps
+        return pb.idx, pb.step_mask & (jnp.arange(personal_steps)[None, :] < p_steps[:, None])
 
     def step(server, v, ids, data, key):
         k_part, k_train, k_pers = jax.random.split(key, 3)
-        part = participate(k_part, data, work, ids=ids)
+        part = rnd.participate(k_part, data, ids=ids)
         num = ids.shape[0]
         if part.ids.shape[0] != num:     # a client mesh pads the round with step-less dummies
             v = jax.tree.map(lambda x: jnp.concatenate(
                 [x, jnp.repeat(x[:1], part.ids.shape[0] - num, axis=0)]), v)
+        data = s.attack.poison(data)
         w_t = server.params
-        fold = lambda k: jax.vmap(lambda i: jax.random.fold_in(k, i))(part.ids)
-        data = adversary.poison(data)
-
-        # Personal models: s steps on F_k(v) + lam/2 ||v - w_t||^2 from the client's own v_k.
-        if personal_steps is None:
-            p_idx, p_mask = part.batches.idx, part.batches.step_mask
-        else:
-            pb = draw_batches(k_pers, data, part.ids, batch_size=batch_size,
-                              local_steps=personal_steps, shuffle=shuffle)
-            # stragglers do the fraction of their personal work that they do of their global work
-            q = part.batches.num_steps
-            p_steps = (personal_steps * q + local_steps - 1) // local_steps
-            p_idx = pb.idx
-            p_mask = pb.step_mask & (jnp.arange(personal_steps)[None, :] < p_steps[:, None])
-        personal = local_train(model, personal_tx,
-                               extra_loss=lambda p: 0.5 * lam * tree_sq_norm(tree_sub(p, w_t)))
+        # v_k: steps on h_k(v; w_t) = F_k(v) + lam/2 ||v - w_t||^2 from the client's own v_k
+        prox = proximal_term(lam)
+        personal = local_train(model, personal_tx, extra_loss=lambda v_k: prox(v_k, w_t))
+        idx, mask = personal_batches(data, part, k_pers)
         pres = jax.vmap(personal, in_axes=(0, None, None, 0, 0, 0))(
-            v, data.x, data.y, p_idx, p_mask, fold(k_pers))
-
-        # Global model: the base solver (FedAvg / FedProx) from w_t.
-        prox = None if mu == 0 else (lambda p: 0.5 * mu * tree_sq_norm(tree_sub(p, w_t)))
-        train = local_train(model, client_tx, extra_loss=prox)
-        res = jax.vmap(train, in_axes=(None, None, None, 0, 0, 0))(
-            w_t, data.x, data.y, part.batches.idx, part.batches.step_mask, fold(k_train))
-        deltas = jax.vmap(tree_sub, in_axes=(0, None))(res.params, w_t)
-        p = client_weights(part, work, drop_stragglers=drop_stragglers)
-        deltas = adversary.corrupt(deltas, part.ids, data.num_clients, key, weights=p)
-        server = server_update(server_tx, server, tree_weighted_mean(deltas, p))
-
-        num_up = jnp.sum(p > 0)
+            v, data.x, data.y, idx, mask, client_keys(k_pers, part.ids))
+        server, metrics = rnd.step(server, data, part, k_train=k_train, key=key)
         real = part.valid.astype(jnp.float32)
-        metrics = dict(local_loss=weighted_mean_scalar(res.loss, p),
-                       local_objective=weighted_mean_scalar(res.objective, p),
-                       personal_loss=weighted_mean_scalar(pres.loss, real),
-                       personal_objective=weighted_mean_scalar(pres.objective, real),
-                       clients_aggregated=num_up.astype(jnp.float32),
-                       **comm.round_metrics(up_per_client=comm.dense_bytes(w_t),
-                                            down_per_client=comm.dense_bytes(w_t), num_up=num_up,
-                                            num_down=work.clients_per_round))
+        metrics.update(personal_loss=weighted_mean_scalar(pres.loss, real),
+                       personal_objective=weighted_mean_scalar(pres.objective, real))
         return server, jax.tree.map(lambda x: x[:num], pres.params), metrics
 
-    spec = RowRound(init_server=init_server_, init_row=lambda server: server.params,
-                    sample=sample, step=step, params=lambda server, rows: rows)
-    return row_algorithm(spec, name="ditto", model=model, global_params=lambda s: s.params,
-                         check=work.check, config=config)
+    spec = RowRound(init_server=rnd.init, init_row=lambda server: server.params,
+                    sample=lambda data, key: sample_ids(jax.random.split(key, 3)[0], data,
+                                                        s.cohort),
+                    step=step, params=lambda server, rows: rows)
+    config = algorithm_config("ditto", model, s, lam=lam, personal_lr=personal_lr,
+                              personal_steps=personal_steps, global_solver=solver_name)
+    config["drop_stragglers"] = rnd.drop_stragglers
+    alg = row_algorithm(spec, name="ditto", model=model, global_params=lambda st: st.params,
+                        check=rnd.check, config=config)
+    return dataclasses.replace(alg, setup=s)
 
+
+def _personal_optimizer(client_opt: Optimizer, personal_lr) -> Optimizer:
+    """The client optimizer's rule at lr personal_lr (its own lr when None)."""
+    if personal_lr is None:
+        return client_opt
+    if client_opt.tx is not None:
+        raise ValueError(f"personal_lr={personal_lr!r} needs a named client optimizer "
+                         f"(Optimizer(name, lr=...)) to take its rule from, got the custom optax "
+                         f"client optimizer {client_opt.name!r}; expected personal_lr=None (the "
+                         "personal models then use that optimizer as it is)")
+    return dataclasses.replace(client_opt, lr=personal_lr)
+
+
+def _solver(global_solver):
+    """(factory, name) of a registered algorithm name, "name:opt=value,...", or a factory."""
+    from fedjax_lab.algorithms import ALGORITHMS
+    if callable(global_solver):
+        return global_solver, _solver_name(global_solver, ALGORITHMS)
+    if not isinstance(global_solver, str):
+        raise ValueError(f"global_solver must be a registered algorithm name or a factory, got "
+                         f"{type(global_solver).__name__}")
+    name, _, rest = global_solver.partition(":")
+    pairs = [p.split("=", 1) for p in rest.split(",") if p.strip()]
+    if name not in ALGORITHMS or any(len(p) != 2 for p in pairs):
+        raise ValueError(f"global_solver must be a registered algorithm name (optionally "
+                         f"'name:option=value,...'), got {global_solver!r}; valid names: "
+                         f"{sorted(ALGORITHMS)}")
+    opts = {k.strip(): _literal(v.strip()) for k, v in pairs}
+    factory = ALGORITHMS[name][0]
+    return (functools.partial(factory, **opts) if opts else factory), global_solver
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _solver_name(factory, registry) -> str:
+    """A factory's name as the CLI spells it ("fedprox:mu=0.1" for a partial of a registered one)."""
+    func = factory.func if isinstance(factory, functools.partial) else factory
+    name = getattr(func, "__name__", repr(func))
+    if not isinstance(factory, functools.partial):
+        return name
+    opts = ",".join(f"{k}={v!r}" for k, v in sorted(factory.keywords.items()))
+    registered = registry.get(name, (None,))[0] is func and not factory.args
+    return f"{name}:{opts}" if registered and opts else f"{name}({opts})"
+
+
+def _qualifying(model) -> list:
+    """The registered algorithms whose default build carries a ServerRound (for error messages)."""
+    from fedjax_lab.algorithms import ALGORITHMS
+    out = []
+    for name, (factory, _) in sorted(ALGORITHMS.items()):
+        if name == "ditto" or "setup" not in inspect.signature(factory).parameters:
+            continue
+        try:
+            ok = isinstance(factory(model, setup=Setup()).server_round, ServerRound)
+        except Exception:       # a factory that cannot be built with defaults does not qualify
+            ok = False
+        if ok:
+            out.append(name)
+    return out

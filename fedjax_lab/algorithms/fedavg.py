@@ -66,6 +66,3 @@ fedadam = _with_server("fedadam", name="fedadam", lr=0.01)
 fedyogi = _with_server("fedyogi", name="fedyogi", lr=0.01)
 fedadagrad = _with_server("fedadagrad", name="fedadagrad", lr=0.01)
 
-
-def _name(optimizer) -> str:     # deprecated: Ditto's hand-written config until it takes a Setup
-    return optimizer if isinstance(optimizer, str) else "custom"

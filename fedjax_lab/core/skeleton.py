@@ -96,7 +96,7 @@ class ServerRound:
 
     def step(self, state, data, part, *, k_train, key):
         """The server's half of a round for a given participation `part`; `data` already poisoned.
-        Returns (state, metrics, per-client losses)."""
+        Returns (state, metrics)."""
         s = self.setup
         w_t = state.params
         msgs, loss, objective = map_clients(self.client_fn(), w_t, data, part, k_train)
