@@ -43,12 +43,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab import models
+from fedjax_lab import Setup, models
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.core import local
 from fedjax_lab.core.local import local_train
 from fedjax_lab.core.optimizers import make_optimizer
-from fedjax_lab.core.rounds import LocalWork, participate
+from fedjax_lab.core.rounds import participate
 from fedjax_lab.data import federated_arrays, synthetic
 
 RATIO_NOTE = ("r_client = loop_ms / round_ms, r_step = step_loop_ms / round_ms: times faster than "
@@ -142,15 +142,16 @@ def bench_setting(setting: str, clients_per_round: int, *, num_clients=None, per
     model = make_model()
     if data is None:
         data = make_data(setting, num_clients or C, per_client or per0, shape)
-    alg = fedavg(model, clients_per_round=C, local_steps=S, batch_size=B, client_lr=client_lr)
-    work = LocalWork(clients_per_round=C, batch_size=B, local_steps=S)
+    alg = fedavg(model, setup=Setup.of(clients_per_round=C, local_steps=S, batch_size=B,
+                                       client_lr=client_lr))
+    cohort, work = alg.setup.cohort, alg.setup.work
     client_tx = make_optimizer("sgd", client_lr)
     key = jax.random.key(1)
     state = alg.init(jax.random.key(0), data)
     k_part, k_train = jax.random.split(key)          # what fedopt's round does with its key
 
     vec_round = jax.jit(alg.round)
-    draw = jax.jit(lambda k, d: participate(k, d, work))
+    draw = jax.jit(lambda k, d: participate(k, d, cohort, work))
     part = draw(k_part, data)
 
     # --- loop over clients: one jitted local_train call each (plus adding its weighted delta)

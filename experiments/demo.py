@@ -35,12 +35,12 @@ def main(argv=None):
 
     data = fl.data.synthetic(1.0, 1.0, seed=args.seed)
     model = fl.models.logistic(data.num_classes)
-    common = dict(client_lr=0.01, clients_per_round=10, epochs=args.epochs, batch_size=10,
-                  stragglers=args.stragglers, sampling="size", weighting="uniform")
+    setup = fl.Setup.of(client_lr=0.01, clients_per_round=10, epochs=args.epochs, batch_size=10,
+                        stragglers=args.stragglers, sampling="size", weighting="uniform")
     histories, rows = {}, []
     for label, (name, extra) in METHODS.items():
         factory = fl.algorithms.ALGORITHMS[name][0]
-        alg = factory(model, **common, **extra)
+        alg = factory(model, setup=setup, **extra)
         t0 = time.perf_counter()
         res = fl.run(alg, data, rounds=args.rounds, key=args.seed, eval_every=args.eval_every,
                      out=os.path.join(args.out, name + ("_mu" + str(extra["mu"]) if extra else "")))

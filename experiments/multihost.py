@@ -44,13 +44,13 @@ def _args(argv=None):
 
 
 def _setup(args):
-    from fedjax_lab import algorithms, models
+    from fedjax_lab import Setup, algorithms, models
     from fedjax_lab.data import synthetic
     data = synthetic(1.0, 1.0, num_clients=args.num_clients, seed=0, max_size=200)
     kw = dict(mu=0.1) if args.algorithm == "fedprox" else {}
-    alg = getattr(algorithms, args.algorithm)(models.logistic(data.num_classes), client_lr=0.05,
-                                              clients_per_round=args.clients_per_round,
-                                              local_steps=10, batch_size=10, **kw)
+    setup = Setup.of(client_lr=0.05, clients_per_round=args.clients_per_round, local_steps=10,
+                     batch_size=10)
+    alg = getattr(algorithms, args.algorithm)(models.logistic(data.num_classes), setup=setup, **kw)
     return alg, data
 
 

@@ -146,14 +146,14 @@ def test_errors_name_the_argument():
 # ---- learning under attack: FedAvg with a robust aggregator vs the mean ------------------------
 
 def _accuracy_under_attack(aggregator, attack, rounds=30, **opts):
-    from fedjax_lab import data as fdata, models
+    from fedjax_lab import Setup, data as fdata, models
     from fedjax_lab.algorithms import fedavg
     from fedjax_lab.core.evaluate import global_sums
     d = fdata.load("digits:iid,clients=20", seed=0)
-    alg = fedavg(models.logistic(10), client_lr=0.3, clients_per_round=20, local_steps=5,
-                 batch_size=16, aggregator=aggregator, attack=attack,
-                 attack_fraction=0.2 if attack != "none" else 0.0,
-                 attack_scale=5.0 if attack != "none" else None, **opts)
+    alg = fedavg(models.logistic(10), setup=Setup.of(
+        client_lr=0.3, clients_per_round=20, local_steps=5, batch_size=16, aggregator=aggregator,
+        attack=attack, attack_fraction=0.2 if attack != "none" else 0.0,
+        attack_scale=5.0 if attack != "none" else None, **opts))
 
     @jax.jit
     def train_and_eval(state):
@@ -164,9 +164,10 @@ def _accuracy_under_attack(aggregator, attack, rounds=30, **opts):
     return float(train_and_eval(alg.init(jax.random.key(0), d)))
 
 
-ROBUST = [("median", {}), ("krum", {"krum_f": 4}), ("trimmed_mean", {"trim_beta": 0.25}),
-          ("geometric_median", {}), ("multi_krum", {"krum_f": 4, "krum_m": 10}),
-          ("norm_clip", {"clip_norm": 0.5})]
+ROBUST = [("median", {}), ("krum", {"aggregator_f": 4}),
+          ("trimmed_mean", {"aggregator_beta": 0.25}), ("geometric_median", {}),
+          ("multi_krum", {"aggregator_f": 4, "aggregator_m": 10}),
+          ("norm_clip", {"aggregator_clip_norm": 0.5})]
 MARGIN = 0.05     # robust aggregators under attack stay within 5 points of clean FedAvg
 
 

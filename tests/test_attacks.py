@@ -165,18 +165,20 @@ def _local_sgd(W, b, x, y, idx, mask, lr, flip, num_classes):
     ("label_flip", "trimmed_mean", lambda M: np.sort(M, 0)[1:4].mean(0)),   # 5 clients, beta 0.2
 ])
 def test_fedavg_with_attack_and_aggregator_matches_reference(attack, aggregator, ref_agg, tiny_data):
-    from fedjax_lab import algorithms, models
-    from fedjax_lab.core.rounds import LocalWork, participate
-    alg = algorithms.fedavg(models.logistic(3), client_lr=0.1, clients_per_round=5, local_steps=3,
-                            batch_size=4, aggregator=aggregator, trim_beta=0.2, attack=attack,
-                            attack_fraction=0.4, attack_scale=3.0)
-    work = LocalWork(clients_per_round=5, local_steps=3, batch_size=4)
+    from fedjax_lab import Setup, algorithms, models
+    from fedjax_lab.core.rounds import participate
+    opts = {"aggregator_beta": 0.2} if aggregator == "trimmed_mean" else {}
+    alg = algorithms.fedavg(models.logistic(3), setup=Setup.of(
+        client_lr=0.1, clients_per_round=5, local_steps=3, batch_size=4, aggregator=aggregator,
+        attack=attack, attack_fraction=0.4, attack_scale=3.0, **opts))
+    cohort, work = alg.setup.cohort, alg.setup.work
     malicious = np.asarray(attacks.malicious_clients(5, 0.4, seed=0))
     state = alg.init(jax.random.key(0), tiny_data)
     x, y = np.asarray(tiny_data.x, np.float64), np.asarray(tiny_data.y)
     for t in range(2):
         key = jax.random.key(30 + t)
-        part = jax.jit(participate, static_argnums=2)(jax.random.split(key)[0], tiny_data, work)
+        part = jax.jit(participate, static_argnums=(2, 3))(jax.random.split(key)[0], tiny_data,
+                                                           cohort, work)
         W0 = np.asarray(state.params["Dense_0"]["kernel"], np.float64)
         b0 = np.asarray(state.params["Dense_0"]["bias"], np.float64)
         dW, db = [], []

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from fedjax_lab import cli, models
+from fedjax_lab import Setup, cli, models
 from fedjax_lab.algorithms import fedavg
 from fedjax_lab.core.driver import run
 from fedjax_lab.data import load
@@ -76,7 +76,7 @@ def test_fedavg_needs_fewer_rounds_than_fedsgd_with_the_cnn_on_noniid_digits():
     model = models.get("cnn", 10, data.x[:1])
 
     def accuracy(**kw):
-        alg = fedavg(model, clients_per_round=5, **kw)
+        alg = fedavg(model, setup=Setup.of(clients_per_round=5, **kw))
         return run(alg, data, rounds=10, key=0, eval_every=10, progress=False).history[-1][
             "test_accuracy"]
 

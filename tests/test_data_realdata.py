@@ -175,8 +175,8 @@ def test_learning_label_skew_slows_fedavg_on_real_digits():
     accs = {}
     for part in ("iid", "dirichlet=0.1"):
         data = realdata.digits(num_clients=20, partition=part, seed=0, test="partition")
-        alg = fedavg(logistic(10), client_lr=0.1, clients_per_round=5, local_steps=20,
-                     batch_size=10)
+        alg = fedavg(logistic(10), setup=fedjax_lab.Setup.of(client_lr=0.1, clients_per_round=5,
+                                                             local_steps=20, batch_size=10))
         res = fedjax_lab.run(alg, data, rounds=10, key=0, eval_every=10, progress=False)
         accs[part] = res.history[-1]["test_accuracy"]
     assert accs["iid"] > 0.85

@@ -9,16 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_lab import algorithms, models, run
+from fedjax_lab import Setup, algorithms, models, run
 from fedjax_lab.core.driver import run_rounds
 from tests.conftest import count_compiles
 
 
-def _alg(**kw):
-    args = dict(mu=0.1, client_lr=0.05, clients_per_round=4, local_steps=5, batch_size=8,
-                stragglers=0.5)
+def _alg(mu=0.1, **kw):
+    args = dict(client_lr=0.05, clients_per_round=4, local_steps=5, batch_size=8, stragglers=0.5)
     args.update(kw)
-    return algorithms.fedprox(models.logistic(10), **args)
+    return algorithms.fedprox(models.logistic(10), mu=mu, setup=Setup.of(**args))
 
 
 def _lines(path):
@@ -108,7 +107,7 @@ def test_non_finite_local_objective_stops_with_the_round(synthetic_small):
 def test_diverging_personal_models_stop_the_run(synthetic_small):
     from fedjax_lab.algorithms import ditto
     alg = ditto(models.logistic(synthetic_small.num_classes), lam=0.1, personal_lr=1e30,
-                clients_per_round=4, local_steps=3, batch_size=5)
+                setup=Setup.of(clients_per_round=4, local_steps=3, batch_size=5))
     with pytest.raises(FloatingPointError, match=r"personal_(loss|objective)\) at round 1"):
         run(alg, synthetic_small, rounds=4, key=0, eval_every=2, progress=False)
 

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_lab import models
+from fedjax_lab import Setup, models
 from fedjax_lab.core.local import local_train
 from fedjax_lab.core.tree import tree_num_params
 from fedjax_lab.core.types import batch_loss
@@ -250,8 +250,8 @@ def test_resnet8_groupnorm_trains_under_fedavg_on_digits():
     from fedjax_lab.algorithms import fedavg
     from fedjax_lab.data import load
     data = load("digits:iid,clients=10", seed=0)
-    alg = fedavg(models.get("resnet8", 10, data.x[:1]), clients_per_round=5, local_steps=10,
-                 batch_size=10, client_lr=0.1)
+    alg = fedavg(models.get("resnet8", 10, data.x[:1]), setup=Setup.of(
+        clients_per_round=5, local_steps=10, batch_size=10, client_lr=0.1))
     assert run(alg, data, rounds=8, key=0, eval_every=8, progress=False).history[-1][
         "test_accuracy"] > 0.85
 
@@ -270,8 +270,9 @@ def test_char_rnn_learns_a_task_that_needs_memory_under_fedavg(name):
     txs = [rng.integers(0, V, (20, T)) for _ in range(8)]
     data = from_client_lists(xs, [x[:, T - 3] for x in xs], test_xs=txs,
                              test_ys=[x[:, T - 3] for x in txs], num_classes=V)
-    alg = fedavg(models.get(name, V, data.x[:1], hidden_size=32), clients_per_round=4,
-                 local_steps=20, batch_size=10, client_optimizer="adam", client_lr=0.03)
+    alg = fedavg(models.get(name, V, data.x[:1], hidden_size=32), setup=Setup.of(
+        clients_per_round=4, local_steps=20, batch_size=10, client_optimizer="adam",
+        client_lr=0.03))
     assert run(alg, data, rounds=20, key=0, eval_every=20, progress=False).history[-1][
         "test_accuracy"] > 0.75
 

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedjax_lab import algorithms, models
+from fedjax_lab import Setup, algorithms, models
 from fedjax_lab.core.optimizers import OPTIMIZERS, make_optimizer
 
 # Three rounds of server pseudo-updates Delta_t (the mean of w_k - w_t), two leaves. Chosen so
@@ -122,7 +122,8 @@ def test_bad_arguments_name_themselves(kw, match):
 
 
 def test_bad_server_optimizer_fails_in_the_factory():
-    with pytest.raises(ValueError, match="server_optimizer"):
-        algorithms.fedopt(models.logistic(3), server_optimizer="reddi_adam")
-    with pytest.raises(ValueError, match="server_eps"):
-        algorithms.fedadam(models.logistic(3), server_eps=-1e-3)
+    # Setup.of's errors name the Optimizer's field (optimizer, eps), not the flat name
+    with pytest.raises(ValueError, match=r"(server_)?optimizer must be one of .*got 'reddi_adam'"):
+        algorithms.fedopt(models.logistic(3), setup=Setup.of(server_optimizer="reddi_adam"))
+    with pytest.raises(ValueError, match=r"(server_)?eps must be > 0, got -0\.001"):
+        algorithms.fedadam(models.logistic(3), setup=Setup.of(server_eps=-1e-3))

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from fedjax_lab import algorithms, models
-from fedjax_lab.core.rounds import LocalWork, participate
+from fedjax_lab import Cohort, LocalWork, Setup, algorithms, models
+from fedjax_lab.core.rounds import participate
 from fedjax_lab.core.sampling import sample_clients, straggler_steps
 from fedjax_lab.data import federated_arrays
 
@@ -49,8 +49,9 @@ def _one_hot_clients(sizes):
 
 def _mean_aggregate(sampling, rounds, C=4, seed=0):
     data = _one_hot_clients(SIZES)
-    alg = algorithms.fedavg(models.quadratic(), client_lr=1.0, local_steps=1, batch_size=1,
-                            clients_per_round=C, sampling=sampling, weighting="uniform")
+    alg = algorithms.fedavg(models.quadratic(), setup=Setup.of(
+        client_lr=1.0, local_steps=1, batch_size=1, clients_per_round=C, sampling=sampling,
+        weighting="uniform"))
     state = alg.init(jax.random.key(0), data)
     agg = jax.jit(jax.vmap(lambda k: alg.round(state, data, k)[0].params["x"]))(
         jax.random.split(jax.random.key(seed), rounds))
@@ -161,10 +162,10 @@ def data():
 def test_a_client_drawn_twice_does_the_same_work_twice(data):
     """Copies of a client share batches, straggler status and steps (one device, drawn twice);
     the straggler fraction per position stays round(f C) / C in expectation."""
-    work = LocalWork(clients_per_round=4, batch_size=2, local_steps=6, stragglers=0.5,
-                     sampling="size")
+    cohort = Cohort(clients_per_round=4, sampling="size")
+    work = LocalWork(batch_size=2, local_steps=6, stragglers=0.5)
     R = 4000
-    part = jax.jit(jax.vmap(lambda k: participate(k, data, work)))(
+    part = jax.jit(jax.vmap(lambda k: participate(k, data, cohort, work)))(
         jax.random.split(jax.random.key(5), R))
     ids, strag = np.asarray(part.ids), np.asarray(part.is_straggler)
     steps, idx = np.asarray(part.batches.num_steps), np.asarray(part.batches.idx)
@@ -204,9 +205,8 @@ def test_straggler_count_and_work_distribution(work, E, support):
 def test_straggler_work_reaches_participate_in_epochs_mode(data):
     """LocalWork(straggler_work="paper") lets a straggler do all E epochs (the default "code"
     never does: tests/test_batching.py); the default is the code's reading."""
-    work = LocalWork(clients_per_round=5, batch_size=2, epochs=3, stragglers=1.0,
-                     straggler_work="paper")
-    part = jax.jit(jax.vmap(lambda k: participate(k, data, work)))(
+    work = LocalWork(batch_size=2, epochs=3, stragglers=1.0, straggler_work="paper")
+    part = jax.jit(jax.vmap(lambda k: participate(k, data, Cohort(clients_per_round=5), work)))(
         jax.random.split(jax.random.key(8), 200))
     steps = np.asarray(part.batches.num_steps)
     full = np.ceil(3 * SIZES / 2)[np.asarray(part.ids)]
@@ -215,10 +215,7 @@ def test_straggler_work_reaches_participate_in_epochs_mode(data):
     assert LocalWork().straggler_work == "code"
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(sampling="by_size"), "sampling"),
-    (dict(straggler_work="both"), "straggler_work"),
-])
-def test_bad_local_work_names_the_argument(bad, match):
-    with pytest.raises(ValueError, match=match):
-        LocalWork(**bad)
+def test_bad_straggler_work_names_the_argument():
+    # (a bad Cohort.sampling is tests/test_setup.py's)
+    with pytest.raises(ValueError, match="straggler_work"):
+        LocalWork(straggler_work="both")

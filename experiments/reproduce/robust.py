@@ -6,8 +6,9 @@ Setting: scikit-learn digits, 20 iid clients, all take part every round, logisti
   sign_flip  sends -5 x its update (the mean collapses already at 10-20%),
   alie       "a little is enough" (Baruch et al. 2019): mean - z_max * std of the honest updates,
   label_flip trains on labels 9 - y (data poisoning).
-Aggregators get the attack fraction as an oracle where they need it: trim_beta = max(fraction, 0.05),
-krum_f = max(round(fraction * 20), 1), multi-Krum averages the 20 - krum_f best.
+Aggregators get the attack fraction as an oracle where they need it: trimmed_mean's
+beta = max(fraction, 0.05), Krum's f = max(round(fraction * 20), 1), multi-Krum averages the 20 - f
+best.
 
     python experiments/reproduce/robust.py [--attacks sign_flip alie] [--fractions 0 0.1 0.2 0.3 0.4]
 """
@@ -29,17 +30,17 @@ N = 20
 def aggregator_options(name: str, fraction: float) -> dict:
     f = max(int(round(fraction * N)), 1)
     return {"mean": {}, "median": {}, "geometric_median": {},
-            "trimmed_mean": {"trim_beta": max(fraction, 0.05)},
-            "krum": {"krum_f": f}, "multi_krum": {"krum_f": f, "krum_m": N - f},
-            "norm_clip": {"clip_norm": 0.5}}[name]
+            "trimmed_mean": {"aggregator_beta": max(fraction, 0.05)},
+            "krum": {"aggregator_f": f}, "multi_krum": {"aggregator_f": f, "aggregator_m": N - f},
+            "norm_clip": {"aggregator_clip_norm": 0.5}}[name]
 
 
 def accuracy(data, aggregator, attack, fraction, rounds, seed=0):
-    alg = fedavg(fl.models.logistic(10), client_lr=0.3, clients_per_round=N, local_steps=5,
-                 batch_size=16, aggregator=aggregator,
-                 attack=attack if fraction > 0 else "none", attack_fraction=fraction,
-                 attack_scale=5.0 if attack == "sign_flip" and fraction > 0 else None,
-                 **aggregator_options(aggregator, fraction))
+    alg = fedavg(fl.models.logistic(10), setup=fl.Setup.of(
+        client_lr=0.3, clients_per_round=N, local_steps=5, batch_size=16, aggregator=aggregator,
+        attack=attack if fraction > 0 else "none", attack_fraction=fraction,
+        attack_scale=5.0 if attack == "sign_flip" and fraction > 0 else None,
+        **aggregator_options(aggregator, fraction)))
 
     @jax.jit
     def train_and_eval(state):

@@ -61,8 +61,13 @@ def identity() -> Uplink:
 
 
 def perturb(g, key, *, noise: str, sigma):
-    """g + sigma * xi, xi ~ N(0, 1) ("gaussian") or U[-1, 1] ("uniform"), iid per coordinate;
-    leaf l of the pytree draws from split(key, L)[l]."""
+    """g + sigma * xi, xi ~ N(0, 1) ("gaussian") or U[-1, 1] ("uniform"), iid per coordinate.
+
+    The stream (a contract, tested in tests/test_robust_median.py): one key per leaf,
+    jax.random.split(key, num_leaves) in jax.tree.flatten order, xi = jax.random.normal /
+    uniform(k, leaf.shape, leaf.dtype[, -1, 1]). `noise` passes client i the key
+    fold_in(fold_in(round_key, NOISE_STREAM), i), so i's noise depends on the round and on i only
+    (not on its row, nor on who else was sampled)."""
     if not values.is_traced(sigma) and sigma == 0:
         return g
     leaves, treedef = jax.tree.flatten(g)
@@ -106,13 +111,15 @@ def qsgd(levels: int = 4) -> Uplink:
 
 
 def chain(*uplinks: Uplink) -> Uplink:
-    """Apply the transforms left to right; the bytes are those of the last one that sizes."""
+    """Apply the transforms left to right; the bytes are those of the last one that sizes.
+    Transform i > 0 draws from fold_in(key, i), so two random ones (noise then noise) do not
+    share their randomness; the first keeps the round key (chain(noise, sign) is noise's stream)."""
     if len(uplinks) == 1:
         return uplinks[0]
 
     def encode(msgs, key, ids):
-        for u in uplinks:
-            msgs = u.encode(msgs, key, ids)
+        for i, u in enumerate(uplinks):
+            msgs = u.encode(msgs, key if i == 0 else jax.random.fold_in(key, i), ids)
         return msgs
 
     def size(t, inner):
