@@ -8,7 +8,8 @@ import pytest
 from scipy import stats
 
 from fedjax_lab.core.batching import draw_batches
-from fedjax_lab.core.rounds import LocalWork, participate
+from fedjax_lab import Cohort, LocalWork
+from fedjax_lab.core.rounds import participate
 from fedjax_lab.data import federated_arrays
 
 
@@ -64,8 +65,8 @@ def test_batches_depend_only_on_key_and_client(data):
 
 
 def test_stragglers_mask_work_in_range(data):
-    work = LocalWork(clients_per_round=6, batch_size=2, local_steps=10, stragglers=0.5)
-    part = participate(jax.random.key(4), data, work)
+    work = LocalWork(batch_size=2, local_steps=10, stragglers=0.5)
+    part = participate(jax.random.key(4), data, Cohort(clients_per_round=6), work)
     steps = np.asarray(part.batches.num_steps)
     strag = np.asarray(part.is_straggler)
     assert strag.sum() == 3
@@ -75,8 +76,8 @@ def test_stragglers_mask_work_in_range(data):
 
 
 def test_epoch_stragglers_do_fewer_epochs(data):
-    work = LocalWork(clients_per_round=6, batch_size=2, epochs=5, stragglers=1.0)
-    part = participate(jax.random.key(5), data, work)
+    work = LocalWork(batch_size=2, epochs=5, stragglers=1.0)
+    part = participate(jax.random.key(5), data, Cohort(clients_per_round=6), work)
     n = np.asarray(part.num_examples)
     steps = np.asarray(part.batches.num_steps)
     full = np.ceil(5 * n / 2)

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_lab import Setup, aggregators, models, run
 from fedjax_lab import data as D
-from fedjax_lab import models, run
 from fedjax_lab.algorithms.fedamp import attention_weights, fedamp, heurfedamp, pairwise_sq_dists
 from fedjax_lab.core import driver
 from fedjax_lab.core.client_state import ClientRows
 from fedjax_lab.core.evaluate import client_sums
-from fedjax_lab.core.rounds import LocalWork, participate
+from fedjax_lab.core.rounds import participate
 from fedjax_lab.core.tree import flatten
 from tests.reference import softmax_grads
 
@@ -108,7 +108,8 @@ def test_one_round_matches_per_client_loop(attention, neighbors, start, sampling
     hyper = dict(lam=1.0, alpha_k=0.25, sigma=1.5, self_weight=0.4)
     lr = 0.05
     alg = fedamp(models.logistic(10), attention=attention, neighbors=neighbors, start=start,
-                 client_lr=lr, attention_chunk=2, **hyper, **kw)   # 2 does not divide 3: padded
+                 attention_chunk=2, **hyper,                       # 2 does not divide 3: padded
+                 setup=Setup.of(client_lr=lr, **kw))
     state = jax.jit(alg.init)(jax.random.key(0), d)
     # rows spread at different scales, so that the distances (0.1 .. 2) are of the order of sigma
     scale = jnp.linspace(0.02, 0.1, 6)
@@ -117,7 +118,8 @@ def test_one_round_matches_per_client_loop(attention, neighbors, start, sampling
     key = jax.random.key(11)
     new, metrics = jax.jit(alg.round)(ClientRows(server=state.server, rows=rows), d, key)
 
-    part = jax.jit(participate, static_argnums=2)(jax.random.split(key)[0], d, LocalWork(**kw))
+    part = jax.jit(participate, static_argnums=(2, 3))(jax.random.split(key)[0], d,
+                                                      alg.setup.cohort, alg.setup.work)
     K, B = (np.array(rows["Dense_0"][k], np.float64) for k in ("kernel", "bias"))
     x, y = np.asarray(d.x, np.float64), np.asarray(d.y)
     def reference(**change):
@@ -150,6 +152,44 @@ def test_one_round_matches_per_client_loop(attention, neighbors, start, sampling
         assert gap(reference(sigma=1.1 * hyper["sigma"])) > 1e-4
     else:
         assert float(metrics["bytes_up"]) == 0.0 and float(metrics["bytes_down"]) == 0.0
+
+
+def test_vmap_over_lam_alpha_sigma_equals_the_separate_runs():
+    """lam, alpha_k and sigma may be traced: one program sweeps 3 settings of two rounds each
+    (the second round attends over rows that the first made distinct)."""
+    d = D.synthetic(1, 1, num_clients=6, dim=8, seed=3, max_size=30, min_size=8)
+    setup = Setup.of(client_lr=0.02, clients_per_round=3, local_steps=4, batch_size=5)
+    grid = dict(lam=[1.0, 0.5, 2.0], alpha_k=[0.1, 0.2, 0.05], sigma=[1.0, 2.0, 1.5])
+
+    def two_rounds(lam, alpha_k, sigma):
+        alg = fedamp(models.logistic(10), lam=lam, alpha_k=alpha_k, sigma=sigma, setup=setup)
+        state = alg.init(jax.random.key(0), d)
+        state, _ = alg.round(state, d, jax.random.key(1))
+        state, metrics = alg.round(state, d, jax.random.key(2))
+        return state.rows, metrics["self_attention"]
+
+    rows, xi_self = jax.jit(jax.vmap(two_rounds))(*(jnp.array(v) for v in grid.values()))
+    one = jax.jit(two_rounds)                     # one setting at a time (traced, not batched)
+    for i, hyper in enumerate(zip(*grid.values())):
+        r, x = one(*hyper)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6), rows, r)
+        np.testing.assert_allclose(xi_self[i], x, rtol=1e-5)
+    # the swept values matter (a sweep that ignored them would pass the loop above)
+    assert len({round(float(x), 4) for x in xi_self}) == 3, xi_self
+
+
+def test_settings_come_from_the_setup():
+    alg = heurfedamp(models.logistic(3))
+    s = alg.setup
+    assert (s.cohort.clients_per_round, s.cohort.sampling) == (10, "uniform")
+    assert (s.work.local_steps, s.work.batch_size, s.work.epochs, s.work.stragglers) == (20, 10, None, 0.0)
+    assert (s.client_opt.name, s.client_opt.lr, s.client_opt.momentum) == ("sgd", 0.01, 0.0)
+    assert alg.config["algorithm"] == "heurfedamp" and alg.config["sigma"] == 10.0
+    assert "attention" not in alg.config          # not a heurfedamp flag: --config must re-run it
+    assert fedamp(models.logistic(3)).config["attention"] == "exp"
+    # the step-size bound is plain SGD's: momentum or another rule is not rejected
+    for opt in (dict(client_momentum=0.9), dict(client_optimizer="adam")):
+        fedamp(models.logistic(3), alpha_k=0.01, setup=Setup.of(client_lr=0.1, **opt))
 
 
 def clustered_digits(seed, *, per_cluster=6, n_train=30, n_test=30):
@@ -188,8 +228,8 @@ def test_message_passing_beats_local_training_on_clustered_clients():
     # +0.119; with sigma 7: +0.089 .. +0.131, sigma 10: +0.075 .. +0.117. FedAvg: 0.478 (seed 0).
     d = clustered_digits(seed=0)
     m = d.num_clients
-    kw = dict(lam=0.18, alpha_k=0.36, sigma=8.0, client_lr=0.5, clients_per_round=m,
-              local_steps=10, batch_size=10)
+    kw = dict(lam=0.18, alpha_k=0.36, sigma=8.0,
+              setup=Setup.of(client_lr=0.5, clients_per_round=m, local_steps=10, batch_size=10))
     model = models.logistic(10)
     acc_amp, state = personalized_accuracy(fedamp(model, **kw), d, 0, 30)
     acc_local, _ = personalized_accuracy(fedamp(model, **dict(kw, attention="none")), d, 0, 30)
@@ -208,7 +248,11 @@ def test_message_passing_beats_local_training_on_clustered_clients():
     (dict(lam=0.0), "lam"), (dict(alpha_k=-1.0), "alpha_k"), (dict(sigma=0.0), "sigma"),
     (dict(attention="dot"), "attention"), (dict(self_weight=1.5), "self_weight"),
     (dict(neighbors="some"), "neighbors"), (dict(start="zero"), "start"),
-    (dict(attention_chunk=0), "attention_chunk"), (dict(lam=1.0, alpha_k=0.01, client_lr=0.1), "client_lr"), (dict(clients_per_round=0), "clients_per_round"),
+    (dict(attention_chunk=0), "attention_chunk"),
+    (dict(lam=1.0, alpha_k=0.01, setup=Setup.of(client_lr=0.1)), "client_lr"),
+    (dict(lam=1.0, alpha_k=0.005), "client_lr"),        # the default client lr 0.01: 0.01/0.005 = 2
+    (dict(setup=Setup.of(drop_stragglers=True)), "drop_stragglers"),
+    (dict(setup=Setup(aggregator=aggregators.median())), "aggregator"),
 ])
 def test_bad_hyperparameters(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -218,7 +262,7 @@ def test_bad_hyperparameters(kwargs, name):
 def test_alpha_too_large_for_the_number_of_clients_fails_before_compiling():
     d = D.synthetic(1, 1, num_clients=12, seed=0, max_size=20)
     with pytest.raises(ValueError, match="alpha_k"):
-        run(fedamp(models.logistic(10), alpha_k=0.2, sigma=1.0, clients_per_round=4), d, rounds=1,
-            key=0, progress=False)
+        run(fedamp(models.logistic(10), alpha_k=0.2, sigma=1.0,
+                   setup=Setup.of(clients_per_round=4)), d, rounds=1, key=0, progress=False)
     # HeurFedAMP has no such bound
-    heurfedamp(models.logistic(10), alpha_k=0.2, clients_per_round=4).check(d)
+    heurfedamp(models.logistic(10), alpha_k=0.2, setup=Setup.of(clients_per_round=4)).check(d)

@@ -16,20 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_lab import algorithms, models
+from fedjax_lab import Cohort, LocalWork, Setup, algorithms, models
 from fedjax_lab.core import sharding
 from fedjax_lab.core.driver import run, run_rounds
-from fedjax_lab.core.rounds import LocalWork, participate
+from fedjax_lab.core.rounds import participate
 from fedjax_lab.data import synthetic
 
-CASES = {  # name: (factory, clients_per_round, hyperparameters)
+CASES = {  # name: (factory, clients_per_round, hyperparameters: own (mu) and Setup.of names)
     "fedavg_c8": ("fedavg", 8, dict(stragglers=0.5)),                  # 8 = 2 per device
     "fedprox_c6": ("fedprox", 6, dict(mu=0.5, stragglers=0.5, weighting="uniform")),  # padded to 8
 }
-COMMON = dict(client_lr=0.05, local_steps=4, batch_size=5)
+COMMON = dict(client_lr=0.05, local_steps=4, batch_size=5)   # Setup.of names
+OWN = {"mu"}                                                   # the factories' own keywords
 
 
-_participate = jax.jit(participate, static_argnums=2)
+_participate = jax.jit(participate, static_argnums=(2, 3))
 
 
 def _data():
@@ -37,15 +38,19 @@ def _data():
 
 
 def _alg(kind, C, extra, model):
-    return getattr(algorithms, kind)(model, clients_per_round=C, **COMMON, **extra)
+    own = {k: v for k, v in extra.items() if k in OWN}
+    shared = {k: v for k, v in extra.items() if k not in OWN}
+    return getattr(algorithms, kind)(
+        model, **own, setup=Setup.of(clients_per_round=C, **COMMON, **shared))
 
 
 def _reference_round(data, params, key, *, C, mu=0.0, drop_stragglers, weighting, stragglers):
     """Plain per-client loop (numpy, no jit, no vmap) of one FedAvg/FedProx round, logistic model."""
-    work = LocalWork(clients_per_round=C, local_steps=COMMON["local_steps"],
-                     batch_size=COMMON["batch_size"], stragglers=stragglers, weighting=weighting)
+    cohort = Cohort(clients_per_round=C, weighting=weighting)
+    work = LocalWork(local_steps=COMMON["local_steps"], batch_size=COMMON["batch_size"],
+                     stragglers=stragglers)
     k_part, _ = jax.random.split(key)
-    part = _participate(k_part, data, work)                   # no mesh: the C real clients
+    part = _participate(k_part, data, cohort, work)           # no mesh: the C real clients
     W0 = np.asarray(params["Dense_0"]["kernel"], np.float64)
     b0 = np.asarray(params["Dense_0"]["bias"], np.float64)
     x, y = np.asarray(data.x, np.float64), np.asarray(data.y)
@@ -144,11 +149,12 @@ def _worker_devices(out_path):
         history=res.history, **_hlo_facts(hlo, C))
 
     # The participation itself under the mesh: padded to 8, dummies last, sharded over 'clients'.
-    work = LocalWork(clients_per_round=6, local_steps=COMMON["local_steps"],      # as in the
-                     batch_size=COMMON["batch_size"], stragglers=0.5, weighting="uniform")  # ref.
+    cohort = Cohort(clients_per_round=6, weighting="uniform")                  # as in the ref.
+    work = LocalWork(local_steps=COMMON["local_steps"], batch_size=COMMON["batch_size"],
+                     stragglers=0.5)
     with jax.set_mesh(mesh):
-        part = _participate(jax.random.key(5), data_m, work)
-    plain_part = _participate(jax.random.key(5), data, work)
+        part = _participate(jax.random.key(5), data_m, cohort, work)
+    plain_part = _participate(jax.random.key(5), data, cohort, work)
     report["participation"] = dict(
         ids=np.asarray(part.ids).tolist(), plain_ids=np.asarray(plain_part.ids).tolist(),
         valid=np.asarray(part.valid).tolist(),
@@ -170,7 +176,8 @@ def _worker_fedamp(out_path):
     data_m, model, out = sharding.replicate(data, mesh), models.logistic(data.num_classes), {}
     for attention in ("exp", "cosine"):
         alg = algorithms.fedamp(model, lam=0.5, alpha_k=0.2, sigma=2.0, attention=attention,
-                                self_weight=0.4, neighbors="sampled", clients_per_round=3, **COMMON)
+                                self_weight=0.4, neighbors="sampled",
+                                setup=Setup.of(clients_per_round=3, **COMMON))
         state0 = alg.init(jax.random.key(0), data)
         noise = lambda x: 0.03 * jax.random.normal(jax.random.key(4), x.shape)   # distinct rows
         state0 = state0.replace(rows=jax.tree.map(lambda x: x + noise(x), state0.rows))
@@ -193,7 +200,8 @@ def _worker_fedamp(out_path):
 def _worker_stateful(out_path):
     """Ditto's rows [N, ...] on 4 devices with padding: the dummy id N must not be written."""
     data, mesh = _data(), sharding.client_mesh()
-    alg = algorithms.ditto(models.logistic(data.num_classes), lam=0.5, clients_per_round=6, **COMMON)
+    alg = algorithms.ditto(models.logistic(data.num_classes), lam=0.5,
+                           setup=Setup.of(clients_per_round=6, **COMMON))
     state0 = alg.init(jax.random.key(0), data)
     rnd, key = jax.jit(alg.round), jax.random.key(20)
     plain, _ = rnd(state0, data, key)
@@ -353,8 +361,8 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_no_mesh_is_the_identity(synthetic_small):
-    work = LocalWork(clients_per_round=5, local_steps=3, batch_size=4)
-    part = _participate(jax.random.key(0), synthetic_small, work)
+    part = _participate(jax.random.key(0), synthetic_small, Cohort(clients_per_round=5),
+                        LocalWork(local_steps=3, batch_size=4))
     assert sharding.num_client_shards() == 1 and sharding.padded_size(5) == 5
     assert part.ids.shape == (5,) and bool(jnp.all(part.valid))
     x = jnp.arange(6.0)
@@ -372,8 +380,8 @@ def test_pad_clients_fills_rows():
 
 
 def test_one_device_mesh_gives_the_same_round(synthetic_small):
-    alg = algorithms.fedavg(models.logistic(synthetic_small.num_classes), clients_per_round=3,
-                            local_steps=3, batch_size=5)
+    alg = algorithms.fedavg(models.logistic(synthetic_small.num_classes),
+                            setup=Setup.of(clients_per_round=3, local_steps=3, batch_size=5))
     state, key, mesh = alg.init(jax.random.key(0), synthetic_small), jax.random.key(1), \
         sharding.client_mesh(jax.devices()[:1])
     rnd = jax.jit(alg.round)
@@ -385,7 +393,8 @@ def test_one_device_mesh_gives_the_same_round(synthetic_small):
 
 
 def test_bad_mesh_fails_with_a_clear_message(synthetic_small):
-    alg = algorithms.fedavg(models.logistic(synthetic_small.num_classes), clients_per_round=3)
+    alg = algorithms.fedavg(models.logistic(synthetic_small.num_classes),
+                            setup=Setup.of(clients_per_round=3))
     with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh"):
         run(alg, synthetic_small, rounds=1, key=0, mesh="gpu", progress=False)
     other = jax.make_mesh((1,), ("batch",))

@@ -78,9 +78,9 @@ def krum(f: int = 1) -> Aggregator:
 def multi_krum(f: int = 1, m: int = 1, *, _name: str = "multi_krum") -> Aggregator:
     """Multi-Krum: the plain average of the m best Krum-scored updates."""
     if not isinstance(f, int) or isinstance(f, bool) or f < 0:
-        raise ValueError(f"{_name}: f (krum_f, the number of attackers tolerated) must be an "
-                         f"integer >= 0, got {f!r}")
-    validate.positive(f"{_name}: m", m, integer=True)
+        raise ValueError(f"{_name}: f (aggregator_f, the number of attackers tolerated) must be "
+                         f"an integer >= 0, got {f!r}")
+    validate.positive(f"{_name}: m (aggregator_m)", m, integer=True)
     opts = (("f", f),) if _name == "krum" else (("f", f), ("m", m))
     return Aggregator(_name, lambda u, w: geometric.krum(u, w, f=f, m=m),
                       lambda n: geometric.check_krum(n, f=f, m=m), options=opts)

@@ -81,11 +81,11 @@ def krum(updates, weights, *, f: int, m: int = 1):
 def check_krum(num_clients: int, f: int, m: int):
     """Blanchard et al.'s condition n >= 2f + 3, and 1 <= m <= n - f."""
     if not isinstance(f, int) or f < 0:
-        raise ValueError(f"krum_f must be an integer >= 0, got {f!r}")
+        raise ValueError(f"krum: f (aggregator_f) must be an integer >= 0, got {f!r}")
     if num_clients < 2 * f + 3:
-        raise ValueError(f"krum_f={f} is too large for {num_clients} clients per round: Krum needs "
-                         f"clients_per_round >= 2 * krum_f + 3 = {2 * f + 3} (expected krum_f <= "
-                         f"{(num_clients - 3) // 2} here, and at least 3 clients per round)")
+        raise ValueError(f"krum: f={f} (aggregator_f) is too large for {num_clients} clients per "
+                         f"round: Krum needs clients_per_round >= 2 f + 3 = {2 * f + 3} (expected "
+                         f"f <= {(num_clients - 3) // 2} here, and at least 3 clients per round)")
     if not isinstance(m, int) or not 1 <= m <= num_clients - f:
-        raise ValueError(f"krum_m must be an integer in [1, clients_per_round - krum_f] = "
-                         f"[1, {num_clients - f}], got {m!r}")
+        raise ValueError(f"multi_krum: m (aggregator_m) must be an integer in "
+                         f"[1, clients_per_round - f] = [1, {num_clients - f}], got {m!r}")

@@ -18,6 +18,11 @@ step on F (an incremental-proximal method). `attention="none"` is the ablation: 
 j != i, so u_i = w_i and the proximal term only keeps w_i near its value at the start of the round
 (local training with the same proximal term, no message passing, nothing sent).
 
+The shared values (`setup`): the Cohort (who is sampled), the LocalWork (the client's SGD steps or
+epochs; a straggler keeps its partial work: there is no aggregate to drop it from, so
+`drop_stragglers=True` is an error) and the client optimizer. Cohort.weighting is not used: every
+sampled client updates its own row, and the metrics are plain means over the sampled clients.
+
 The pairwise distances are one matrix computation on the flattened models W [M, P] (never a double
 loop): ||w_i - w_j||^2 = g_ii + g_jj - 2 g_ij from the Gram matrix of the *centred* models (the
 distances do not change under a shift, and centring avoids cancellation in float32). Memory:
@@ -54,17 +59,18 @@ core/rounds.py).
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from fedjax_lab.core import comm, validate
+from fedjax_lab.core import comm, validate, values
 from fedjax_lab.core.client_state import ClientRows, RowAlgorithm
 from fedjax_lab.core.local import local_train
-from fedjax_lab.core.optimizers import make_optimizer
-from fedjax_lab.core.rounds import LocalWork, participate, weighted_mean_scalar
+from fedjax_lab.core.rounds import participate, weighted_mean_scalar
 from fedjax_lab.core.sampling import first_draw
+from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config,
+                                   defaults, resolve)
+from fedjax_lab.core.skeleton import client_keys
 from fedjax_lab.core.tree import flatten, tree_broadcast, tree_put, tree_sq_norm, tree_sub, tree_take
 from fedjax_lab.core.types import Model
 
@@ -115,19 +121,57 @@ def attention_weights(flat_sampled, flat_all, self_col, valid=None, *, attention
                                self_weight=self_weight, sigma=sigma)
 
 
+FEDAMP = Setup(cohort=Cohort(clients_per_round=10, sampling="uniform"),
+               work=LocalWork(batch_size=10, local_steps=20),
+               client_opt=Optimizer("sgd", lr=0.01))
+USES = {"cohort", "work", "client_opt"}
+
+
+@defaults(FEDAMP, uses=USES)
 def fedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: float = 1.0,
            attention: str = "exp", self_weight: float = 0.5, neighbors: str = "all",
-           start: str = "own", attention_chunk: int = 256, client_lr: float = 0.01,
-           client_optimizer="sgd", client_momentum: float = 0.0, clients_per_round: int = 10,
-           local_steps: int = 20, epochs: Optional[int] = None, batch_size: int = 10,
-           stragglers: float = 0.0, sampling: str = "uniform", shuffle: str = "auto",
-           name: str = "fedamp") -> RowAlgorithm:
+           start: str = "own", attention_chunk: int = 256,
+           setup: Setup = Setup()) -> RowAlgorithm:
     """FedAMP (attention="exp"), HeurFedAMP (attention="cosine") or the no-message-passing
-    ablation (attention="none"); see the module docstring.
+    ablation (attention="none"); see the module docstring. lam, alpha_k, sigma and self_weight
+    may be traced.
 
     lam, alpha_k: the proximal weight is lam / alpha_k; sigma: A's scale (exp) or the softmax
-    temperature (cosine); self_weight: HeurFedAMP's xi_ii.
+    temperature (cosine); self_weight: HeurFedAMP's xi_ii. `setup`: who takes part (Cohort),
+    the local work (LocalWork) and the client optimizer.
     """
+    return _fedamp(model, fedamp, setup, lam=lam, alpha_k=alpha_k, sigma=sigma,
+                   attention=attention, self_weight=self_weight, neighbors=neighbors,
+                   start=start, attention_chunk=attention_chunk)
+
+
+@defaults(FEDAMP, uses=USES)
+def heurfedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: float = 10.0,
+               self_weight: float = 0.5, neighbors: str = "all", start: str = "own",
+               attention_chunk: int = 256, setup: Setup = Setup()) -> RowAlgorithm:
+    """HeurFedAMP: FedAMP with cosine-similarity attention and a fixed self-weight."""
+    return _fedamp(model, heurfedamp, setup, lam=lam, alpha_k=alpha_k, sigma=sigma,
+                   attention="cosine", self_weight=self_weight, neighbors=neighbors, start=start,
+                   attention_chunk=attention_chunk)
+
+
+def _check_step_size(client_opt: Optimizer, lam, alpha_k):
+    """Plain SGD on lam/(2 alpha_k) ||w - u_i||^2 multiplies w - u_i by 1 - lr lam / alpha_k
+    per step: it diverges for lr lam / alpha_k >= 2 (skipped for traced values)."""
+    if client_opt.tx is not None or client_opt.name != "sgd":
+        return
+    lr, momentum = client_opt.lr, client_opt.momentum
+    if any(values.is_traced(v) for v in (lr, momentum, lam, alpha_k)) or momentum != 0:
+        return
+    if lr * lam / alpha_k >= 2.0:
+        raise ValueError(
+            f"client_lr * lam / alpha_k = {lr * lam / alpha_k:.3g} >= 2: local SGD on the "
+            f"proximal term lam/(2 alpha_k) ||w - u_i||^2 diverges; expected client_lr < "
+            f"2 alpha_k / lam = {2 * alpha_k / lam:.3g} (or a smaller lam / larger alpha_k)")
+
+
+def _fedamp(model: Model, factory, setup: Setup, *, lam, alpha_k, sigma, attention, self_weight,
+            neighbors, start, attention_chunk) -> RowAlgorithm:
     validate.positive("lam", lam)
     validate.positive("alpha_k", alpha_k)
     validate.positive("sigma", sigma)
@@ -136,28 +180,26 @@ def fedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: floa
     validate.one_of("neighbors", neighbors, {"all", "sampled"})
     validate.one_of("start", start, {"own", "cloud"})
     validate.positive("attention_chunk", attention_chunk, integer=True)
-    if client_optimizer == "sgd" and client_momentum == 0 and client_lr * lam / alpha_k >= 2.0:
-        raise ValueError(
-            f"client_lr * lam / alpha_k = {client_lr * lam / alpha_k:.3g} >= 2: local SGD on the "
-            f"proximal term lam/(2 alpha_k) ||w - u_i||^2 diverges; expected client_lr < "
-            f"2 alpha_k / lam = {2 * alpha_k / lam:.3g} (or a smaller lam / larger alpha_k)")
-    work = LocalWork(clients_per_round=clients_per_round, batch_size=batch_size,
-                     local_steps=local_steps, epochs=epochs, stragglers=stragglers,
-                     sampling=sampling, shuffle=shuffle)
-    client_tx = make_optimizer(client_optimizer, client_lr, momentum=client_momentum,
-                               arg="client_optimizer")
-    config = dict(algorithm=name, model=model.name, lam=lam, alpha_k=alpha_k, sigma=sigma,
-                  attention=attention, self_weight=self_weight, neighbors=neighbors, start=start,
-                  attention_chunk=attention_chunk, client_lr=client_lr,
-                  client_optimizer=client_optimizer if isinstance(client_optimizer, str) else "custom",
-                  client_momentum=client_momentum, clients_per_round=clients_per_round,
-                  local_steps=local_steps, epochs=epochs, batch_size=batch_size,
-                  stragglers=stragglers, sampling=sampling, shuffle=shuffle)
+    s = resolve(setup, factory)
+    if s.work.drop_stragglers:
+        raise ValueError("drop_stragglers=True: FedAMP has no aggregate to drop stragglers from "
+                         "(every sampled client's row keeps its partial work); expected "
+                         "drop_stragglers None or False")
+    _check_step_size(s.client_opt, lam, alpha_k)
+    cohort, work = s.cohort, s.work
+    client_tx = s.client_opt.build("client_optimizer")
+    name = factory.__name__
+    own = dict(lam=lam, alpha_k=alpha_k, sigma=sigma, self_weight=self_weight,
+               neighbors=neighbors, start=start, attention_chunk=attention_chunk)
+    if factory is fedamp:                       # heurfedamp has no attention keyword
+        own["attention"] = attention
+    config = algorithm_config(name, model, s, uses=factory.uses, **own)
 
     def check(data):
-        work.check(data)
-        m = data.num_clients if neighbors == "all" else clients_per_round
-        if attention == "exp" and alpha_k * (m - 1) / sigma > 1.0:
+        s.check(data)
+        m = data.num_clients if neighbors == "all" else cohort.clients_per_round
+        concrete = not any(values.is_traced(v) for v in (alpha_k, sigma))
+        if attention == "exp" and concrete and alpha_k * (m - 1) / sigma > 1.0:
             raise ValueError(
                 f"alpha_k={alpha_k} is too large for {m} clients in the attention with sigma={sigma}: "
                 f"the self-weight 1 - alpha_k (M - 1) / sigma would be negative at round 1; expected "
@@ -182,7 +224,7 @@ def fedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: floa
             flat_all, self_col, valid_col = ravel(rows), ids, None
         else:                       # columns: the first draw of each real client
             slot = jnp.arange(ids.shape[0])
-            self_col = first_draw(ids) if sampling == "size" else slot
+            self_col = first_draw(ids) if cohort.sampling == "size" else slot
             flat_all, valid_col = ravel(tree_take(rows, ids)), valid & (self_col == slot)
         attend = functools.partial(attention_weights, attention=attention, alpha_k=alpha_k,
                                    sigma=sigma, self_weight=self_weight)
@@ -200,16 +242,15 @@ def fedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: floa
 
     def round(state, data, key):
         k_part, k_train = jax.random.split(key)
-        part = participate(k_part, data, work)
+        part = participate(k_part, data, cohort, work)
         u, xi_self = cloud_models(state.rows, part.ids, part.valid)
         own = tree_take(state.rows, part.ids)
         coef = lam / (2.0 * alpha_k)
         prox = lambda w, u_i: coef * tree_sq_norm(tree_sub(w, u_i))   # u_i an argument: see local_train
         train = local_train(model, client_tx, extra_loss=prox)
-        keys = jax.vmap(lambda i: jax.random.fold_in(k_train, i))(part.ids)
         res = jax.vmap(train, in_axes=(0, None, None, 0, 0, 0, None, 0))(
             own if start == "own" else u, data.x, data.y, part.batches.idx,
-            part.batches.step_mask, keys, None, u)
+            part.batches.step_mask, client_keys(k_train, part.ids), None, u)
         real = part.valid.astype(jnp.float32)          # mesh padding clients count for nothing
         row_bytes = 0 if attention == "none" else comm.dense_bytes(
             jax.tree.map(lambda x: x[0], state.rows))
@@ -223,20 +264,4 @@ def fedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: floa
 
     return RowAlgorithm(name=name, model=model, init=init, round=round,
                         client_params=lambda state, ids: tree_take(state.rows, ids),
-                        personalized=True, check=check, config=config)
-
-
-def heurfedamp(model: Model, *, lam: float = 1.0, alpha_k: float = 0.01, sigma: float = 10.0,
-               self_weight: float = 0.5, neighbors: str = "all", start: str = "own",
-               attention_chunk: int = 256, client_lr: float = 0.01, client_optimizer="sgd",
-               client_momentum: float = 0.0, clients_per_round: int = 10, local_steps: int = 20,
-               epochs: Optional[int] = None, batch_size: int = 10, stragglers: float = 0.0,
-               sampling: str = "uniform", shuffle: str = "auto") -> RowAlgorithm:
-    """HeurFedAMP: FedAMP with cosine-similarity attention and a fixed self-weight."""
-    return fedamp(model, lam=lam, alpha_k=alpha_k, sigma=sigma, attention="cosine",
-                  self_weight=self_weight, neighbors=neighbors, start=start,
-                  attention_chunk=attention_chunk, client_lr=client_lr,
-                  client_optimizer=client_optimizer, client_momentum=client_momentum,
-                  clients_per_round=clients_per_round, local_steps=local_steps, epochs=epochs,
-                  batch_size=batch_size, stragglers=stragglers, sampling=sampling, shuffle=shuffle,
-                  name="heurfedamp")
+                        personalized=True, check=check, config=config, setup=s)

@@ -2,7 +2,6 @@
 client weights and the FedOpt server step (Reddi et al., ICLR 2021)."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -10,10 +9,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_lab.core import sharding, validate
-from fedjax_lab.core.batching import Batches, draw_batches, plan_steps
-from fedjax_lab.core.sampling import (SCHEMES, STRAGGLER_WORK, first_draw, sample_clients,
-                                      straggler_steps)
+from fedjax_lab.core import sharding
+from fedjax_lab.core.batching import Batches, draw_batches
+from fedjax_lab.core.sampling import first_draw, sample_clients, straggler_steps
 from fedjax_lab.core.tree import tree_scale
 
 
@@ -24,72 +22,12 @@ class ServerState:
     round: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class LocalWork:
-    """Deprecated: Cohort + setup.LocalWork in one record (FedAMP still builds it).
-
-    clients_per_round C; batch_size B; either `local_steps` (steps mode) or `epochs` (epochs mode,
-    which overrides local_steps); `stragglers`: fraction of sampled clients doing a random
-    amount of work (FedProx Sec. 5.2), an integer in [1, E) epochs or [1, local_steps) steps with
-    `straggler_work="code"` (default, the official code), in [1, E] with "paper";
-    `sampling`: "uniform" (distinct, uniform), "size" (p_k = n_k / n with replacement, FedProx's
-    Algorithm 2) or "size_distinct" (distinct, successive draws by size; biased, see
-    `core/sampling.py`); `weighting`: "examples" (n_k) or "uniform" aggregation weights.
-
-    With sampling="size" a client drawn twice is the same device selected twice: it draws the same
-    batches and the same local-training keys (both are folded from the client id), takes the
-    straggler status and work of its first draw, so both copies compute the same update, and that
-    update counts twice in the average (and twice in bytes and compute). Per-client rows written
-    back from the copies are therefore identical.
-    """
-    clients_per_round: int = 10
-    batch_size: int = 10
-    local_steps: int = 20
-    epochs: Optional[int] = None
-    stragglers: float = 0.0
-    sampling: str = "uniform"
-    weighting: str = "examples"
-    shuffle: str = "auto"
-    straggler_work: str = "code"
-
-    def __post_init__(self):
-        validate.positive("clients_per_round", self.clients_per_round, integer=True)
-        validate.positive("batch_size", self.batch_size, integer=True)
-        validate.positive("local_steps", self.local_steps, integer=True)
-        if self.epochs is not None:
-            validate.positive("epochs", self.epochs, integer=True)
-        validate.fraction("stragglers", self.stragglers)
-        validate.one_of("sampling", self.sampling, set(SCHEMES))
-        validate.one_of("weighting", self.weighting, {"examples", "uniform"})
-        validate.one_of("shuffle", self.shuffle, {"auto", "epoch", "replacement"})
-        validate.one_of("straggler_work", self.straggler_work, set(STRAGGLER_WORK))
-
-    def check(self, data):
-        validate.clients_per_round(self.clients_per_round, data.num_clients)
-        if data.max_client_size == 0:
-            raise ValueError("data: every client is empty; there is nothing to train on")
-
-    def num_steps(self, data) -> int:
-        return plan_steps(data, local_steps=self.local_steps, epochs=self.epochs,
-                          batch_size=self.batch_size)
-
-
 class Participation(struct.PyTreeNode):
     ids: jax.Array            # [C] sampled client ids
     batches: Batches          # idx [C, S, B], step_mask [C, S] (stragglers applied)
     is_straggler: jax.Array   # [C] bool
     num_examples: jax.Array   # [C] client train sizes n_k
     valid: Optional[jax.Array] = None  # [C] bool: a sampled client, not mesh padding
-
-
-def _split(cohort, work):
-    if work is None:             # the deprecated combined record
-        from fedjax_lab.core.setup import Cohort, LocalWork as Work
-        return (Cohort(cohort.clients_per_round, cohort.sampling, cohort.weighting),
-                Work(batch_size=cohort.batch_size, local_steps=cohort.local_steps,
-                     epochs=cohort.epochs, stragglers=cohort.stragglers,
-                     straggler_work=cohort.straggler_work, shuffle=cohort.shuffle))
-    return cohort, work
 
 
 def sample_ids(key, data, cohort):
@@ -99,7 +37,7 @@ def sample_ids(key, data, cohort):
                           client_sizes=data.client_sizes, scheme=cohort.sampling)
 
 
-def participate(key, data, cohort, work=None, ids=None) -> Participation:
+def participate(key, data, cohort, work, ids=None) -> Participation:
     """Sample clients, draw their batches on device and cut stragglers' work with the step mask.
 
     `cohort` (who) and `work` (how much) are the core/setup.py values.
@@ -112,7 +50,6 @@ def participate(key, data, cohort, work=None, ids=None) -> Participation:
     every field is sharded along 'clients'. The real clients' ids, batches and stragglers are
     exactly those of the unpadded round. Without a mesh nothing is padded.
     """
-    cohort, work = _split(cohort, work)
     _, k_batch, k_strag = jax.random.split(key, 3)
     if ids is None:
         ids = sample_ids(key, data, cohort)

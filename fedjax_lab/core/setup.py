@@ -238,7 +238,10 @@ class Setup:
             names = {flag for flag, *_ in values.flag_fields(kind, PREFIX.get(f))}
             mine = {k: overrides[k] for k in overrides if k in names}
             if mine:
-                out[f] = values.from_flags(kind, mine, base=out[f], prefix=PREFIX.get(f))
+                try:
+                    out[f] = values.from_flags(kind, mine, base=out[f], prefix=PREFIX.get(f))
+                except ValueError as e:     # "lr must be > 0" -> "client_lr must be > 0"
+                    raise ValueError(_flag_message(str(e), kind, PREFIX.get(f))) from e
         opts = {k[len("aggregator_"):]: v for k, v in overrides.items() if k.startswith("aggregator_")}
         if "aggregator" in overrides:
             out["aggregator"] = aggregators.get(overrides["aggregator"], **opts)
@@ -251,6 +254,13 @@ class Setup:
         elif up_opts:
             out["uplink"] = uplink.get(out["uplink"].name, **{**dict(out["uplink"].options), **up_opts})
         return Setup(**out)
+
+
+def _flag_message(msg: str, kind, prefix) -> str:
+    for flag, field, _, _ in values.flag_fields(kind, prefix):
+        if msg.startswith(field + " ") and flag != field:
+            return flag + msg[len(field):]
+    return msg
 
 
 def VALUE_KINDS():
