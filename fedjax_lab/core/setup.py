@@ -28,7 +28,7 @@ from typing import Any, Optional
 import optax
 
 from fedjax_lab.core import validate, values
-from fedjax_lab.core.optimizers import OPTIMIZERS, make_optimizer
+from fedjax_lab.core.optimizers import make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,13 +149,6 @@ class Optimizer:
                 for flag, field, _, _ in flags if field in keep}
 
 
-def sgd(lr: float, momentum: float = 0.0) -> Optimizer:
-    return Optimizer("sgd", lr=lr, momentum=momentum)
-
-
-OPTIMIZER_NAMES = OPTIMIZERS
-
-
 SETUP_FIELDS = ("cohort", "work", "client_opt", "server_opt", "aggregator", "attack", "uplink")
 PREFIX = {"client_opt": "client", "server_opt": "server"}
 
@@ -234,7 +227,7 @@ class Setup:
         from fedjax_lab import aggregators
         from fedjax_lab.core import uplink
         out = {f: getattr(self, f) for f in SETUP_FIELDS}
-        for f, kind in VALUE_KINDS():
+        for f, kind in _value_kinds():
             names = {flag for flag, *_ in values.flag_fields(kind, PREFIX.get(f))}
             mine = {k: overrides[k] for k in overrides if k in names}
             if mine:
@@ -263,7 +256,7 @@ def _flag_message(msg: str, kind, prefix) -> str:
     return msg
 
 
-def VALUE_KINDS():
+def _value_kinds():
     from fedjax_lab import attacks
     return (("cohort", Cohort), ("work", LocalWork), ("client_opt", Optimizer),
             ("server_opt", Optimizer), ("attack", attacks.Adversary))
@@ -273,7 +266,7 @@ def setup_flags(uses=frozenset(SETUP_FIELDS)) -> dict:
     """{flag: (type, default)} of the values a Setup holds (those in `uses`; aggregator options
     excluded)."""
     out = {}
-    for f, kind in VALUE_KINDS():
+    for f, kind in _value_kinds():
         if f in uses:
             for flag, _, typ, default in values.flag_fields(kind, PREFIX.get(f)):
                 out[flag] = (typ, default)
@@ -316,7 +309,7 @@ def resolve(setup: Setup, factory) -> Setup:
 def _field_of(flat_name: str) -> str:
     if flat_name.startswith("aggregator"):
         return "aggregator"
-    for f, kind in VALUE_KINDS():
+    for f, kind in _value_kinds():
         if flat_name in {flag for flag, *_ in values.flag_fields(kind, PREFIX.get(f))}:
             return f
     return "uplink"
