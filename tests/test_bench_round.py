@@ -27,14 +27,17 @@ def test_bench_setting_record(bench):
     rec = bench.bench_setting("logistic", C, num_clients=6, per_client=12, local_steps=S,
                               batch_size=B, reps=1, step_loop_clients=2,
                               peak_gflops=bench.dot_peak_gflops(sizes=(64,), reps=1))
-    for k in ("setting", "C", "round_ms", "loop_ms", "step_loop_ms", "r_client", "r_step",
-              "gflops", "peak_gflops", "flops_frac", "batch_ms", "batch_share"):
+    for k in ("setting", "C", "round_ms", "loop_ms", "naive_ms", "step_loop_ms", "r_client",
+              "r_naive", "r_step", "gflops", "peak_gflops", "flops_frac", "batch_ms", "batch_share"):
         assert k in rec, k
     assert rec["setting"] == "logistic" and rec["C"] == C
-    for k in ("round_ms", "loop_ms", "step_loop_ms", "r_client", "r_step", "gflops", "peak_gflops",
-              "flops_frac", "batch_ms"):
+    for k in ("round_ms", "loop_ms", "naive_ms", "step_loop_ms", "r_client", "r_naive", "r_step",
+              "gflops", "peak_gflops", "flops_frac", "batch_ms"):
         assert math.isfinite(rec[k]) and rec[k] > 0, (k, rec[k])
     np.testing.assert_allclose(rec["r_client"], rec["loop_ms"] / rec["round_ms"], rtol=1e-2)
+    np.testing.assert_allclose(rec["r_naive"], rec["naive_ms"] / rec["round_ms"], rtol=1e-2)
+    # the per-client loop is the same FedAvg round (same batches and keys), to float rounding
+    assert rec["loop_vs_round_max_abs"] < 1e-5
     # the FLOP count includes every local step (XLA's cost analysis alone counts a loop body once):
     # forward x W and backward x^T g of the 60 -> 10 logistic model are 4 C S B d k FLOPs
     matmul = 4 * C * S * B * 60 * 10
