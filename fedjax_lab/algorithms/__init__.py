@@ -7,10 +7,12 @@ import functools
 
 from fedjax_lab.algorithms.ditto import ditto
 from fedjax_lab.algorithms.fedamp import fedamp, heurfedamp
+from fedjax_lab.algorithms.fedmeta import fedmeta_fomaml, fedmeta_maml, fedmeta_metasgd
 from fedjax_lab.algorithms.fedavg import fedadagrad, fedadam, fedavg, fedavgm, fedopt, fedyogi
 from fedjax_lab.algorithms.fedprox import fedprox
 from fedjax_lab.algorithms.fetchsgd import fetchsgd
 from fedjax_lab.algorithms.local_topk import local_topk
+from fedjax_lab.algorithms.perfedavg import perfedavg_fo, perfedavg_hf
 from fedjax_lab.algorithms.robust_median import mediansgd, noisy_mediansgd, noisy_signsgd, signsgd
 
 
@@ -31,7 +33,13 @@ ALGORITHMS = {
     "ditto": (ditto, "Ditto (Li et al. 2021): personal v_k on F_k(v) + lam/2||v-w||^2 beside a global model"),
     "fedamp": (fedamp, "FedAMP (Huang et al. 2021): attentive message passing, cloud model per client"),
     "heurfedamp": (heurfedamp, "HeurFedAMP (Huang et al. 2021): FedAMP with cosine attention"),
+    "fedmeta_maml": (fedmeta_maml, "FedMeta-MAML (Chen et al. 2018): server Adam on second-order meta-gradients"),
+    "fedmeta_fomaml": (fedmeta_fomaml, "FedMeta-FOMAML (Chen et al. 2018): first-order meta-gradients grad L_Q(theta')"),
+    "fedmeta_metasgd": (fedmeta_metasgd, "FedMeta-Meta-SGD (Chen et al. 2018): learned per-parameter inner step alpha"),
+    "perfedavg_fo": (perfedavg_fo, "Per-FedAvg FO (Fallah et al. 2020): MAML objective f(w - alpha grad f(w)), first-order step"),
+    "perfedavg_hf": (perfedavg_hf, "Per-FedAvg HF (Fallah et al. 2020): MAML step with a finite-difference Hessian-vector product"),
 }
 
 __all__ = ["fedavg", "fedopt", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ditto",
-           "fedamp", "heurfedamp", "ALGORITHMS"]
+           "fedamp", "heurfedamp", "perfedavg_fo", "perfedavg_hf", "fedmeta_maml", "fedmeta_fomaml",
+           "fedmeta_metasgd", "ALGORITHMS"]
