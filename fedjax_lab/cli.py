@@ -243,7 +243,8 @@ def cmd_run(argv):
         raise SystemExit(f"error: {e}")
     last = result.history[-1] if result.history else {}
     keys = ["round", "train_loss", "test_loss"] + [
-        f"test{kind}_accuracy{q}" for kind in ("", "_personal") for q in ("", "_p10", "_p50", "_p90")]
+        f"test{kind}_accuracy{q}" for kind in ("", "_personal", "_adapted")
+        for q in ("", "_p10", "_p50", "_p90")]
     print(json.dumps({k: last[k] for k in keys if k in last}))
     return 0
 

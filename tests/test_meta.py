@@ -235,3 +235,21 @@ def test_no_adapt_equals_the_global_model_and_finetune_fits_the_support():
     before = meta.adapted_evaluation(model, meta.no_adapt(), params, s, s, prefix="s")
     after = meta.adapted_evaluation(model, ft, params, s, s, prefix="s")
     assert after["s_loss"] < before["s_loss"]
+
+
+def test_driver_reports_the_adapted_accuracy_on_each_clients_test_split():
+    """fl.run scores FedMeta / Per-FedAvg after adaptation on the support (or train) split only."""
+    import fedjax_lab as fl
+    from fedjax_lab import algorithms, models
+    from fedjax_lab.core import meta
+    data = fl.data.load("digits:shards=2,clients=12", seed=0)
+    model = models.logistic(data.num_classes)
+    for alg in (algorithms.fedmeta_fomaml(model, setup=fl.Setup.of(clients_per_round=4)),
+                algorithms.perfedavg_fo(model, setup=fl.Setup.of(clients_per_round=4,
+                                                                 local_steps=2))):
+        result = fl.run(alg, data, rounds=2, key=0, eval_every=2, progress=False)
+        got = result.history[-1]["test_adapted_accuracy"]
+        want = meta.adapted_evaluation(model, alg.adapt, result.state, alg.adapt_split(data),
+                                       data.test, prefix="x")["x_accuracy"]
+        assert abs(got - want) < 1e-6, (alg.name, got, want)
+        assert got != result.history[-1]["test_accuracy"]       # adaptation changed something

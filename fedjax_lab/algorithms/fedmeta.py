@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from fedjax_lab.core import validate
 from fedjax_lab.core.batching import Batches
 from fedjax_lab.core.evaluate import client_params_of_global
-from fedjax_lab.core.meta import (MetaAlgorithm, check_support_fraction, gd_adapt, gd_steps,
+from fedjax_lab.core.meta import (MetaAlgorithm, split_support_query, check_support_fraction, gd_adapt, gd_steps,
                                   masked_loss, support_query_rows)
 from fedjax_lab.core.rounds import init_server
 from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config,
@@ -137,7 +137,8 @@ def _fedmeta(model, factory, setup, *, variant, inner_lr, inner_steps, support_f
     return MetaAlgorithm(name=name, init=init, round=rnd.round, model=model,
                          client_params=client_params_of_global(theta_of), global_params=theta_of,
                          check=rnd.check, config=config, setup=rnd.setup, server_round=rnd,
-                         adapt=adapt)
+                         adapt=adapt, adapt_split=lambda data: split_support_query(
+                             data, support_fraction, seed=split_seed)[0])
 
 
 def _variant(variant: str, doc: str):

@@ -121,6 +121,7 @@ def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Op
             json.dump(config, f, indent=2, sort_keys=True)
         _write_history(out, history)
 
+    adapt_data = alg.adapt_split(data) if getattr(alg, "adapt", None) is not None else None
     bar = _progress(rounds, start, progress)
     totals = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("total_")}
     t = start
@@ -135,7 +136,7 @@ def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Op
         t += length
         record = {"round": t}
         with sharding.use_mesh(mesh):
-            sums = evaluate(alg, state, data)
+            sums = evaluate(alg, state, data, adapt_data)
         record.update(evaluation_metrics(jax.device_get(sums)))
         for name, values in per_round.items():
             values = np.asarray(values, np.float64)

@@ -64,9 +64,15 @@ def summarize(prefix: str, loss_sum, correct_sum, count) -> dict:
     return out
 
 
-def evaluation_sums(alg, state, data) -> dict:
-    """All per-client sums the driver reports, as device arrays (jittable)."""
+def evaluation_sums(alg, state, data, adapt_data=None) -> dict:
+    """All per-client sums the driver reports, as device arrays (jittable). `adapt_data`: what an
+    algorithm with `adapt` (FedMeta, Per-FedAvg) adapts on before its test split is scored
+    (`test_adapted_*`): each client's support, or train, split, never its test split."""
     out = {}
+    if getattr(alg, "adapt", None) is not None and adapt_data is not None and data.test is not None \
+            and data.test.num_examples:
+        out["test_adapted"] = personal_sums(
+            alg.model, lambda st, ids: alg.adapt(st, adapt_data, ids), state, data.test)
     if alg.global_params is not None:
         params = alg.global_params(state)
         out["train"] = global_sums(alg.model, params, data)

@@ -62,6 +62,7 @@ class MetaAlgorithm(Algorithm):
     """An Algorithm whose clients adapt on their support set: adapt(state, support, ids) -> the
     stacked adapted params of clients `ids` [K] (rows of `support`, a FederatedArrays)."""
     adapt: Optional[Callable] = None
+    adapt_split: Callable = lambda data: data   # the clients' data adapt() sees (their support)
 
 
 # ---------------------------------------------------------------------------------------------
