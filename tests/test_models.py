@@ -4,6 +4,7 @@ and `models.get`'s errors."""
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -305,3 +306,140 @@ def test_quadratic_init_fixes_the_starting_point():
 def test_quadratic_bad_init_names_the_argument(kwargs, sample_shape, match):
     with pytest.raises(ValueError, match=match):
         models.quadratic(**kwargs).init(KEY, np.zeros(sample_shape, np.float32))
+
+
+# --- the convolution with a loop-friendly backward pass (issue 12, models/base.py) ---------------
+
+from jax import lax  # noqa: E402
+
+from fedjax_lab.models.base import conv_general_dilated  # noqa: E402
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding", [
+    (9, 5, 1, "SAME"), (9, 5, 1, "VALID"), (8, 3, 2, "SAME"), (9, 3, 2, "SAME"), (8, 1, 2, "SAME"),
+    (10, 3, 2, "VALID"), (7, 3, 1, ((2, 0), (1, 3)))])
+def test_fast_conv_value_and_gradients_equal_jaxs(size, kernel, stride, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, size, size, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((kernel, kernel, 3, 4)), jnp.float32)
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.sin(conv(x, w, (stride, stride), padding,
+                                                 dimension_numbers=NHWC)))
+    np.testing.assert_allclose(loss(conv_general_dilated)(x, w), loss(lax.conv_general_dilated)(x, w),
+                               rtol=1e-6)
+    ours = jax.grad(loss(conv_general_dilated), (0, 1))(x, w)
+    jaxs = jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)
+    for a, b in zip(ours, jaxs):
+        assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) < 1e-5
+
+
+@pytest.mark.parametrize("kw", [dict(rhs_dilation=(2, 2)), dict(lhs_dilation=(2, 1)),
+                                dict(feature_group_count=3)])
+def test_fast_conv_falls_back_to_lax_for_dilated_and_grouped(kw):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 3)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 3 // kw.get("feature_group_count", 1), 6)), jnp.float32)
+    loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                          dimension_numbers=NHWC, **kw)))
+    for a, b in zip(jax.grad(loss(conv_general_dilated), (0, 1))(x, w),
+                    jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _convs(jaxpr, out):
+    for e in jaxpr.eqns:
+        if e.primitive.name == "conv_general_dilated":
+            out.append(e.params["dimension_numbers"])
+        for v in e.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _convs(inner, out)
+    return out
+
+
+@pytest.mark.parametrize("factory", [models.cnn, models.cnn_cifar])
+def test_cnn_backward_uses_only_channel_last_convolutions(factory):
+    # jax's own transpose rules compute the weight gradient as a convolution with batch and feature
+    # dims swapped, which XLA:CPU runs ~44x slower inside a lax.scan (experiments/PERF_CNN.md)
+    model = factory(10)
+    x, y = jnp.ones((2, 16, 16, 1)), jnp.zeros(2, jnp.int32)
+    params = model.init(KEY, x)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.mean(model.loss(model.apply(p, x), y))))(params)
+    dns = _convs(jaxpr.jaxpr, [])
+    canonical = lax.conv_dimension_numbers(x.shape, (5, 5, 1, 32), NHWC)
+    assert len(dns) == 6 and all(d == canonical for d in dns)   # forward, dx, dw of two layers
+
+
+class _PlainCNN(nn.Module):
+    """The FedAvg CNN written with flax's stock nn.Conv (jax's own convolution gradients)."""
+    padding: str
+
+    def setup(self):
+        self.conv1 = nn.Conv(32, (5, 5), padding=self.padding)
+        self.conv2 = nn.Conv(64, (5, 5), padding=self.padding)
+        self.fc1 = nn.Dense(512)
+        self.fc = nn.Dense(10)
+
+    def __call__(self, x):
+        pool = lambda z: nn.max_pool(z, (2, 2), strides=(2, 2))
+        z = pool(nn.relu(self.conv1(x)))
+        z = pool(nn.relu(self.conv2(z)))
+        return self.fc(nn.relu(self.fc1(z.reshape(z.shape[0], -1))))
+
+
+@pytest.mark.parametrize("factory,padding", [(models.cnn, "SAME"), (models.cnn_cifar, "VALID")])
+def test_cnn_training_in_a_scan_equals_stock_flax_convolutions(factory, padding):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((20, 16, 16, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, 20))
+    idx = jnp.asarray(rng.integers(0, 20, (3, 4)), jnp.int32)
+    model, plain = factory(10), _PlainCNN(padding)
+    params = model.init(KEY, x[:1])
+    out = local_train(model, optax.sgd(0.1))(params, x, y, idx, jnp.ones(3, bool), KEY)
+    step = jax.jit(lambda p, xb, yb: jax.tree.map(lambda a, b: a - 0.1 * b, p, jax.grad(
+        lambda q: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+            plain.apply({"params": q}, xb), yb)))(p)))
+    p = params
+    for rows in idx:
+        p = step(p, x[rows], y[rows])
+    for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(p)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cnn_gradients_vmapped_over_stacked_clients_equal_stock_flax():
+    # the custom backward pass under vmap (clients as batched rows: accelerators, chunks of a map)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 3, 12, 12, 1)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, (2, 3)))
+    model, plain = models.cnn(10), _PlainCNN("SAME")
+    stacked = jax.vmap(lambda k: model.init(k, x[0, :1]))(jax.random.split(KEY, 2))
+    ours = jax.vmap(jax.grad(lambda p, xb, yb: jnp.mean(model.loss(model.apply(p, xb), yb))))(
+        stacked, x, y)
+    for c in range(2):
+        p = jax.tree.map(lambda a: a[c], stacked)
+        want = jax.grad(lambda q: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+            plain.apply({"params": q}, x[c]), y[c])))(p)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a[c], b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("factory,padding,size", [(models.cnn, "SAME", 8), (models.cnn_cifar, "VALID", 16)])
+def test_cnn_gradients_equal_stock_flax_on_real_digits_with_tied_background(factory, padding, size):
+    # real 8x8 digits have constant zero backgrounds, so pooling windows hold exactly tied maxima
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    x = np.asarray(digits.images[:16], np.float32)[..., None] / 16.0
+    x = jnp.asarray(np.pad(x, ((0, 0), (0, size - 8), (0, size - 8), (0, 0))))
+    y = jnp.asarray(digits.target[:16])
+    model, plain = factory(10), _PlainCNN(padding)
+    params = model.init(KEY, x[:1])
+    params = jax.tree.map(lambda a: a + 0.05, params)     # positive biases: positive ties
+    ours = jax.grad(lambda p: jnp.mean(model.loss(model.apply(p, x), y)))(params)
+    want = jax.grad(lambda q: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        plain.apply({"params": q}, x), y)))(params)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

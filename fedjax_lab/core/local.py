@@ -16,6 +16,12 @@ a loop of per-client calls, a `lax.map` round ~6x faster than vmap; experiments/
 tiny models (logistic 60 -> 10) vmap wins. "auto" (default): "map" on a single CPU device for models
 of at least MAP_MIN_PARAMS parameters, "vmap" otherwise (accelerators, sharded client axes). The
 numbers are the same to float rounding either way (tests/test_bench_round.py).
+
+The local steps stay a `lax.scan` (`unroll=1`) on every backend. XLA:CPU ran jax's own
+convolution gradients ~10x slower inside the scan's while loop than straight-line; the model
+zoo's convolutions carry a backward pass without that slowdown (models.base.conv_general_dilated),
+which is faster than unrolling and compiles in half the time (experiments/PERF_CNN.md).
+`weighted_sum_over_clients` bounds a round's memory for weighted-sum aggregators.
 """
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ class LocalResult(NamedTuple):
 
 def local_train(model: Model, optimizer: optax.GradientTransformation, *,
                 extra_loss: Optional[Callable] = None, loss_fn: Optional[Callable] = None,
-                clients: str = "auto", chunk: int = 1):
+                clients: str = "auto", chunk: int = 1, unroll: int | bool = 1):
     """Returns train(params, x, y, idx [S, B], step_mask [S], key, opt_state=None, anchor=None)
     -> LocalResult.
 
@@ -53,12 +59,16 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, *,
     such as FedAMP's u_i: pass it as an argument, not in a closure, so that a vmap over clients
     that runs as a lax.map sees it as batched).
     `clients` ("auto", "vmap" or "map") and `chunk` choose how a vmap over clients runs (module
-    docstring); the result does not depend on them beyond float rounding.
+    docstring); the result does not depend on them beyond float rounding. `unroll` is
+    `lax.scan`'s over the local steps (True: straight-line code, compile time growing with S).
     """
     if clients not in ("auto", "vmap", "map"):
         raise ValueError(f"clients must be 'auto', 'vmap' or 'map', got {clients!r}")
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive int (clients per vmapped chunk), got {chunk!r}")
+    if not (isinstance(unroll, bool) or (isinstance(unroll, int) and unroll >= 1)):
+        raise ValueError(f"unroll must be True, False or a positive int (steps per loop iteration), "
+                         f"got {unroll!r}")
     base = loss_fn or (lambda p, xb, yb, rng: batch_loss(model, p, xb, yb, rng, train=True))
 
     def total(p, xb, yb, rng, anchor):
@@ -85,7 +95,7 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, *,
 
         steps = jnp.arange(idx.shape[0])
         (params, opt_state), (losses, objectives) = jax.lax.scan(
-            step, (params, opt_state), (idx, step_mask, steps))
+            step, (params, opt_state), (idx, step_mask, steps), unroll=unroll)
         n = jnp.sum(step_mask)
         mean = lambda v: jnp.sum(v) / jnp.maximum(n, 1)
         return LocalResult(params, opt_state, mean(losses), n, mean(objectives))
@@ -124,3 +134,32 @@ def clients_as_map(fn, chunk: int = 1):
         return out, jax.tree.map(lambda _: True, out)
 
     return f
+
+
+def weighted_sum_over_clients(fn, weights, *args, chunk: int):
+    """sum_k weights[k] * fn(*args_k) (a pytree of sums); `args` are per-client arrays with the
+    clients on their leading axis (close `fn` over what the clients share). It runs
+    `chunk` clients at a time: a `lax.scan` over vmapped chunks that accumulates the sum, so a
+    round's memory is that of `chunk` clients, not of all C (C need not divide by `chunk`: the
+    last chunk is padded with weight-0 repeats of client 0).
+
+    For aggregators that are weighted sums (FedAvg's mean): the [C, ...] stack of client messages
+    that a median or Krum needs is never built."""
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int (clients per vmapped chunk), got {chunk!r}")
+    C = weights.shape[0]
+    n = -(-C // chunk)
+    pick = jnp.where(jnp.arange(n * chunk) < C, jnp.arange(n * chunk), 0)
+    w = jnp.where(jnp.arange(n * chunk) < C, weights[pick], 0).reshape(n, chunk)
+    xs = jax.tree.map(lambda a: a[pick].reshape((n, chunk) + a.shape[1:]), args)
+    batched = jax.vmap(fn)
+
+    def add(acc, inp):
+        wk, ak = inp
+        out = batched(*ak)
+        return jax.tree.map(lambda s, o: s + jnp.tensordot(wk, o, axes=1).astype(s.dtype),
+                            acc, out), None
+
+    shapes = jax.eval_shape(fn, *jax.tree.map(lambda a: a[0], args))
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.result_type(s.dtype, weights.dtype)), shapes)
+    return jax.lax.scan(add, zero, (w, xs))[0]

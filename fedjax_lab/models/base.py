@@ -8,7 +8,12 @@ training derives per client and per step.
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
 
 from fedjax_lab.core.types import Model
 
@@ -32,3 +37,86 @@ def from_linen(module: nn.Module, name: str) -> Model:
             return module.apply({"params": params}, z, method=type(module).head)
 
     return Model(init=init, apply=apply, features=features, head=head, name=name)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None):
+    """`lax.conv_general_dilated` with a backward pass that XLA:CPU runs fast inside loops.
+
+    Same forward; on CPU, for channel-last (NHWC / HWIO) convolutions with no dilation and no
+    groups, the gradients of y = conv(x, w) (stride s, padding (lo, hi) per spatial dim) are
+
+        dL/dx = conv(dilate_s(g), flip(w)^T)   flipped, in/out-transposed kernel, stride 1,
+                                               padding (k-1-lo, n+k-1-(m-1)s-1-(k-1-lo))
+        dL/dw = conv(x^T, dilate_s(g)^T)       x as [C, H, W, N] and g as the kernel [h, w, N, O]
+
+    the same sums as jax's own transpose rules, but as ordinary channel-last convolutions on
+    explicitly transposed operands. jax's rules express them through swapped dimension numbers
+    (batch <-> feature), which XLA:CPU runs ~100x slower inside a `while` loop (lax.scan over
+    local steps, lax.map over clients) than straight-line (experiments/PERF_CNN.md). Other
+    backends and other convolutions use lax unchanged.
+    """
+    kw = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+              dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+              batch_group_count=batch_group_count, precision=precision,
+              preferred_element_type=preferred_element_type)
+    nd = lhs.ndim - 2
+    undilated = all(d in (None, 1) for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+    if (jax.default_backend() != "cpu" or not undilated or feature_group_count != 1
+            or batch_group_count != 1 or preferred_element_type is not None
+            or not _channel_last(lhs.shape, rhs.shape, dimension_numbers)):
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kw)
+    strides = tuple(window_strides) if window_strides is not None else (1,) * nd
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:-2], strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _conv(lhs, rhs, strides, pads, precision)
+
+
+def _channel_last(lhs_shape, rhs_shape, dimension_numbers) -> bool:
+    nd = len(lhs_shape) - 2
+    spec = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+    spatial = tuple(range(1, nd + 1))
+    return (spec.lhs_spec == (0, nd + 1) + spatial and spec.out_spec == spec.lhs_spec
+            and spec.rhs_spec == (nd + 1, nd) + tuple(range(nd)))
+
+
+def _dn(nd):
+    return lax.conv_dimension_numbers((1,) * (nd + 2), (1,) * (nd + 2),
+                                      ("N" + "HWD"[:nd] + "C", "HWD"[:nd] + "IO", "N" + "HWD"[:nd] + "C"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, w, strides, pads, precision):
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_dn(x.ndim - 2),
+                                    precision=precision)
+
+
+def _conv_fwd(x, w, strides, pads, precision):
+    return _conv(x, w, strides, pads, precision), (x, w)
+
+
+def _conv_bwd(strides, pads, precision, res, g):
+    x, w = res
+    nd = x.ndim - 2
+    ks = w.shape[:nd]
+    w_t = jnp.swapaxes(jnp.flip(w, tuple(range(nd))), -1, -2)
+    dpads = []
+    for n, m, k, s, (lo, _) in zip(x.shape[1:-1], g.shape[1:-1], ks, strides, pads):
+        before = k - 1 - lo
+        dpads.append((before, n + k - 1 - ((m - 1) * s + 1) - before))
+    dx = lax.conv_general_dilated(g, w_t, (1,) * nd, dpads, lhs_dilation=strides,
+                                  dimension_numbers=_dn(nd), precision=precision)
+    # dw[k, i, o] = sum_{n, p} xpad[n, p + k, i] g[n, p, o]: a convolution of x with g as the kernel
+    # (dilated by the stride), written with explicit transposes so that XLA sees the ordinary
+    # channel-last form: lhs [ci, *space, N], rhs [*out, N, co] -> [ci, *ks (+ slack), co]
+    lhs = jnp.moveaxis(x, (0, x.ndim - 1), (x.ndim - 1, 0))
+    rhs = jnp.moveaxis(g, 0, -2)
+    dw = lax.conv_general_dilated(lhs, rhs, (1,) * nd, pads, rhs_dilation=strides,
+                                  dimension_numbers=_dn(nd), precision=precision)
+    dw = jnp.moveaxis(dw[(slice(None),) + tuple(slice(0, k) for k in ks)], 0, -2)
+    return dx, dw
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)

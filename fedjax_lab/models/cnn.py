@@ -25,10 +25,11 @@ adds it on the 512 features, keyed by the `rng` that local training folds per cl
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 
 from fedjax_lab.core import validate
 from fedjax_lab.core.types import Model
-from fedjax_lab.models.base import from_linen
+from fedjax_lab.models.base import conv_general_dilated, from_linen
 
 
 class CNN(nn.Module):
@@ -37,14 +38,17 @@ class CNN(nn.Module):
     dropout: float = 0.0
 
     def setup(self):
-        self.conv1 = nn.Conv(32, (5, 5), padding=self.padding)
-        self.conv2 = nn.Conv(64, (5, 5), padding=self.padding)
+        # the same convolution with a backward pass that stays fast inside lax loops on CPU
+        conv = lambda c: nn.Conv(c, (5, 5), padding=self.padding,
+                                 conv_general_dilated=conv_general_dilated)
+        self.conv1 = conv(32)
+        self.conv2 = conv(64)
         self.fc1 = nn.Dense(512)
         self.drop = nn.Dropout(self.dropout)
         self.fc = nn.Dense(self.num_classes)
 
     def features(self, x, train: bool = False):
-        pool = lambda z: nn.max_pool(z, (2, 2), strides=(2, 2))
+        pool = max_pool_2x2
         z = pool(nn.relu(self.conv1(x)))
         z = pool(nn.relu(self.conv2(z)))
         z = nn.relu(self.fc1(z.reshape(z.shape[0], -1)))
@@ -55,6 +59,23 @@ class CNN(nn.Module):
 
     def __call__(self, x, train: bool = False):
         return self.head(self.features(x, train))
+
+
+def max_pool_2x2(z):
+    """nn.max_pool(z, (2, 2), strides=(2, 2)) (VALID: an odd last row/column is dropped).
+
+    On CPU as a reshape and a max: XLA:CPU ran the gradient of reduce_window's max pooling
+    (select-and-scatter) at ~8 ms per step of the FedAvg CNN's first layer, ~10x the reshape's
+    (experiments/PERF_CNN.md). Same values; the gradient differs only where a window holds tied
+    maxima: the reshape splits it evenly, reduce_window gives it to one element. After ReLU, ties
+    at 0 get no gradient either way, and positive ties come from identical receptive fields
+    (constant backgrounds), whose parameter gradients are then the same (tested on real digits).
+    """
+    if jax.default_backend() != "cpu":
+        return nn.max_pool(z, (2, 2), strides=(2, 2))
+    n, h, w, c = z.shape
+    z = z[:, :h // 2 * 2, :w // 2 * 2]
+    return z.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
 def _check(num_classes, dropout):

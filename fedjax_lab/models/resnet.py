@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from fedjax_lab.core import validate
 from fedjax_lab.core.types import Model
-from fedjax_lab.models.base import from_linen
+from fedjax_lab.models.base import conv_general_dilated, from_linen
 
 WIDTHS = (16, 32, 64)
 
@@ -40,7 +40,7 @@ class BasicBlock(nn.Module):
     def __call__(self, x):
         norm = lambda: nn.GroupNorm(num_groups=self.num_groups)
         conv = lambda k, s: nn.Conv(self.channels, (k, k), strides=(s, s), padding="SAME",
-                                    use_bias=False)
+                                    use_bias=False, conv_general_dilated=conv_general_dilated)
         y = nn.relu(norm()(conv(3, self.strides)(x)))
         y = norm()(conv(3, 1)(y))
         if self.strides != 1 or x.shape[-1] != self.channels:
@@ -55,7 +55,8 @@ class ResNet(nn.Module):
 
     def setup(self):
         n = (self.depth - 2) // 6
-        self.stem = nn.Conv(WIDTHS[0], (3, 3), padding="SAME", use_bias=False)
+        self.stem = nn.Conv(WIDTHS[0], (3, 3), padding="SAME", use_bias=False,
+                            conv_general_dilated=conv_general_dilated)
         self.stem_norm = nn.GroupNorm(num_groups=self.num_groups)
         self.blocks = [BasicBlock(w, 2 if (i == 0 and stage > 0) else 1, self.num_groups)
                        for stage, w in enumerate(WIDTHS) for i in range(n)]
