@@ -96,3 +96,24 @@ def test_vmap_of_fedprox_round_over_mu_and_seeds_equals_the_separate_rounds(tiny
             np.testing.assert_allclose(objective[i, j], o, rtol=1e-6)
     # mu matters: the sweep's rows differ (a sweep that ignored mu would pass the loop above).
     assert not np.allclose(params["Dense_0"]["kernel"][0], params["Dense_0"]["kernel"][2])
+
+
+def test_client_chunk_gives_the_unchunked_round_and_refuses_whole_stack_aggregators(tiny_data):
+    """LocalWork(client_chunk=k) trains k clients at a time and accumulates the weighted mean."""
+    model = models.logistic(3)
+    flat = dict(clients_per_round=5, local_steps=4, batch_size=4, client_lr=0.1, stragglers=0.4)
+    out = []
+    for chunk in (None, 2, 5):
+        alg = algorithms.fedprox(model, mu=0.3, setup=Setup.of(client_chunk=chunk, **flat))
+        state = alg.init(jax.random.key(0), tiny_data)
+        state, metrics = jax.jit(alg.round)(state, tiny_data, jax.random.key(1))
+        out.append((state.params, metrics))
+    for params, metrics in out[1:]:
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                     params, out[0][0])
+        for k in ("local_loss", "local_objective", "clients_aggregated", "bytes_up"):
+            np.testing.assert_allclose(metrics[k], out[0][1][k], rtol=1e-5)
+    with pytest.raises(ValueError, match="client_chunk=2 .*aggregator 'mean'"):
+        algorithms.fedavg(model, setup=Setup.of(client_chunk=2, aggregator="median"))
+    with pytest.raises(ValueError, match="client_chunk must be > 0"):
+        LocalWork(client_chunk=0)

@@ -59,7 +59,10 @@ class LocalWork:
     steps) in [1, E) with `straggler_work="code"` (default, the official code) or in [1, E] with
     "paper"; `drop_stragglers`: leave them out of the aggregate (None: the algorithm's default,
     FedAvg drops them, FedProx keeps their partial work); `shuffle`: "auto", "epoch" or
-    "replacement" (core/batching.py).
+    "replacement" (core/batching.py); `client_chunk`: train the round's clients `client_chunk` at a
+    time and accumulate the weighted mean on the fly, so a round's memory is that of
+    `client_chunk` clients (None: all at once; needs the mean aggregator, no uplink or attack,
+    since those need every client's message; same numbers up to float rounding).
 
     With sampling="size" a client drawn twice is the same device selected twice: it draws the same
     batches and the same local-training keys (both are folded from the client id), takes the
@@ -74,6 +77,7 @@ class LocalWork:
     straggler_work: str = "code"
     drop_stragglers: Optional[bool] = None
     shuffle: str = "auto"
+    client_chunk: Optional[int] = None
 
     def __post_init__(self):
         from fedjax_lab.core.sampling import STRAGGLER_WORK
@@ -85,6 +89,8 @@ class LocalWork:
         validate.one_of("straggler_work", self.straggler_work, set(STRAGGLER_WORK))
         validate.one_of("drop_stragglers", self.drop_stragglers, {None, True, False})
         validate.one_of("shuffle", self.shuffle, {"auto", "epoch", "replacement"})
+        if self.client_chunk is not None:
+            validate.positive("client_chunk", self.client_chunk, integer=True)
 
     def check(self, data):
         if data.max_client_size == 0:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from fedjax_lab.core import comm
 from fedjax_lab.core.evaluate import client_params_of_global
-from fedjax_lab.core.local import local_train
+from fedjax_lab.core.local import local_train, weighted_sum_over_clients
 from fedjax_lab.core.rounds import (client_weights, init_server, participate, server_update,
                                     weighted_mean_scalar)
 from fedjax_lab.core.setup import Setup
@@ -72,7 +72,14 @@ class ServerRound:
     down_bytes: Optional[Callable] = None
 
     def __post_init__(self):
-        self.setup.aggregator.check(self.setup.cohort.clients_per_round)
+        s = self.setup
+        s.aggregator.check(s.cohort.clients_per_round)
+        if s.work.client_chunk is not None and (s.aggregator.name != "mean" or s.uplink.name !=
+                                                "identity" or s.attack.attack != "none"):
+            raise ValueError(
+                f"client_chunk={s.work.client_chunk} accumulates the weighted mean chunk by chunk; "
+                f"it needs aggregator 'mean', uplink 'identity' and no attack, got aggregator "
+                f"{s.aggregator.name!r}, uplink {s.uplink.name!r}, attack {s.attack.attack!r}")
 
     @property
     def server_tx(self):
@@ -99,11 +106,14 @@ class ServerRound:
         Returns (state, metrics)."""
         s = self.setup
         w_t = state.params
-        msgs, loss, objective = map_clients(self.client_fn(), w_t, data, part, k_train)
         p = client_weights(part, s.cohort, drop_stragglers=self.drop_stragglers)
-        sent = s.uplink.encode(msgs, key, part.ids)
-        sent = s.attack.corrupt(sent, part.ids, data.num_clients, key, weights=p)
-        direction = s.aggregator(sent, p)
+        if s.work.client_chunk is None:
+            msgs, loss, objective = map_clients(self.client_fn(), w_t, data, part, k_train)
+            sent = s.uplink.encode(msgs, key, part.ids)
+            sent = s.attack.corrupt(sent, part.ids, data.num_clients, key, weights=p)
+            direction = s.aggregator(sent, p)
+        else:
+            direction, loss, objective = self._chunked_mean(w_t, data, part, k_train, p)
         state = server_update(self.server_tx, state,
                               tree_scale(direction, -1.0) if self.gradient_message else direction)
         num_up = jnp.sum(p > 0)
@@ -115,6 +125,20 @@ class ServerRound:
                                             down_per_client=down, num_up=num_up,
                                             num_down=s.cohort.clients_per_round))
         return state, metrics
+
+    def _chunked_mean(self, w_t, data, part, k_train, p):
+        """The weighted mean of the messages, client_chunk clients at a time (LocalWork); the
+        per-client losses come back as [C] vectors whose weighted mean equals the unchunked one."""
+        client = self.client_fn()
+        fn = lambda idx, mask, k: client(w_t, data.x, data.y, idx, mask, k)
+        total = jnp.sum(p)
+        sums = weighted_sum_over_clients(fn, p, part.batches.idx, part.batches.step_mask,
+                                         client_keys(k_train, part.ids),
+                                         chunk=self.setup.work.client_chunk)
+        scale = jnp.where(total > 0, 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+        direction = jax.tree.map(lambda x: x * scale.astype(x.dtype), sums[0])
+        as_vector = lambda v: jnp.full(p.shape, v * scale)   # weighted_mean_scalar(., p) = v * scale
+        return direction, as_vector(sums[1]), as_vector(sums[2])
 
     def round(self, state, data, key):
         k_part, k_train = jax.random.split(key)
