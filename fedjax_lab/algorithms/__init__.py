@@ -3,8 +3,6 @@
 ALGORITHMS maps a CLI name to (factory, one-line description). The CLI derives its flags from the
 factory's keyword-only parameters, so adding an algorithm is one line here.
 """
-import functools
-
 from fedjax_lab.algorithms.ditto import ditto
 from fedjax_lab.algorithms.fedamp import fedamp, heurfedamp
 from fedjax_lab.algorithms.fedmeta import fedmeta_fomaml, fedmeta_maml, fedmeta_metasgd
