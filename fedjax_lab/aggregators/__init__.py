@@ -105,6 +105,18 @@ AGGREGATORS = {
 }
 
 
+def dp_mean(noise_multiplier: float = 1.0, clip_norm: float = 1.0, expected_clients: int = 0,
+            delta: float = 1e-5, sampling: str = "without_replacement", accountant: str = "rdp"):
+    """DP-FedAvg (McMahan et al. 2018): (sum_k clip_S(u_k) + N(0, (z S)^2 I)) / m, m the expected
+    cohort size (0: the cohort's C); epsilon(delta) by dp-accounting (core/privacy.py)."""
+    from fedjax_lab.core.privacy import dp_mean as private_mean
+    return private_mean(noise_multiplier, clip_norm, expected_clients, delta, sampling, accountant)
+
+
+AGGREGATORS["dp_mean"] = (dp_mean, "DP-FedAvg (McMahan et al. 2018): sum of updates clipped to "
+                          "norm S + N(0, (z S)^2), over the expected cohort size")
+
+
 def options(name: str):
     """[(option, type, default)] of aggregator `name`'s factory (the CLI's --aggregator-OPTION)."""
     validate.one_of("aggregator", name, AGGREGATORS)

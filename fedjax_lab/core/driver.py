@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,8 @@ def _as_key(key):
 
 def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Optional[str] = None,
         checkpoint_every: Optional[int] = None, resume: bool = False, progress: bool = True,
-        extra_config: Optional[dict] = None, mesh=None) -> RunResult:
+        extra_config: Optional[dict] = None, mesh=None, callbacks: Sequence = (),
+        accountant: Any = None) -> RunResult:
     """Train `alg` on `data` for `rounds` rounds; evaluate every `eval_every` rounds.
 
     out: directory for config.json, metrics.jsonl and checkpoints/ (orbax).
@@ -76,6 +77,14 @@ def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Op
     mesh: a `jax.sharding.Mesh` with a 'clients' axis (`core.sharding.client_mesh()`): each round's
     clients are split over its devices, across hosts after `jax.distributed.initialize`; every
     process then calls `run` with the same data and key (see core/sharding.py).
+    callbacks: loggers called at every evaluation with the record written to metrics.jsonl
+    (core/logging.py: CSVLogger, TensorBoardLogger, WandbLogger); a callback is a callable
+    record -> None or an object with on_eval(record) and optional on_start(config, history) (the
+    config and, on resume, the restored records) and close(); closed when the run ends or fails.
+    accountant: privacy accounting added to every record, a callable rounds -> {name: float} or an
+    object with such a `metrics` method (core.privacy.Accountant: epsilon and delta). None: the
+    algorithm's own if it aggregates with aggregators.dp_mean (core/privacy.py), else none;
+    False: none.
     """
     validate.positive("rounds", rounds, integer=True)
     validate.positive("eval_every", eval_every, integer=True)
@@ -89,6 +98,8 @@ def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Op
     if resume and out is None:
         raise ValueError("resume=True needs out= (the directory holding the checkpoints)")
     alg.check(data)
+    accountant = _accountant(alg, data, accountant)
+    callbacks = [_callback(cb) for cb in callbacks]
     if mesh is not None:
         sharding.check_mesh(mesh)
     key, key_repr = _as_key(key)
@@ -121,6 +132,21 @@ def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Op
             json.dump(config, f, indent=2, sort_keys=True)
         _write_history(out, history)
 
+    for cb in callbacks:
+        cb.on_start(config, list(history))
+    try:
+        state, history = _train(alg, data, state, history, k_rounds, start=start, rounds=rounds,
+                                eval_every=eval_every, out=out, mgr=mgr, config=config,
+                                checkpoint_every=checkpoint_every, progress=progress, mesh=mesh,
+                                callbacks=callbacks, accountant=accountant)
+    finally:
+        for cb in callbacks:
+            cb.close()
+    return RunResult(state=state, history=history)
+
+
+def _train(alg, data, state, history, k_rounds, *, start, rounds, eval_every, out, mgr, config,
+           checkpoint_every, progress, mesh, callbacks, accountant):
     adapt_data = alg.adapt_split(data) if getattr(alg, "adapt", None) is not None else None
     bar = _progress(rounds, start, progress)
     totals = {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("total_")}
@@ -144,6 +170,8 @@ def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Op
                 totals[f"total_{name}"] = totals.get(f"total_{name}", 0.0) + float(values.sum())
             record[name] = float(values.mean())
         record.update(totals)
+        if accountant is not None:
+            record.update({k: float(v) for k, v in accountant(t).items()})
         for name in ("train_loss", "test_loss", "train_personal_loss", "test_personal_loss"):
             if name in record and not np.isfinite(record[name]):
                 raise FloatingPointError(f"non-finite {name} ({record[name]}) at round {t}")
@@ -151,12 +179,43 @@ def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Op
         if out is not None:
             with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
+        for cb in callbacks:
+            cb.on_eval(record)
         if mgr is not None and checkpoint_every and (t % checkpoint_every == 0 or t == rounds):
             ckpt.save(mgr, t, state, {"config": config, "round": t})
         bar.update(length)
         bar.set_postfix({k: f"{record[k]:.4f}" for k in ("train_loss", "test_accuracy") if k in record})
     bar.close()
-    return RunResult(state=state, history=history)
+    return state, history
+
+
+def _accountant(alg, data, accountant):
+    if accountant is False:
+        return None
+    if accountant is None:
+        from fedjax_lab.core import privacy
+        acc = privacy.accountant_for(alg, data)
+        return None if acc is None else acc.metrics
+    fn = getattr(accountant, "metrics", accountant)
+    if not callable(fn):
+        raise ValueError(f"accountant must be a callable rounds -> {{name: float}}, an object with "
+                         f"a metrics(rounds) method, None or False, got {type(accountant).__name__}")
+    return fn
+
+
+class _Callback:
+    """A callback with all three hooks; those it lacks do nothing."""
+    def __init__(self, cb):
+        self.on_eval = getattr(cb, "on_eval", cb)
+        self.on_start = getattr(cb, "on_start", lambda config, history: None)
+        self.close = getattr(cb, "close", lambda: None)
+
+
+def _callback(cb):
+    if hasattr(cb, "on_eval") or callable(cb):
+        return _Callback(cb)
+    raise ValueError(f"callbacks: each must be a callable record -> None or an object with "
+                     f"on_eval(record), got {type(cb).__name__}")
 
 
 def _stop_if_not_finite(per_round: dict, name: str, *, first_round: int):

@@ -111,7 +111,8 @@ class ServerRound:
             msgs, loss, objective = map_clients(self.client_fn(), w_t, data, part, k_train)
             sent = s.uplink.encode(msgs, key, part.ids)
             sent = s.attack.corrupt(sent, part.ids, data.num_clients, key, weights=p)
-            direction = s.aggregator(sent, p)
+            direction = (s.aggregator(sent, p, key) if getattr(s.aggregator, "needs_key", False)
+                         else s.aggregator(sent, p))          # DP's server noise draws from the key
         else:
             direction, loss, objective = self._chunked_mean(w_t, data, part, k_train, p)
         state = server_update(self.server_tx, state,
