@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench venv clean
+.PHONY: demo test test-slow bench venv clean docs notebooks
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,docs]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,6 +25,14 @@ test: $(STAMP)
 ## the heavier tests, on purpose
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+## the API reference (pdoc) in build/api; fails on a module that does not import or a broken reference
+docs: $(STAMP)
+	$(BIN)/python -m fedjax_lab.docs.build build/api
+
+## re-execute every notebook at its stored size and store it with its outputs
+notebooks: $(STAMP)
+	$(BIN)/python notebooks/run_notebooks.py
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_round.py
