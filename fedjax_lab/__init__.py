@@ -3,9 +3,11 @@ from fedjax_lab import algorithms, data, models
 from fedjax_lab import aggregators, attacks
 from fedjax_lab.core import uplink
 from fedjax_lab.core.driver import run
+from fedjax_lab.core.hypergrad import hypergrad
+from fedjax_lab.core.sweep import sweep
 from fedjax_lab.core.setup import Cohort, LocalWork, Optimizer, Setup
 from fedjax_lab.core.types import Algorithm, Model
 
 __version__ = "0.1.0"
-__all__ = ["algorithms", "aggregators", "attacks", "data", "models", "uplink", "run", "Algorithm",
-           "Model", "Setup", "Cohort", "LocalWork", "Optimizer"]
+__all__ = ["algorithms", "aggregators", "attacks", "data", "models", "uplink", "run", "sweep",
+           "hypergrad", "Algorithm", "Model", "Setup", "Cohort", "LocalWork", "Optimizer"]

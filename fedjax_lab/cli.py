@@ -6,6 +6,7 @@
         --attack-fraction 0.2
     fedjax-lab run fedavg --uplink top_k --uplink-k 100 # compress what clients send
     fedjax-lab run --config runs/x/config.json          # re-run a run exactly (flags override it)
+    fedjax-lab sweep fedprox --grid mu=0,0.01,0.1,1 --seeds 0,1,2 --rounds 100 --out runs/mu
     fedjax-lab list
     fedjax-lab data SPEC
 
@@ -26,8 +27,8 @@ import os
 import sys
 import typing
 
-RUN_FLAGS = {"dataset", "model", "rounds", "seed", "eval_every", "checkpoint_every", "resume",
-             "out", "no_progress", "config"}
+RUN_FLAGS = {"dataset", "model", "rounds", "seed", "data_seed", "eval_every", "checkpoint_every",
+             "resume", "out", "no_progress", "config"}
 NOT_FLAGS = {"model", "setup", "name"}
 # What a run's own config.json holds beyond flags: checked (algorithm) or recomputed (the rest).
 CONFIG_ONLY = {"algorithm", "key", "data", "command", "dataset_options"}
@@ -130,6 +131,8 @@ def run_parser(alg_name, factory, aggregator=None, uplink=None):
     g.add_argument("--model", default=None, help="model name (default: logistic)")
     g.add_argument("--rounds", type=int, default=200)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--data-seed", type=int, default=None,
+                   help="seed of the dataset's partition (default: --seed)")
     g.add_argument("--eval-every", type=int, default=10)
     g.add_argument("--checkpoint-every", type=int, default=None)
     g.add_argument("--resume", action="store_true")
@@ -184,7 +187,9 @@ def _explain_unknown(unknown, parser, alg_name):
     return msg + f"; valid flags: {' '.join(_valid_flags(parser))}"
 
 
-def cmd_run(argv):
+def _parse(argv, command="run", add=None):
+    """(factory, parser, args, hparams, flat) of `fedjax-lab COMMAND ALGORITHM [flags]`: the algorithm's
+    parser (run_parser, plus `add(parser)`'s flags), --config defaults, unknown flags refused."""
     from fedjax_lab.algorithms import ALGORITHMS
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
@@ -197,7 +202,8 @@ def cmd_run(argv):
     elif "algorithm" in cfg:
         alg_name, rest = cfg["algorithm"], argv
     else:
-        raise SystemExit(f"usage: fedjax-lab run ALGORITHM [flags]; algorithms: {sorted(ALGORITHMS)}")
+        raise SystemExit(f"usage: fedjax-lab {command} ALGORITHM [flags]; algorithms: "
+                         f"{sorted(ALGORITHMS)}")
     if alg_name not in ALGORITHMS:
         raise SystemExit(f"error: unknown algorithm {alg_name!r}; valid algorithms: "
                          f"{', '.join(sorted(ALGORITHMS))}")
@@ -210,6 +216,9 @@ def cmd_run(argv):
                             known.uplink or cfg.get("uplink"))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if add is not None:
+        parser.prog = f"fedjax-lab {command} {alg_name}"
+        add(parser)
     dests = {a.dest for a in parser._actions}
     bad = sorted(k for k in cfg if k not in dests and k not in CONFIG_ONLY)
     if bad:
@@ -218,27 +227,34 @@ def cmd_run(argv):
     parser.set_defaults(**{k: v for k, v in cfg.items() if k in dests})
     args, unknown = parser.parse_known_args(rest)
     if unknown:
-        raise SystemExit(_explain_unknown(unknown, parser, alg_name))
+        raise SystemExit(_explain_unknown(unknown, parser, alg_name).replace(
+            "fedjax-lab run", f"fedjax-lab {command}"))
     hparams = {name: getattr(args, name) for name, _, _ in own_params(factory)}
     # Only what the user changed (a flag, or a --config key) goes into the Setup: the rest are the
     # algorithm's own defaults, which may depend on its hyperparameters (signSGD's vote).
     flat = {name: getattr(args, name) for name, _, default in
             setup_params(factory, getattr(args, "aggregator", None), getattr(args, "uplink", None))
             if getattr(args, name) != default}
+    return factory, parser, args, hparams, flat
+
+
+def cmd_run(argv):
+    factory, _, args, hparams, flat = _parse(argv, "run")
 
     import fedjax_lab
     from fedjax_lab.core.setup import Setup
     from fedjax_lab.data import load
     try:
-        data = load(args.dataset, seed=args.seed)
+        data = load(args.dataset, seed=args.seed if args.data_seed is None else args.data_seed)
         model = make_model(args.model, data)
         alg = factory(model, setup=Setup.of(**flat), **hparams)
+        extra = {} if args.data_seed is None else {"data_seed": args.data_seed}
         result = fedjax_lab.run(
             alg, data, rounds=args.rounds, key=args.seed, eval_every=args.eval_every, out=args.out,
             checkpoint_every=args.checkpoint_every, resume=args.resume,
             progress=not args.no_progress,
             extra_config=dict(dataset=args.dataset, model=args.model or "logistic", seed=args.seed,
-                              command=["fedjax-lab", "run"] + list(argv)))
+                              command=["fedjax-lab", "run"] + list(argv), **extra))
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
     last = result.history[-1] if result.history else {}
@@ -246,6 +262,137 @@ def cmd_run(argv):
         f"test{kind}_accuracy{q}" for kind in ("", "_personal", "_adapted")
         for q in ("", "_p10", "_p50", "_p90")]
     print(json.dumps({k: last[k] for k in keys if k in last}))
+    return 0
+
+
+def _sweep_flags(parser):
+    g = parser.add_argument_group("sweep")
+    g.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
+                   help="a swept name (a hyperparameter or shared-value flag, or model) and its "
+                        "values; repeat for a product grid")
+    g.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0); the "
+                   "dataset is drawn once, with --data-seed (default 0)")
+    g.add_argument("--runs-per-chunk", type=int, default=None,
+                   help="runs per compiled chunk (default: all runs of a program at once)")
+    g.add_argument("--memory-budget", default=None,
+                   help="pick runs per chunk from a memory budget, e.g. 2GB or 500MB")
+
+
+def _bytes(text):
+    units = {"kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "b": 1}
+    t = text.strip().lower()
+    for u, f in units.items():
+        if t.endswith(u):
+            try:
+                return float(t[:-len(u)]) * f
+            except ValueError:
+                break
+    try:
+        return float(t)
+    except ValueError:
+        raise SystemExit(f"error: --memory-budget {text!r}: expected bytes such as 2GB, 500MB "
+                         "or 1e9")
+
+
+def _grid_values(parser, name, text, make):
+    """The typed values of one --grid NAME=V1,V2 (typed as the flag NAME is)."""
+    actions = {a.dest: a for a in parser._actions}
+    out = []
+    for v in (x.strip() for x in text.split(",")):
+        if not v:
+            continue
+        if name == "model":
+            out.append(make(v))
+        elif name in actions and isinstance(actions[name], argparse.BooleanOptionalAction):
+            if v.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"error: --grid {name}: {v!r} is not a bool (true/false)")
+            out.append(v.lower() in ("true", "1"))
+        elif name in actions and actions[name].type is not None:
+            try:
+                out.append(actions[name].type(v))
+            except ValueError:
+                raise SystemExit(f"error: --grid {name}: {v!r} is not a "
+                                 f"{actions[name].type.__name__}")
+        else:
+            out.append(_literal_value(v))
+    if not out:
+        raise SystemExit(f"error: --grid {name}= has no values; expected {name}=V1,V2,...")
+    return out
+
+
+def _literal_value(v):
+    import ast
+    try:
+        return ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        return v
+
+
+def cmd_sweep(argv):
+    """`fedjax-lab sweep ALGORITHM --grid NAME=V1,V2 [--grid ...] --seeds 0,1,2 [run flags] --out
+    DIR`: one run per (point, seed) as fl.sweep runs them; DIR/RUN/{config.json, metrics.jsonl}
+    in the `run` format, DIR/summary.csv, DIR/sweep.png; --resume continues a killed sweep."""
+    factory, parser, args, hparams, flat = _parse(argv, "sweep", add=_sweep_flags)
+    if not args.out:
+        raise SystemExit("error: fedjax-lab sweep needs --out DIR (one directory per run)")
+    if not args.grid:
+        raise SystemExit("error: fedjax-lab sweep needs at least one --grid NAME=V1,V2,...")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --seeds {args.seeds!r}: expected comma-separated ints, e.g. 0,1,2")
+    import fedjax_lab
+    from fedjax_lab.core import sweep as sw
+    from fedjax_lab.data import load
+    data_seed = 0 if args.data_seed is None else args.data_seed
+    try:
+        data = load(args.dataset, seed=data_seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    grid = {}
+    for item in args.grid:
+        name, eq, values = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not eq or not name:
+            raise SystemExit(f"error: --grid {item!r}: expected NAME=V1,V2,...")
+        if name in grid:
+            raise SystemExit(f"error: --grid {name} given twice")
+        grid[name] = _grid_values(parser, name, values, lambda m: make_model(m, data))
+    fixed = {**{k: v for k, v in hparams.items() if k not in grid},
+             **{k: v for k, v in flat.items() if k not in grid}}
+    model = None if "model" in grid else make_model(args.model, data)
+    names = list(grid)
+
+    def extra(point, seed):
+        return dict(dataset=args.dataset, seed=seed, data_seed=data_seed,
+                    model=point["model"].name if "model" in point else (args.model or "logistic"),
+                    command=["fedjax-lab", "sweep"] + list(argv))
+    try:
+        result = fedjax_lab.sweep(
+            factory, data, grid=grid, seeds=seeds, rounds=args.rounds, eval_every=args.eval_every,
+            model=model, fixed=fixed, runs_per_chunk=args.runs_per_chunk,
+            memory_budget=None if args.memory_budget is None else _bytes(args.memory_budget),
+            out=args.out, checkpoint_every=args.checkpoint_every, resume=args.resume,
+            progress=not args.no_progress, extra_config=extra)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    sw.write_summary(result, args.out)
+    try:
+        sw.plot(result, os.path.join(args.out, "sweep.png"))
+    except ImportError as e:
+        print(f"note: no figure: {e}", file=sys.stderr)
+    _, points = result.summary()
+    metric = next((m for m in ("test_accuracy", "test_personal_accuracy", "train_loss")
+                   if f"final_{m}_mean" in points[0]), None)
+    print(f"{len(result.runs)} runs, {len(result.programs)} compiled program(s), "
+          f"{result.runs_per_chunk} runs per chunk; {args.out}/summary.csv")
+    for p in points:
+        label = ", ".join(f"{n}={p[n]}" for n in names)
+        if metric:
+            print(f"  {label}: final {metric} {p[f'final_{metric}_mean']:.4f} ± "
+                  f"{p[f'final_{metric}_std']:.4f} ({p['seeds']} seeds)")
+    for i, msg in sorted(result.errors.items()):
+        print(f"  stopped: {result.run_names[i]}: {msg}", file=sys.stderr)
     return 0
 
 
@@ -272,7 +419,18 @@ def cmd_data(argv):
     return stats.main(argv)
 
 
-COMMANDS = {"run": cmd_run, "list": cmd_list, "data": cmd_data}
+def cmd_plot(argv):
+    from fedjax_lab.plot import cmd_plot as plot
+    return plot(argv)
+
+
+def cmd_reproduce(argv):
+    from fedjax_lab.reproduce import cmd_reproduce as reproduce
+    return reproduce(argv)
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "data": cmd_data, "plot": cmd_plot,
+            "reproduce": cmd_reproduce}
 
 
 def main(argv=None):
