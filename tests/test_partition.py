@@ -87,3 +87,39 @@ def test_shards_give_few_labels_per_client():
 def test_bad_partition_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@SETTINGS
+@given(ways=st.integers(1, 6), shots=st.integers(1, 8), stdev=st.integers(0, 3),
+       k=st.integers(1, 12), seed=st.integers(0, 1000))
+def test_nway_kshot(ways, shots, stdev, k, seed):
+    classes = 6
+    labels = np.repeat(np.arange(classes), 120)
+    np.random.default_rng(seed).shuffle(labels)
+    owner = partition.nway_kshot(labels, k, ways=ways, shots=shots, stdev=stdev, seed=seed)
+    assert owner.shape == labels.shape and owner.min() >= -1 and owner.max() < k
+    lo_n, hi_n = max(2, ways - stdev), min(classes, ways + stdev)
+    lo_n = min(lo_n, hi_n)
+    for i in range(k):
+        counts = np.bincount(labels[owner == i], minlength=classes)
+        held = counts[counts > 0]
+        assert lo_n <= held.size <= hi_n                       # n_i classes
+        assert np.all(held == held[0])                         # k_i examples of each
+        assert max(1, shots - stdev) <= held[0] <= shots + stdev
+    np.testing.assert_array_equal(
+        owner, partition.nway_kshot(labels, k, ways=ways, shots=shots, stdev=stdev, seed=seed))
+
+
+def test_nway_kshot_spread_and_errors():
+    labels = np.repeat(np.arange(10), 1000)
+    owner = partition.nway_kshot(labels, 80, ways=3, shots=20, stdev=2, seed=0)
+    n_i = np.array([np.unique(labels[owner == i]).size for i in range(80)])
+    k_i = np.array([np.bincount(labels[owner == i]).max() for i in range(80)])
+    assert set(n_i) == {2, 3, 4, 5} and set(k_i) == set(range(18, 23))   # both ends reached
+    assert (owner == -1).sum() == 10000 - sum(n_i * k_i)                  # the rest: nobody's
+    with pytest.raises(ValueError, match="class .* ran out of examples.*lower shots=100"):
+        partition.nway_kshot(labels, 80, ways=3, shots=100, stdev=2, seed=0)
+    with pytest.raises(ValueError, match="ways=11 exceeds the 10 classes"):
+        partition.nway_kshot(labels, 5, ways=11, shots=2)
+    with pytest.raises(ValueError, match="shots must be an integer >= 1"):
+        partition.nway_kshot(labels, 5, ways=3, shots=0)

@@ -69,6 +69,8 @@ def evaluation_sums(alg, state, data, adapt_data=None) -> dict:
     algorithm with `adapt` (FedMeta, Per-FedAvg) adapts on before its test split is scored
     (`test_adapted_*`): each client's support, or train, split, never its test split."""
     out = {}
+    if getattr(alg, "evaluate_sums", None) is not None:   # clients of different architectures (core/hetero)
+        out.update(alg.evaluate_sums(state, data))
     if getattr(alg, "adapt", None) is not None and adapt_data is not None and data.test is not None \
             and data.test.num_examples:
         out["test_adapted"] = personal_sums(

@@ -93,3 +93,43 @@ def shards(labels, num_clients: int, *, shards_per_client: int = 2, seed: int = 
     owner = np.empty(labels.shape[0], np.int64)
     owner[order] = client_of_shard[shard_of_pos]
     return owner
+
+
+def nway_kshot(labels, num_clients: int, *, ways: int, shots: int, stdev: int = 2,
+               seed: int = 0) -> np.ndarray:
+    """FedProto's n-way k-shot split (Tan et al., AAAI 2022, Sec. 5.1): client i holds n_i
+    classes drawn without replacement, n_i uniform on [max(2, n - stdev), min(C, n + stdev)]
+    (n = `ways`, C = number of classes in `labels`), and k_i examples of each of them, k_i
+    uniform on [max(1, k - stdev), k + stdev] (k = `shots`). Clients' examples are disjoint.
+
+    Unlike the other partitioners, most examples usually belong to nobody: `owner` is -1 there
+    (keep `owner >= 0` before `federated.split_clients`). Paper vs. code: the official code
+    (yuetan031/FedProto, exps/federated_main.py) draws n_i with numpy's randint(max(2, n - s),
+    min(C, n + s + 1)), i.e. at most C - 1 classes when n + s >= C, and for MNIST k_i from
+    randint(k - s + 1, k + s - 1) = [k - s + 1, k + s - 2]; we take the symmetric ranges the paper
+    describes. ValueError when a class runs out of examples (lower `shots` or `num_clients`).
+    """
+    labels = np.asarray(labels)
+    _check(labels.shape[0], num_clients)
+    for name, v, lo in (("ways", ways, 1), ("shots", shots, 1), ("stdev", stdev, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    classes = np.unique(labels)
+    if ways > classes.shape[0]:
+        raise ValueError(f"ways={ways} exceeds the {classes.shape[0]} classes in labels")
+    rng = np.random.default_rng(seed)
+    lo_n, hi_n = max(2, ways - stdev), min(classes.shape[0], ways + stdev)
+    lo_n = min(lo_n, hi_n)                         # ways = 1 with one class, or two classes only
+    n_i = rng.integers(lo_n, hi_n + 1, num_clients)
+    k_i = rng.integers(max(1, shots - stdev), shots + stdev + 1, num_clients)
+    pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
+    owner = np.full(labels.shape[0], -1, np.int64)
+    for i in range(num_clients):      # host-side data preparation, once per dataset
+        for c in rng.choice(classes, n_i[i], replace=False):
+            if len(pools[c]) < k_i[i]:
+                raise ValueError(f"nway_kshot: class {c} ran out of examples at client {i} "
+                                 f"(needs {k_i[i]}, {len(pools[c])} left); lower shots={shots} "
+                                 f"or num_clients={num_clients}")
+            take, pools[c] = pools[c][:k_i[i]], pools[c][k_i[i]:]
+            owner[take] = i
+    return owner

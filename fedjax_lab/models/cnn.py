@@ -18,6 +18,9 @@ They differ only in the convolutions' padding:
   2,432 + 51,264 + 819,712 + 5,130 = 878,538 parameters on 32x32x3 CIFAR-10 (924,708 with 100
   classes). On 28x28x1 inputs (`dim=1024`) it has 582,026 parameters.
 
+`cnn_widths` builds the same network with other widths (FedProto's heterogeneous clients); its
+defaults give `cnn`'s parameters exactly (same names, shapes and initial values).
+
 features(x) is the 512-unit ReLU layer (after dropout in training), head(z) the last Dense layer,
 the same base/head split as PFLlib's `BaseHeadSplit`. Neither paper uses dropout; `dropout > 0`
 adds it on the 512 features, keyed by the `rng` that local training folds per client and step.
@@ -36,14 +39,16 @@ class CNN(nn.Module):
     num_classes: int
     padding: str = "SAME"
     dropout: float = 0.0
+    channels: tuple = (32, 64)
+    hidden: int = 512
 
     def setup(self):
         # the same convolution with a backward pass that stays fast inside lax loops on CPU
         conv = lambda c: nn.Conv(c, (5, 5), padding=self.padding,
                                  conv_general_dilated=conv_general_dilated)
-        self.conv1 = conv(32)
-        self.conv2 = conv(64)
-        self.fc1 = nn.Dense(512)
+        self.conv1 = conv(self.channels[0])
+        self.conv2 = conv(self.channels[1])
+        self.fc1 = nn.Dense(self.hidden)
         self.drop = nn.Dropout(self.dropout)
         self.fc = nn.Dense(self.num_classes)
 
@@ -93,3 +98,21 @@ def cnn_cifar(num_classes: int, *, dropout: float = 0.0) -> Model:
     """PFLlib's FedAvgCNN (VALID padding): 878,538 parameters on 32x32x3 with 10 classes."""
     _check(num_classes, dropout)
     return from_linen(CNN(num_classes, "VALID", float(dropout)), "cnn_cifar")
+
+
+def cnn_widths(num_classes: int, *, channels=(32, 64), hidden: int = 512, padding: str = "SAME",
+               dropout: float = 0.0) -> Model:
+    """The same two-conv CNN with other widths: `channels` (conv1, conv2 output channels) and
+    `hidden` (units of the feature layer, the representation `features` returns). The defaults
+    are `cnn` itself (same parameter names and initial values); FedProto's model-heterogeneous
+    setting gives clients 18 / 20 / 22 conv2 channels and one `hidden` (the prototype dimension)."""
+    _check(num_classes, dropout)
+    if (not isinstance(channels, (tuple, list)) or len(channels) != 2
+            or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels)):
+        raise ValueError(f"channels must be two positive ints (conv1, conv2 output channels), "
+                         f"got {channels!r}")
+    validate.positive("hidden", hidden, integer=True)
+    validate.one_of("padding", padding, {"SAME", "VALID"})
+    channels = tuple(int(c) for c in channels)
+    return from_linen(CNN(num_classes, padding, float(dropout), channels, int(hidden)),
+                      f"cnn_{padding.lower()}_c{channels[0]}x{channels[1]}_h{hidden}")
