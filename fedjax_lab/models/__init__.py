@@ -16,6 +16,7 @@ import numpy as np
 from fedjax_lab.core.types import Model
 from fedjax_lab.models.base import from_linen
 from fedjax_lab.models.cnn import cnn, cnn_cifar
+from fedjax_lab.models.gkt import gkt_pair
 from fedjax_lab.models.linear import logistic, mlp
 from fedjax_lab.models.quadratic import quadratic, quadratic_clients
 from fedjax_lab.models.resnet import resnet, resnet8
@@ -29,6 +30,7 @@ MODELS = {
                              "benchmarks): VALID convs 32, 64, FC 512 (878,538 params)"),
     "resnet8": (resnet8, "CIFAR ResNet-8 with GroupNorm (no batch statistics)"),
     "resnet": (resnet, "CIFAR ResNet-(6n+2) with GroupNorm; --depth 8, 14, 20, ..."),
+    "gkt": (gkt_pair, "FedGKT's pair: client conv3x3(8) + pooled linear, server conv3x3(32) + FC 128 on the client's feature map"),
     "char_lstm": (char_lstm, "LEAF Shakespeare: embedding 8, 2-layer LSTM 256, next character"),
     "char_gru": (char_gru, "LEAF Shakespeare model with GRU cells"),
 }
