@@ -6,11 +6,15 @@ factory's keyword-only parameters, so adding an algorithm is one line here.
 from fedjax_lab.algorithms.ditto import ditto
 from fedjax_lab.algorithms.fedamp import fedamp, heurfedamp
 from fedjax_lab.algorithms.fedmeta import fedmeta_fomaml, fedmeta_maml, fedmeta_metasgd
+from fedjax_lab.algorithms.fedgen import fedgen
+from fedjax_lab.algorithms.fedgkt import fedgkt
+from fedjax_lab.algorithms.fedproto import fedproto
 from fedjax_lab.algorithms.fedavg import fedadagrad, fedadam, fedavg, fedavgm, fedopt, fedyogi
 from fedjax_lab.algorithms.fedprox import fedprox
 from fedjax_lab.algorithms.fetchsgd import fetchsgd
 from fedjax_lab.algorithms.local_topk import local_topk
 from fedjax_lab.algorithms.perfedavg import perfedavg_fo, perfedavg_hf
+from fedjax_lab.algorithms.pfedhn import pfedhn, pfedhn_pc
 from fedjax_lab.algorithms.robust_median import mediansgd, noisy_mediansgd, noisy_signsgd, signsgd
 
 
@@ -36,8 +40,14 @@ ALGORITHMS = {
     "fedmeta_metasgd": (fedmeta_metasgd, "FedMeta-Meta-SGD (Chen et al. 2018): learned per-parameter inner step alpha"),
     "perfedavg_fo": (perfedavg_fo, "Per-FedAvg FO (Fallah et al. 2020): MAML objective f(w - alpha grad f(w)), first-order step"),
     "perfedavg_hf": (perfedavg_hf, "Per-FedAvg HF (Fallah et al. 2020): MAML step with a finite-difference Hessian-vector product"),
+    "pfedhn": (pfedhn, "pFedHN (Shamsian et al. 2021): a server hypernetwork generates each client's model from its learned embedding"),
+    "pfedhn_pc": (pfedhn_pc, "pFedHN-PC (Shamsian et al. 2021): hypernetwork-generated body, private per-client head"),
+    "fedproto": (fedproto, "FedProto (Tan et al. 2022): per-class prototypes + counts up, global prototypes down; clients may differ in architecture"),
+    "fedgkt": (fedgkt, "FedGKT (He et al. 2020): small client model + large server model on uploaded features, two-way KL distillation"),
+    "fedgen": (fedgen, "FedGen (Zhu et al. 2021): server generator in feature space, distilled from the clients' heads, regularizes local training"),
 }
 
 __all__ = ["fedavg", "fedopt", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ditto",
            "fedamp", "heurfedamp", "perfedavg_fo", "perfedavg_hf", "fedmeta_maml", "fedmeta_fomaml",
-           "fedmeta_metasgd", "ALGORITHMS"]
+           "fedmeta_metasgd", "pfedhn", "pfedhn_pc", "fedproto", "fedgkt", "fedgen",
+           "ALGORITHMS"]
