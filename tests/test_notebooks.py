@@ -27,7 +27,7 @@ _spec.loader.exec_module(run_notebooks)
 def test_the_tutorials_are_there():
     names = {os.path.basename(p) for p in NOTEBOOKS}
     assert {"quickstart.ipynb", "write_your_own_algorithm.ipynb",
-            "compression_and_robustness.ipynb"} <= names
+            "compression_and_robustness.ipynb", "personalization_tour.ipynb"} <= names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
