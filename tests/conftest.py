@@ -40,3 +40,31 @@ def count_compiles():
         finally:
             jax.monitoring.unregister_event_duration_listener(listener)
     return ctx()
+
+
+# Kept out of the default run (CI: 2 cores, about 10 minutes) for time, and run by `make test-slow`.
+# Each has a cheaper sibling in the default run that covers the same code: another parameter of the
+# same reference test, the same mechanism on a smaller case, or the golden run of a close variant.
+SLOW_FOR_TIME = {
+    "test_fedproto.py::test_two_rounds_equal_per_client_reference[1.0-mean-sample]",  # lam = 0 reference stays
+    "test_models.py::test_cnn_gradients_vmapped_over_stacked_clients_equal_stock_flax",
+    "test_setup.py::test_vmap_of_fedprox_round_over_mu_and_seeds_equals_the_separate_rounds",  # test_sweep
+    "test_perfedavg.py::test_personalized_accuracy_beats_fedavg_on_training_and_new_clients",
+    "test_fetchsgd.py::test_fetchsgd_learns_near_uncompressed_and_beats_local_topk_without_error_feedback",
+    "test_ditto.py::test_median_under_sign_flip_matches_per_client_loop",
+    "test_ditto.py::test_cli_runs_ditto_with_median_and_an_attack",
+    "test_cli.py::test_config_file_reruns_a_run_exactly_and_flags_override_it[toml]",  # [json] stays
+    "test_fedavg.py::test_learning_synthetic_iid_both_converge",
+    "test_bench_round.py::test_bench_setting_record",
+    "test_fedamp.py::test_one_round_matches_per_client_loop[exp-all-own-size]",
+    "test_fedamp.py::test_one_round_matches_per_client_loop[exp-sampled-own-size]",
+} | {f"test_golden.py::test_golden_run_is_unchanged[{name}]" for name in (
+    "fedadagrad", "fedavgm", "fedyogi", "fedopt", "heurfedamp", "noisy_mediansgd", "noisy_signsgd",
+    "perfedavg_hf", "fedmeta_fomaml", "fedmeta_metasgd")}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.split("/")[-1] in SLOW_FOR_TIME:
+            item.add_marker(pytest.mark.slow)

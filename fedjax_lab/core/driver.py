@@ -160,16 +160,9 @@ def _train(alg, data, state, history, k_rounds, *, start, rounds, eval_every, ou
             if name.endswith(("_loss", "_objective")):
                 _stop_if_not_finite(per_round, name, first_round=t)
         t += length
-        record = {"round": t}
         with sharding.use_mesh(mesh):
             sums = evaluate(alg, state, data, adapt_data)
-        record.update(evaluation_metrics(jax.device_get(sums)))
-        for name, values in per_round.items():
-            values = np.asarray(values, np.float64)
-            if name.startswith("bytes_") and not name.endswith("_per_client"):   # running totals
-                totals[f"total_{name}"] = totals.get(f"total_{name}", 0.0) + float(values.sum())
-            record[name] = float(values.mean())
-        record.update(totals)
+        record = eval_record(t, per_round, jax.device_get(sums), totals)
         if accountant is not None:
             record.update({k: float(v) for k, v in accountant(t).items()})
         for name in ("train_loss", "test_loss", "train_personal_loss", "test_personal_loss"):
@@ -187,6 +180,19 @@ def _train(alg, data, state, history, k_rounds, *, start, rounds, eval_every, ou
         bar.set_postfix({k: f"{record[k]:.4f}" for k in ("train_loss", "test_accuracy") if k in record})
     bar.close()
     return state, history
+
+
+def eval_record(t: int, per_round: dict, sums: dict, totals: dict) -> dict:
+    """The metrics.jsonl record after round t: evaluation metrics, per-round metrics averaged over
+    the chunk, bytes_* summed into the running total_* entries (`totals` is updated in place)."""
+    record = {"round": t, **evaluation_metrics(sums)}
+    for name, values in per_round.items():
+        values = np.asarray(values, np.float64)
+        if name.startswith("bytes_") and not name.endswith("_per_client"):   # running totals
+            totals[f"total_{name}"] = totals.get(f"total_{name}", 0.0) + float(values.sum())
+        record[name] = float(values.mean())
+    record.update(totals)
+    return record
 
 
 def _accountant(alg, data, accountant):

@@ -57,8 +57,8 @@ import numpy as np
 
 from fedjax_lab.core import checkpoint as ckpt
 from fedjax_lab.core import validate
-from fedjax_lab.core.driver import RunResult, _as_key, _read_history, data_fingerprint
-from fedjax_lab.core.evaluate import evaluation_metrics, evaluation_sums
+from fedjax_lab.core.driver import RunResult, _as_key, _read_history, data_fingerprint, eval_record
+from fedjax_lab.core.evaluate import evaluation_sums
 from fedjax_lab.core.setup import ALL_FIELDS, Setup, setup_flags
 from fedjax_lab.core.types import Model
 from fedjax_lab.core.values import scalar_type
@@ -451,14 +451,7 @@ def run_record(t, length, per_round: dict, sums: dict, totals: dict):
             bad = np.flatnonzero(~np.isfinite(np.asarray(per_round[name])))
             if bad.size:
                 return None, (f"non-finite training loss ({name}) at round {first + int(bad[0]) + 1}")
-    record = {"round": t}
-    record.update(evaluation_metrics(sums))
-    for name, v in per_round.items():
-        v = np.asarray(v, np.float64)
-        if name.startswith("bytes_") and not name.endswith("_per_client"):
-            totals[f"total_{name}"] = totals.get(f"total_{name}", 0.0) + float(v.sum())
-        record[name] = float(v.mean())
-    record.update(totals)
+    record = eval_record(t, per_round, sums, totals)
     for name in ("train_loss", "test_loss", "train_personal_loss", "test_personal_loss"):
         if name in record and not np.isfinite(record[name]):
             return None, f"non-finite {name} ({record[name]}) at round {t}"
