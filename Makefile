@@ -18,9 +18,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python experiments/demo.py --out runs/demo
 
-## the fast test suite (what CI runs)
+## the fast test suite (what CI runs); a file per worker, so module fixtures (the 4-device subprocess, runs) are built once
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 ## the heavier tests, on purpose
 test-slow: $(STAMP)
