@@ -56,7 +56,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -207,7 +207,6 @@ def adaptive_clipping(alg, *, target_quantile: float = 0.5, clip_lr: float = 0.2
     `target_quantile` gamma of the update norms at rate `clip_lr` eta_C, its count noised with
     `count_stddev` sigma_b (None: m / 20). State: AdaptiveState(inner, clip_norm). Metrics add
     clip_norm (S_t used this round) and unclipped_fraction (b~_t). Module docstring."""
-    from fedjax_lab.core.types import Algorithm
     agg = getattr(alg.setup, "aggregator", None)
     if not isinstance(agg, DPMean):
         raise ValueError("adaptive_clipping: alg must be built with Setup(aggregator="
