@@ -57,7 +57,8 @@ import numpy as np
 
 from fedjax_lab.core import checkpoint as ckpt
 from fedjax_lab.core import validate
-from fedjax_lab.core.driver import RunResult, _as_key, _read_history, data_fingerprint, eval_record
+from fedjax_lab.core.driver import (RunResult, _accountant, _as_key, _read_history, data_fingerprint,
+                                    eval_record)
 from fedjax_lab.core.evaluate import evaluation_sums
 from fedjax_lab.core.setup import ALL_FIELDS, Setup, setup_flags
 from fedjax_lab.core.types import Model
@@ -361,7 +362,7 @@ def _run_chunk(program, algs, idx, width, runs, rnames, traced, data, rounds, ev
         configs.append(dict(alg.config, rounds=rounds, eval_every=eval_every,
                             key=_as_key(int(runs[i][1]))[1], data=fp, **extra))
     adapt = algs[0].adapt_split(data) if getattr(algs[0], "adapt", None) is not None else None
-    accountants = [_accountant(alg, data) for alg in algs]
+    accountants = [_accountant(alg, data, None) for alg in algs]   # the driver's default
     state = sweep_init(program, values, data, k_init)
     histories = [[] for _ in idx]
     start = 0
@@ -432,13 +433,6 @@ def _run_chunk(program, algs, idx, width, runs, rnames, traced, data, rounds, ev
 @jax.jit
 def _take(tree, j):
     return jax.tree.map(lambda x: x[j], tree)
-
-
-def _accountant(alg, data):
-    """The driver's default privacy accountant of `alg` (DP aggregation), or None."""
-    from fedjax_lab.core import driver
-    make = getattr(driver, "_accountant", None)
-    return None if make is None else make(alg, data, None)
 
 
 def run_record(t, length, per_round: dict, sums: dict, totals: dict):
