@@ -443,3 +443,60 @@ def test_cnn_gradients_equal_stock_flax_on_real_digits_with_tied_background(fact
         plain.apply({"params": q}, x), y)))(params)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+from fedjax_lab.models import base as models_base  # noqa: E402
+
+
+def _dots(jaxpr, out):
+    for e in jaxpr.eqns:
+        if e.primitive.name == "dot_general":
+            out.append(e)
+        for v in e.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    _dots(inner, out)
+    return out
+
+
+@pytest.mark.parametrize("lead,d,h", [((10,), 60, 10), ((3, 4), 7, 5), ((16,), 64, 64),   # outer path
+                                      ((32,), 60, 10), ((10,), 784, 200)])               # lax's dot
+def test_dense_kernel_gradient_is_x_transpose_g(lead, d, h):
+    """dL/dW = sum over rows of x_r g_r^T and dL/dx = g W^T, written out in numpy (float64);
+    vmapped over clients too."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3,) + lead + (d,)).astype(np.float32)
+    w = rng.standard_normal((3, d, h)).astype(np.float32)
+    c = rng.standard_normal((3,) + lead + (h,)).astype(np.float32)     # dL/dy for L = sum(c * y)
+    dims = (((len(lead),), (0,)), ((), ()))
+    loss = lambda x, w, c: jnp.sum(c * models_base.dense_dot_general(x, w, dims))
+    gx, gw = jax.vmap(jax.grad(loss, (0, 1)))(x, w, c)
+    rows = int(np.prod(lead))
+    for k in range(3):
+        xr, cr = x[k].reshape(-1, d).astype(np.float64), c[k].reshape(-1, h).astype(np.float64)
+        np.testing.assert_allclose(gw[k], xr.T @ cr, rtol=1e-5, atol=1e-5 * rows)
+        np.testing.assert_allclose(gx[k], (cr @ w[k].T.astype(np.float64)).reshape(lead + (d,)),
+                                   rtol=1e-5, atol=1e-5 * h)
+    y = jax.vmap(lambda x, w: models_base.dense_dot_general(x, w, dims))(x, w)
+    ref = np.einsum("k...d,kdh->k...h", x.astype(np.float64), w.astype(np.float64))
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6 * d * np.abs(ref).max())
+    outer = (jax.default_backend() == "cpu" and rows <= models_base.OUTER_MAX_ROWS
+             and d * h <= models_base.OUTER_MAX_KERNEL)
+    jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1)))(x[0], w[0], c[0])
+    assert _row_contractions(jaxpr) == (0 if outer else 1)
+
+
+def _row_contractions(jaxpr):
+    """dots that contract over the rows (x^T g): jax's kernel gradient; the outer-product path has none"""
+    return sum(e.params["dimension_numbers"][0][0] == tuple(range(e.invars[0].aval.ndim - 1))
+               and e.invars[0].aval.ndim > 1 and e.params["dimension_numbers"][0][0] !=
+               (e.invars[0].aval.ndim - 1,) for e in _dots(jaxpr.jaxpr, []))
+
+
+def test_zoo_dense_layers_use_the_fast_kernel_gradient():
+    model = models.logistic(10)
+    x, y = jnp.ones((10, 60)), jnp.zeros(10, jnp.int32)
+    params = model.init(KEY, x)
+    grad = jax.grad(lambda p: jnp.mean(model.loss(model.apply(p, x), y)))
+    assert _row_contractions(jax.make_jaxpr(grad)(params)) == (0 if jax.default_backend() == "cpu" else 1)

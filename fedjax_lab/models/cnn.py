@@ -32,7 +32,7 @@ import jax
 
 from fedjax_lab.core import validate
 from fedjax_lab.core.types import Model
-from fedjax_lab.models.base import conv_general_dilated, from_linen
+from fedjax_lab.models.base import Dense, conv_general_dilated, from_linen
 
 
 class CNN(nn.Module):
@@ -48,9 +48,9 @@ class CNN(nn.Module):
                                  conv_general_dilated=conv_general_dilated)
         self.conv1 = conv(self.channels[0])
         self.conv2 = conv(self.channels[1])
-        self.fc1 = nn.Dense(self.hidden)
+        self.fc1 = Dense(self.hidden)
         self.drop = nn.Dropout(self.dropout)
-        self.fc = nn.Dense(self.num_classes)
+        self.fc = Dense(self.num_classes)
 
     def features(self, x, train: bool = False):
         pool = max_pool_2x2

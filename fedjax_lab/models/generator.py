@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab.core import validate
+from fedjax_lab.models.base import Dense
 
 NOISE_KINDS = ("normal", "uniform")
 
@@ -35,8 +36,8 @@ class _ConditionalMLP(nn.Module):
     @nn.compact
     def __call__(self, eps, y):
         h = jnp.concatenate([eps, jax.nn.one_hot(y, self.num_classes, dtype=eps.dtype)], axis=-1)
-        h = nn.relu(nn.Dense(self.hidden, name="hidden")(h))
-        return nn.Dense(self.latent_dim, name="representation")(h)
+        h = nn.relu(Dense(self.hidden, name="hidden")(h))
+        return Dense(self.latent_dim, name="representation")(h)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

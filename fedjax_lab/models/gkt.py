@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from fedjax_lab.core import validate
 from fedjax_lab.core.types import Model
-from fedjax_lab.models.base import conv_general_dilated, from_linen
+from fedjax_lab.models.base import Dense, conv_general_dilated, from_linen
 
 
 def _spatial(x):
@@ -49,7 +49,7 @@ class GKTClient(nn.Module):
     channels: int = 8
 
     def setup(self):
-        self.classifier = nn.Dense(self.num_classes)
+        self.classifier = Dense(self.num_classes)
 
     @nn.compact
     def features(self, x, train: bool = False):
@@ -69,8 +69,8 @@ class GKTServer(nn.Module):
     hidden: int = 128
 
     def setup(self):
-        self.fc = nn.Dense(self.hidden)
-        self.out = nn.Dense(self.num_classes)
+        self.fc = Dense(self.hidden)
+        self.out = Dense(self.num_classes)
 
     @nn.compact
     def features(self, h, train: bool = False):

@@ -6,7 +6,7 @@ from typing import Sequence
 import flax.linen as nn
 
 from fedjax_lab.core.types import Model
-from fedjax_lab.models.base import from_linen
+from fedjax_lab.models.base import Dense, from_linen
 
 
 class Logistic(nn.Module):
@@ -20,7 +20,7 @@ class Logistic(nn.Module):
 
     @nn.compact
     def head(self, z):
-        return nn.Dense(self.num_classes)(z)   # param path "Dense_0", as before the split
+        return Dense(self.num_classes)(z)   # param path "Dense_0", as before the split
 
     def __call__(self, x, train: bool = False):
         return self.head(self.features(x, train))
@@ -31,8 +31,8 @@ class MLP(nn.Module):
     hidden: Sequence[int] = (200, 200)
 
     def setup(self):
-        self.hidden_layers = [nn.Dense(h) for h in self.hidden]
-        self.out = nn.Dense(self.num_classes)
+        self.hidden_layers = [Dense(h) for h in self.hidden]
+        self.out = Dense(self.num_classes)
 
     def features(self, x, train: bool = False):
         z = x.reshape(x.shape[0], -1)

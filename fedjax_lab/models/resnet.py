@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from fedjax_lab.core import validate
 from fedjax_lab.core.types import Model
-from fedjax_lab.models.base import conv_general_dilated, from_linen
+from fedjax_lab.models.base import Dense, conv_general_dilated, from_linen
 
 WIDTHS = (16, 32, 64)
 
@@ -60,7 +60,7 @@ class ResNet(nn.Module):
         self.stem_norm = nn.GroupNorm(num_groups=self.num_groups)
         self.blocks = [BasicBlock(w, 2 if (i == 0 and stage > 0) else 1, self.num_groups)
                        for stage, w in enumerate(WIDTHS) for i in range(n)]
-        self.fc = nn.Dense(self.num_classes)
+        self.fc = Dense(self.num_classes)
 
     def features(self, x, train: bool = False):
         z = nn.relu(self.stem_norm(self.stem(x)))

@@ -24,7 +24,7 @@ import flax.linen as nn
 
 from fedjax_lab.core import validate
 from fedjax_lab.core.types import Model
-from fedjax_lab.models.base import from_linen
+from fedjax_lab.models.base import Dense, from_linen
 
 CELLS = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}
 
@@ -40,7 +40,7 @@ class CharRNN(nn.Module):
     def setup(self):
         self.embed = nn.Embed(self.vocab_size, self.embed_dim)
         self.layers = [nn.RNN(CELLS[self.cell](self.hidden_size)) for _ in range(self.num_layers)]
-        self.fc = nn.Dense(self.num_classes)
+        self.fc = Dense(self.num_classes)
 
     def features(self, x, train: bool = False):
         z = self.embed(x)
