@@ -54,9 +54,9 @@ from jax import lax
 from experiments.bench_round import _flops, dot_peak_gflops, interleaved, make_data
 from fedjax_lab import Setup, models
 from fedjax_lab.algorithms import fedavg
-from fedjax_lab.core.local import local_train, weighted_sum_over_clients
+from fedjax_lab.core.local import local_train
 from fedjax_lab.core.optimizers import make_optimizer
-from fedjax_lab.core.rounds import client_weights, participate, server_update
+from fedjax_lab.core.rounds import participate
 from fedjax_lab.core.skeleton import client_keys
 
 S, B, PER_CLIENT, LR = 10, 10, 50, 0.01
@@ -221,36 +221,17 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def chunked_round(alg, chunk: int):
-    """FedAvg's round with the clients' weighted deltas summed `chunk` clients at a time
-    (core.local.weighted_sum_over_clients): the [C, P] stack of messages is never built. The same
-    numbers as alg.round (mean aggregator, identity uplink, no attack: FedAvg's defaults)."""
-    sr = alg.server_round
-
-    def round_(state, data, key):
-        k_part, k_train = jax.random.split(key)
-        part = sr.participate(k_part, data)
-        p = client_weights(part, sr.setup.cohort, drop_stragglers=sr.drop_stragglers)
-        client = sr.client_fn()
-        fn = lambda idx, mask, k: client(state.params, data.x, data.y, idx, mask, k)[:2]
-        total, loss = weighted_sum_over_clients(fn, p, part.batches.idx, part.batches.step_mask,
-                                                client_keys(k_train, part.ids), chunk=chunk)
-        denom = jnp.maximum(jnp.sum(p), 1e-12)
-        state = server_update(sr.server_tx, state, jax.tree.map(lambda t: t / denom, total))
-        return state, dict(local_loss=loss / denom)
-    return round_
-
-
 def memory_one(C: int, chunk: int, steps: int, per_client: int):
     """Peak resident memory (VmHWM) of a process that runs one CNN round of C clients: the library
-    round (chunk = 0) or chunked_round(chunk). Run in a fresh subprocess per size."""
+    round, all clients at once (chunk = 0) or LocalWork(client_chunk=chunk) (the weighted mean
+    accumulated chunk clients at a time). Run in a fresh subprocess per size."""
     model = models.cnn(10)
     data = make_data("cnn", C, per_client, (28, 28, 1))
     alg = fedavg(model, setup=Setup.of(clients_per_round=C, local_steps=steps, batch_size=B,
-                                       client_lr=LR))
+                                       client_lr=LR, client_chunk=chunk or None))
     state = alg.init(jax.random.key(0), data)
     base = peak_rss_mb()
-    fn = alg.round if chunk == 0 else chunked_round(alg, chunk)
+    fn = alg.round
     t = time.perf_counter()
     new, metrics = jax.block_until_ready(jax.jit(fn)(state, data, jax.random.key(1)))
     checksum = float(sum(jnp.sum(jnp.abs(a)) for a in jax.tree.leaves(new.params)))
@@ -267,7 +248,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--fedjax-clients", type=int, default=8)
     ap.add_argument("--chunk", type=int, nargs="*", default=[0, 10],
-                    help="memory: 0 = the library round, k = chunked_round(k)")
+                    help="memory: 0 = all clients at once, k = LocalWork(client_chunk=k)")
     ap.add_argument("--steps", type=int, default=1, help="memory: local steps")
     ap.add_argument("--per-client", type=int, default=10, help="memory: examples per client")
     args = ap.parse_args(argv)

@@ -349,16 +349,21 @@ def test_fast_conv_falls_back_to_lax_for_dilated_and_grouped(kw):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def _convs(jaxpr, out):
+def _eqns(jaxpr, primitive, out):
+    """every equation of `primitive` in `jaxpr` and the jaxprs nested in it (scan, custom_vjp...)"""
     for e in jaxpr.eqns:
-        if e.primitive.name == "conv_general_dilated":
-            out.append(e.params["dimension_numbers"])
+        if e.primitive.name == primitive:
+            out.append(e)
         for v in e.params.values():
             for sub in v if isinstance(v, (list, tuple)) else [v]:
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    _convs(inner, out)
+                    _eqns(inner, primitive, out)
     return out
+
+
+def _convs(jaxpr, out):
+    return out + [e.params["dimension_numbers"] for e in _eqns(jaxpr, "conv_general_dilated", [])]
 
 
 @pytest.mark.parametrize("factory", [models.cnn, models.cnn_cifar])
@@ -448,18 +453,6 @@ def test_cnn_gradients_equal_stock_flax_on_real_digits_with_tied_background(fact
 from fedjax_lab.models import base as models_base  # noqa: E402
 
 
-def _dots(jaxpr, out):
-    for e in jaxpr.eqns:
-        if e.primitive.name == "dot_general":
-            out.append(e)
-        for v in e.params.values():
-            for sub in v if isinstance(v, (list, tuple)) else [v]:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    _dots(inner, out)
-    return out
-
-
 @pytest.mark.parametrize("lead,d,h", [((10,), 60, 10), ((3, 4), 7, 5), ((16,), 64, 64),   # outer path
                                       ((32,), 60, 10), ((10,), 784, 200)])               # lax's dot
 def test_dense_kernel_gradient_is_x_transpose_g(lead, d, h):
@@ -491,7 +484,7 @@ def _row_contractions(jaxpr):
     """dots that contract over the rows (x^T g): jax's kernel gradient; the outer-product path has none"""
     return sum(e.params["dimension_numbers"][0][0] == tuple(range(e.invars[0].aval.ndim - 1))
                and e.invars[0].aval.ndim > 1 and e.params["dimension_numbers"][0][0] !=
-               (e.invars[0].aval.ndim - 1,) for e in _dots(jaxpr.jaxpr, []))
+               (e.invars[0].aval.ndim - 1,) for e in _eqns(jaxpr.jaxpr, "dot_general", []))
 
 
 def test_zoo_dense_layers_use_the_fast_kernel_gradient():

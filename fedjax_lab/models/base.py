@@ -9,6 +9,7 @@ training derives per client and per step.
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -140,20 +141,13 @@ def dense_dot_general(x, w, dimension_numbers, precision=None, preferred_element
     Equal to jax's gradient to float rounding (the summation order differs).
     """
     (lc, rc), (lb, rb) = dimension_numbers
-    rows = int(np_prod(x.shape[:-1]))
+    rows = math.prod(x.shape[:-1])
     if (jax.default_backend() != "cpu" or tuple(lc) != (x.ndim - 1,) or tuple(rc) != (0,)
             or lb or rb or w.ndim != 2 or preferred_element_type is not None
-            or rows > OUTER_MAX_ROWS or w.size > OUTER_MAX_KERNEL):
+            or not 1 <= rows <= OUTER_MAX_ROWS or w.size > OUTER_MAX_KERNEL):
         return lax.dot_general(x, w, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
     return _dense(x, w, precision)
-
-
-def np_prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
