@@ -1,5 +1,6 @@
 """FedProto: two rounds with three architectures against a plain per-client loop (both
-aggregations, both loss forms), the global prototypes with missing classes, lam = 0 is local
+aggregations, both loss forms, prototypes after training or from the last local epoch), the
+local_train step_stats hook, the global prototypes with missing classes, lam = 0 is local
 training, one trace per architecture and one compilation for many rounds, per-client evaluation
 (own head and nearest prototype), bad input; learning on digits (slow)."""
 import jax
@@ -15,6 +16,7 @@ from fedjax_lab.core.setup import Cohort, LocalWork, Optimizer, Setup
 from fedjax_lab.core.types import Model
 from fedjax_lab.data import from_client_lists
 from tests.conftest import count_compiles
+from tests.reference import softmax_grads
 
 K, D_FEAT = 4, 4
 GROUP_OF = [0, 1, 2, 0, 1, 2]
@@ -77,9 +79,12 @@ def mlp_grads(p, x, y, P, has, lam, proto_loss):
     return g, z
 
 
-def reference_rounds(data, keys, *, lam, aggregation, proto_loss, init_key):
+def reference_rounds(data, keys, *, lam, aggregation, proto_loss, init_key, work=SETUP.work,
+                     prototypes="after_training"):
     """Algorithm 1 written out per client in numpy: local SGD with momentum on CE + lam * the
-    prototype term, prototypes of the trained model, the server's mean over holders."""
+    prototype term, prototypes of the trained model ("after_training") or of the pre-step
+    features of the examples at the last pass's stream positions (E-1) n_i <= s B + b < E n_i
+    ("last_epoch", epochs mode), the server's mean over holders."""
     ms = mlps()
     N = data.num_clients
     x, y = np.asarray(data.x, np.float64), np.asarray(data.y)
@@ -90,20 +95,33 @@ def reference_rounds(data, keys, *, lam, aggregation, proto_loss, init_key):
     history = []
     for key in keys:
         k_part, _ = jax.random.split(key)
-        part = participate(k_part, data, Cohort(N), SETUP.work, ids=jnp.arange(N))
+        part = participate(k_part, data, Cohort(N), work, ids=jnp.arange(N))
         idx, mask = np.asarray(part.batches.idx), np.asarray(part.batches.step_mask)
         local_P, local_n = np.zeros((N, K, D_FEAT)), np.zeros((N, K))
+        first_pass = np.zeros((N, K), bool)        # class seen in the first pass (last_epoch)
         lo = np.asarray(data.offsets)
+        B = work.batch_size
         for i in range(N):
             p = params[i]
             v = jax.tree.map(np.zeros_like, p)
+            n_i = lo[i + 1] - lo[i]
             for s in range(idx.shape[1]):
                 if not mask[i, s]:
                     continue
-                g, _ = mlp_grads(p, x[idx[i, s]], y[idx[i, s]], P, has, lam, proto_loss)
+                g, z = mlp_grads(p, x[idx[i, s]], y[idx[i, s]], P, has, lam, proto_loss)
+                if prototypes == "last_epoch":
+                    for b in range(B):
+                        pos, label = s * B + b, y[idx[i, s, b]]
+                        first_pass[i, label] |= pos < n_i
+                        if (work.epochs - 1) * n_i <= pos < work.epochs * n_i:
+                            local_P[i, label] += z[b]
+                            local_n[i, label] += 1
                 v = jax.tree.map(lambda v_, g_: g_ + MOMENTUM * v_, v, g)
                 p = jax.tree.map(lambda p_, v_: p_ - LR * v_, p, v)
             params[i] = p
+            if prototypes == "last_epoch":
+                local_P[i] /= np.maximum(local_n[i], 1)[:, None]
+                continue
             xi, yi = x[lo[i]:lo[i + 1]], y[lo[i]:lo[i + 1]]
             _, z = mlp_grads(p, xi, yi, P, has, 0.0, "sample")
             for j in range(K):
@@ -119,7 +137,8 @@ def reference_rounds(data, keys, *, lam, aggregation, proto_loss, init_key):
             else:
                 P[j] = sum(local_n[i, j] * local_P[i, j] for i in holders) / local_n[holders, j].sum()
         history.append(dict(P=P.copy(), has=has.copy(), params=list(params),
-                            bytes_up=float((local_n > 0).sum() * (4 * D_FEAT + 8))))
+                            bytes_up=float((local_n > 0).sum() * (4 * D_FEAT + 8)),
+                            counts=local_n.copy(), first_pass=first_pass))
     return history
 
 
@@ -191,6 +210,85 @@ def test_two_rounds_equal_per_client_reference(data, lam, aggregation, proto_los
                              aggregation=aggregation, proto_loss=proto_loss,
                              init_key=jax.random.key(5))
     assert np.abs(ref[1]["P"] - local[1]["P"]).max() > 1e-3
+
+
+LAST_KEYS = (20, 21)      # with replacement, each round has a class seen in the first pass only
+
+
+@pytest.mark.parametrize("shuffle, aggregation", [
+    ("replacement", "mean"), pytest.param("epoch", "weighted", marks=pytest.mark.slow)])
+def test_last_epoch_prototypes_equal_per_client_reference(data, shuffle, aggregation):
+    # E = 2 epochs of batch 3 over clients of 5..10 examples: 1 to 4 steps per epoch, batches
+    # that straddle the two passes, a last batch topped up from the stream start (not counted).
+    # With draws with replacement some client sees a class in its first pass only: it must then
+    # send no prototype of that class (bytes_up, and the mean over holders, tell).
+    work = LocalWork(batch_size=3, epochs=2, shuffle=shuffle)
+    setup = Setup(work=work, client_opt=Optimizer("sgd", lr=LR, momentum=MOMENTUM))
+    alg = fedproto(mlps(), lam=1.0, group_of=GROUP_OF, aggregation=aggregation,
+                   prototypes="last_epoch", setup=setup)
+    step = jax.jit(alg.round)
+    state = alg.init(jax.random.key(5), data)
+    ref = reference_rounds(data, [jax.random.key(k) for k in LAST_KEYS], lam=1.0,
+                           aggregation=aggregation, proto_loss="sample",
+                           init_key=jax.random.key(5), work=work, prototypes="last_epoch")
+    for r, k in enumerate(LAST_KEYS):
+        state, m = step(state, data, jax.random.key(k))
+        np.testing.assert_array_equal(state.server.has, ref[r]["has"])
+        np.testing.assert_allclose(state.server.protos, ref[r]["P"], rtol=1e-5, atol=1e-5)
+        for i in range(6):
+            for got, want in zip(jax.tree.leaves(rows_of(alg, state, i)),
+                                 jax.tree.leaves(ref[r]["params"][i])):
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        assert float(m["bytes_up"]) == ref[r]["bytes_up"]
+    counts = ref[0]["counts"]
+    holds = np.stack([np.bincount(np.asarray(data.client(i)[1]), minlength=K) for i in range(6)])
+    if shuffle == "epoch":          # the last pass holds every example once
+        np.testing.assert_array_equal(counts, holds)
+    else:                           # a class drawn in the first pass only has no prototype
+        only_first = [ref[r]["first_pass"] & (ref[r]["counts"] == 0) for r in range(2)]
+        assert any(o.any() for o in only_first)
+        assert ref[0]["bytes_up"] < (holds > 0).sum() * (4 * D_FEAT + 8)
+    # the prototypes differ from those of one pass of the trained model
+    after = reference_rounds(data, [jax.random.key(k) for k in LAST_KEYS], lam=1.0,
+                             aggregation=aggregation, proto_loss="sample",
+                             init_key=jax.random.key(5), work=work)
+    assert np.abs(after[0]["P"] - ref[0]["P"]).max() > 1e-3
+
+
+def test_local_train_step_stats_sum_pre_step_values():
+    # core/local.py's hook: the sum over the real steps of step_stats(params before the step,
+    # batch, rng, u_s), two clients vmapped as a lax.map (clients="map": u_s must arrive batched;
+    # the fedproto tests above run the vmap layout), training itself unchanged.
+    import optax
+    from fedjax_lab.core.local import local_train
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(12, 5)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 12))
+    model = models.logistic(3)
+    params = model.init(jax.random.key(0), x[:1])
+    idx = jnp.asarray(rng.integers(0, 12, (2, 4, 3)), jnp.int32)
+    mask = jnp.array([[True, True, False, True], [True, False, False, False]])
+    u = jnp.asarray(rng.uniform(size=(2, 4, 3)), jnp.float32)
+    stat = lambda p, xb, yb, r, w: (w @ model.apply(p, xb), jnp.sum(w * yb))
+    train = local_train(model, optax.sgd(0.5), step_stats=stat, clients="map")
+    hooked = jax.jit(jax.vmap(lambda i, m, k, w: train(params, x, y, i, m, k, step_inputs=w)))(
+        idx, mask, jax.random.split(jax.random.key(1), 2), u)
+    xs, ys, ids, ms, us = (np.asarray(a) for a in (x, y, idx, mask, u))
+    for c in range(2):                       # numpy: plain SGD on the softmax cross-entropy
+        W = np.asarray(params["Dense_0"]["kernel"], np.float64)
+        b = np.asarray(params["Dense_0"]["bias"], np.float64)
+        want0, want1 = np.zeros(3), 0.0
+        for t in range(4):
+            if not ms[c, t]:
+                continue
+            xb, yb = xs[ids[c, t]], ys[ids[c, t]]
+            want0 = want0 + us[c, t] @ (xb @ W + b)          # under the params before step t
+            want1 += float(us[c, t] @ yb)
+            dW, db = softmax_grads(W, b, xb, yb)
+            W, b = W - 0.5 * dW, b - 0.5 * db
+        np.testing.assert_allclose(hooked.stats[0][c], want0, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(hooked.stats[1][c], want1, rtol=1e-6)
+        np.testing.assert_allclose(hooked.params["Dense_0"]["kernel"][c], W, rtol=1e-5, atol=1e-6)
 
 
 def test_aggregation_with_missing_classes():
@@ -307,6 +405,9 @@ def test_bad_input(data):
         fedproto(mlps(), aggregation="median")
     with pytest.raises(ValueError, match="proto_loss must be one of"):
         fedproto(mlps(), proto_loss="cosine")
+    with pytest.raises(ValueError, match=r"prototypes must be one of \['after_training', "
+                                         r"'last_epoch'\], got 'bogus'"):
+        fedproto(mlps(), prototypes="bogus")
     with pytest.raises(ValueError, match="fedproto takes no Setup.aggregator"):
         fedproto(mlps(), setup=Setup(aggregator="median"))
     with pytest.raises(ValueError, match="clients_per_round=9 exceeds"):

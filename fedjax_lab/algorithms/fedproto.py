@@ -40,12 +40,30 @@ the FedProto-mh CNNs with 18 / 20 / 22 conv2 channels and the same feature width
 prototypes must have one dimension across groups (checked).
 
 Decisions (paper vs. official code, yuetan031/FedProto):
-  * Prototypes are computed by one pass after local training, with the trained model in
-    inference mode over all of the client's training examples. The code collects them during the
-    last local epoch (each batch's features under the parameters before that batch's step, in
-    training mode, dropping the last incomplete batch); the paper's Algorithm 1 also computes them
-    inside the training loop. The pass after training gives prototypes of the model the client
-    deploys and the same ones for any batch order; not offered as an option.
+  * When C_i^(j) is computed (`prototypes`):
+      "after_training" (default): one pass after local training, the trained model in inference
+        mode over all of the client's training examples: the prototypes of the model the client
+        deploys, the same for any batch order.
+      "last_epoch": collected inside the training loop, as the paper's Algorithm 1 does (the
+        prototypes come out of the local updates) and the code does (lib/update.py,
+        update_weights_het: the per-class lists are reset at the start of every local epoch, so
+        only the last epoch's survive; each batch's features are those of the forward pass of
+        its loss, i.e. under the parameters before that batch's optimizer step, in training mode,
+        dropout included; the client's prototype is their per-class mean, lib/utils.agg_func).
+        Here: C_i^(j) is the mean of f_i(x) over the class-j examples among the last n_i stream
+        positions client i trained on (core/batching.py lays a client's E epochs out as one
+        stream of E shuffled passes; its last batch is topped up from the stream start), each
+        under the pre-step parameters of its step, with that step's rng. Without stragglers in
+        epochs mode this is exactly the last pass E over the client's n_i examples (a batch that
+        straddles passes E-1 and E contributes only its pass-E examples; the top-up positions
+        beyond E n_i do not count); a straggler's is its last n_i trained examples; in steps mode
+        (local_steps) the last n_i of its local_steps * B examples (all of them if fewer). Where
+        these positions need not hold every example (shuffle="replacement", steps mode) a class
+        drawn only earlier has no prototype from that client this round. The counts |D_{i,j}|
+        sent up are the class-j counts of those positions. The code's DataLoader drops each
+        epoch's last incomplete batch (drop_last=True), so its last epoch sees floor(n_i/B) B
+        examples; our schedule trains on every example (not copied). Cost: one more forward pass
+        of f_i per step (core/local.py's step_stats hook, same params and rng as the loss's).
   * Every client trains every round (Algorithm 1; the code has no sampling): the default when
     `setup.cohort` is not given. A `Cohort` samples clients instead (their rows only change).
   * Local optimizer: SGD, lr 0.01, momentum 0.5 (the code's), its state restarted every round
@@ -77,6 +95,7 @@ FEDPROTO = Setup(work=LocalWork(batch_size=8, epochs=1),
                  client_opt=Optimizer("sgd", lr=0.01, momentum=0.5))
 AGGREGATIONS = ("mean", "weighted")
 PROTO_LOSSES = ("sample", "prototype")
+PROTOTYPES = ("after_training", "last_epoch")
 
 
 @struct.dataclass
@@ -111,6 +130,18 @@ def client_prototypes(model, params, x, y, rows, num_classes):
     return (onehot.T @ z) / jnp.maximum(counts, 1.0)[:, None], counts
 
 
+def last_epoch_weights(num_steps, n, *, batch_size: int, total_steps: int, epochs):
+    """[C, S, B] float: 1 at the stream positions p = s B + b of each client's last n trained
+    examples, p in [end - n, end) with end = min(num_steps B, E n) (epochs mode; E n excludes the
+    last batch's top-up) or num_steps B (steps mode); 0 elsewhere (module docstring)."""
+    pos = jnp.arange(total_steps * batch_size).reshape(total_steps, batch_size)
+    end = num_steps * batch_size
+    if epochs is not None:
+        end = jnp.minimum(end, epochs * n)
+    end, start = end[:, None, None], (end - n)[:, None, None]
+    return ((pos[None] >= start) & (pos[None] < end)).astype(jnp.float32)
+
+
 def aggregate(protos, counts, active, *, aggregation: str):
     """Global prototypes over the holders (module docstring): protos [C, K, d], counts [C, K],
     active [C] (clients whose message counts). Returns (C-bar [K, d], has [K])."""
@@ -124,15 +155,20 @@ def aggregate(protos, counts, active, *, aggregation: str):
 @defaults(FEDPROTO, uses=frozenset({"cohort", "work", "client_opt"}))
 def fedproto(model: Union[Model, Sequence[Model]], *, lam: float = 1.0,
              group_of: Union[str, Sequence[int]] = "blocks", aggregation: str = "mean",
-             proto_loss: str = "sample", setup: Setup = Setup()) -> HeteroAlgorithm:
+             proto_loss: str = "sample", prototypes: str = "after_training",
+             setup: Setup = Setup()) -> HeteroAlgorithm:
     """FedProto (module docstring). model: one Model, or one per architecture group with
     `group_of` (a [num_clients] array of group ids, or "blocks": contiguous blocks in client
     order); lam: weight of the prototype distance (0: local training; may be traced);
     aggregation: "mean" (unweighted over holders, the code) or "weighted" (by counts, Eq. 6);
-    proto_loss: "sample" (per example, the code) or "prototype" (Eq. 8)."""
+    proto_loss: "sample" (per example, the code) or "prototype" (Eq. 8);
+    prototypes: "after_training" (default: one inference pass of the trained model) or
+    "last_epoch" (during the last local epoch, pre-step features in training mode: Algorithm 1
+    and the code; module docstring)."""
     validate.non_negative("lam", lam)
     validate.one_of("aggregation", aggregation, set(AGGREGATIONS))
     validate.one_of("proto_loss", proto_loss, set(PROTO_LOSSES))
+    validate.one_of("prototypes", prototypes, set(PROTOTYPES))
     arch = hetero.architectures(model, group_of)
     hetero.require_split(arch, "fedproto")
     cohort_fields = {f.name for f in dataclasses.fields(Cohort)}
@@ -170,12 +206,17 @@ def fedproto(model: Union[Model, Sequence[Model]], *, lam: float = 1.0,
         part = participate(k_part, data, cohort, s.work, ids=ids)
         width = max(data.max_client_size, 1)
         lo, n = data.offsets[part.ids], data.client_sizes[part.ids]
-        own_rows = jnp.where(jnp.arange(width)[None, :] < n[:, None],
-                             lo[:, None] + jnp.arange(width)[None, :], -1)
+        if prototypes == "after_training":     # [C, width] the client's rows (-1: none)
+            proto_of = jnp.where(jnp.arange(width)[None, :] < n[:, None],
+                                 lo[:, None] + jnp.arange(width)[None, :], -1)
+        else:                                  # [C, S, B] weights of the last epoch's positions
+            proto_of = last_epoch_weights(part.batches.num_steps, n, batch_size=s.work.batch_size,
+                                          total_steps=part.batches.idx.shape[1],
+                                          epochs=s.work.epochs)
         d = server.protos.shape[1]
 
         def client(g, params, args):
-            idx, mask, k, rows = args
+            idx, mask, k, proto_of = args
             m = arch.models[g]
 
             def loss_fn(p, xb, yb, rng):
@@ -184,14 +225,25 @@ def fedproto(model: Union[Model, Sequence[Model]], *, lam: float = 1.0,
                 return ce + lam * prototype_penalty(z, yb, server.protos, server.has,
                                                     form=proto_loss)
 
-            res = local_train(m, tx, loss_fn=loss_fn)(params, data.x, data.y, idx, mask, k)
-            protos, counts = client_prototypes(m, res.params, data.x, data.y, rows, K)
-            return res.params, (protos, counts, res.loss)
+            if prototypes == "after_training":
+                res = local_train(m, tx, loss_fn=loss_fn)(params, data.x, data.y, idx, mask, k)
+                protos, counts = client_prototypes(m, res.params, data.x, data.y, proto_of, K)
+                return res.params, (protos, counts, res.loss)
+
+            def class_sums(p, xb, yb, rng, w):      # pre-step features, the loss's forward pass
+                z = m.features(p, xb, train=True, rng=rng)
+                onehot = jax.nn.one_hot(yb, K, dtype=z.dtype) * w[:, None]
+                return onehot.T @ z, onehot.sum(0)
+
+            res = local_train(m, tx, loss_fn=loss_fn, step_stats=class_sums)(
+                params, data.x, data.y, idx, mask, k, step_inputs=proto_of)
+            sums, counts = res.stats
+            return res.params, (sums / jnp.maximum(counts, 1.0)[:, None], counts, res.loss)
 
         out_shape = (jax.ShapeDtypeStruct((K, d), jnp.float32), jax.ShapeDtypeStruct((K,), jnp.float32),
                      jax.ShapeDtypeStruct((), jnp.float32))
         per_client = (part.batches.idx, part.batches.step_mask, client_keys(k_train, part.ids),
-                      own_rows)
+                      proto_of)
         rows, (protos, counts, loss) = hetero.map_groups(
             arch, client, state.rows, part.ids, per_client, num_clients=N, distinct=distinct,
             out_shape=out_shape)
@@ -243,7 +295,7 @@ def fedproto(model: Union[Model, Sequence[Model]], *, lam: float = 1.0,
 
     config = algorithm_config("fedproto", arch.models[0], s, uses=fedproto.uses, lam=lam,
                               aggregation=aggregation, proto_loss=proto_loss,
-                              all_clients=all_clients,
+                              prototypes=prototypes, all_clients=all_clients,
                               models=[m.name for m in arch.models],
                               group_of=group_of if isinstance(group_of, str) else list(arch.group_of))
     return HeteroAlgorithm(name="fedproto", init=init, round=round_, client_params=client_params,

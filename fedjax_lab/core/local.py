@@ -8,6 +8,11 @@ The result reports both: `loss` is the data loss F_k a paper plots, `objective` 
 Masked steps leave params *and* optimizer state untouched, so variable local work (stragglers,
 epochs over unequal clients) is a mask, never a Python branch.
 
+Per-step statistics (optional, `step_stats`): sum_{s real} step_stats(w_s, batch_s, rng_s, u_s),
+evaluated under the params w_s *before* step s (those of its loss), with the step's rng and u_s
+the step's row of a per-step input the caller passes (e.g. per-example weights); e.g. FedProto's
+prototypes of the last local epoch (algorithms/fedproto.py).
+
 How `jax.vmap(train)` runs the clients (`clients=`). "vmap": batched ops, one XLA op per layer for
 all clients. "map": a `lax.map` over the clients inside the same XLA program (each client's ops are
 unbatched; `chunk` > 1 vmaps chunks of that many clients). On CPU, XLA's batched matmuls run far
@@ -44,13 +49,15 @@ class LocalResult(NamedTuple):
     loss: jax.Array       # mean data loss F_k over the real steps (0 when there were none)
     num_steps: jax.Array  # number of real steps taken
     objective: jax.Array  # mean full local objective (data loss + extra_loss) over the real steps
+    stats: object = None  # sum of step_stats over the real steps (None without step_stats)
 
 
 def local_train(model: Model, optimizer: optax.GradientTransformation, *,
                 extra_loss: Optional[Callable] = None, loss_fn: Optional[Callable] = None,
-                clients: str = "auto", chunk: int = 1, unroll: int | bool = 1):
-    """Returns train(params, x, y, idx [S, B], step_mask [S], key, opt_state=None, anchor=None)
-    -> LocalResult.
+                step_stats: Optional[Callable] = None, clients: str = "auto", chunk: int = 1,
+                unroll: int | bool = 1):
+    """Returns train(params, x, y, idx [S, B], step_mask [S], key, opt_state=None, anchor=None,
+    step_inputs=None) -> LocalResult.
 
     `x`, `y` are the flat federated arrays; the step's batch is gathered inside the scan, so the
     [C, S, B, ...] batch tensor is never materialized. `loss_fn(params, xb, yb, rng)` replaces the
@@ -58,6 +65,13 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, *,
     `extra_loss(params, anchor)` when `train` is given an `anchor` (a per-client reference point
     such as FedAMP's u_i: pass it as an argument, not in a closure, so that a vmap over clients
     that runs as a lax.map sees it as batched).
+    `step_stats(params, xb, yb, rng, u) -> pytree` (module docstring): called at every step with
+    the pre-step params, the step's batch and rng (the same as its loss's: a forward pass inside
+    it, e.g. `model.features(params, xb, train=True, rng=rng)`, gives the loss's activations,
+    dropout masks included) and u = the step's row of `step_inputs` (a pytree of [S, ...] arrays,
+    None if not given; pass per-client values here, not in a closure, as for `anchor`). Its
+    outputs are summed over the real steps (step_mask) into `LocalResult.stats`; masked steps add
+    nothing. Without step_stats, `stats` is None and nothing else changes.
     `clients` ("auto", "vmap" or "map") and `chunk` choose how a vmap over clients runs (module
     docstring); the result does not depend on them beyond float rounding. `unroll` is
     `lax.scan`'s over the local steps (True: straight-line code, compile time growing with S).
@@ -79,32 +93,44 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, *,
 
     grad_fn = jax.value_and_grad(total, has_aux=True)
 
-    def train_one(params, x, y, idx, step_mask, key, opt_state, anchor) -> LocalResult:
+    def train_one(params, x, y, idx, step_mask, key, opt_state, anchor, step_inputs) -> LocalResult:
         if opt_state is None:
             opt_state = optimizer.init(params)
 
         def step(carry, inp):
-            params, opt_state = carry
-            rows, active, s = inp
-            (objective, loss), g = grad_fn(params, x[rows], y[rows], jax.random.fold_in(key, s),
-                                          anchor)
+            params, opt_state, stats = carry
+            rows, active, s, u = inp
+            xb, yb, rng = x[rows], y[rows], jax.random.fold_in(key, s)
+            (objective, loss), g = grad_fn(params, xb, yb, rng, anchor)
+            if step_stats is not None:
+                stats = jax.tree.map(lambda acc, v: acc + jnp.where(active, v, 0).astype(acc.dtype),
+                                     stats, step_stats(params, xb, yb, rng, u))
             updates, new_opt_state = optimizer.update(g, opt_state, params)
             new_params = optax.apply_updates(params, updates)
-            carry = (tree_where(active, new_params, params), tree_where(active, new_opt_state, opt_state))
+            carry = (tree_where(active, new_params, params), tree_where(active, new_opt_state, opt_state),
+                     stats)
             return carry, (jnp.where(active, loss, 0.0), jnp.where(active, objective, 0.0))
 
         steps = jnp.arange(idx.shape[0])
-        (params, opt_state), (losses, objectives) = jax.lax.scan(
-            step, (params, opt_state), (idx, step_mask, steps), unroll=unroll)
+        stats = None
+        if step_stats is not None:
+            one = lambda a: a[0]
+            shapes = jax.eval_shape(step_stats, params, x[idx[0]], y[idx[0]],
+                                    jax.random.fold_in(key, 0), jax.tree.map(one, step_inputs))
+            stats = jax.tree.map(lambda sh: jnp.zeros(sh.shape, sh.dtype), shapes)
+        (params, opt_state, stats), (losses, objectives) = jax.lax.scan(
+            step, (params, opt_state, stats), (idx, step_mask, steps, step_inputs), unroll=unroll)
         n = jnp.sum(step_mask)
         mean = lambda v: jnp.sum(v) / jnp.maximum(n, 1)
-        return LocalResult(params, opt_state, mean(losses), n, mean(objectives))
+        return LocalResult(params, opt_state, mean(losses), n, mean(objectives), stats)
 
     mapped = clients_as_map(train_one, chunk)
 
-    def train(params, x, y, idx, step_mask, key, opt_state=None, anchor=None) -> LocalResult:
+    def train(params, x, y, idx, step_mask, key, opt_state=None, anchor=None,
+              step_inputs=None) -> LocalResult:
         use_map = clients == "map" or (clients == "auto" and map_pays_off(params))
-        return (mapped if use_map else train_one)(params, x, y, idx, step_mask, key, opt_state, anchor)
+        return (mapped if use_map else train_one)(params, x, y, idx, step_mask, key, opt_state,
+                                                  anchor, step_inputs)
 
     return train
 
