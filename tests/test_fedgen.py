@@ -157,6 +157,25 @@ def test_switched_off_is_fedavg_exactly(synth):
             np.testing.assert_array_equal(ma[k], mg[k], err_msg=k)
 
 
+def test_switched_off_with_dp_mean_matches_per_client_loop(synth):
+    # the skeleton's shared path gives dp_mean the round key (FedGen's own step once called the
+    # aggregator without it, so FedGen + dp_mean failed to trace); with the generator on, dp_mean
+    # is refused (test_bad_input). The reference is test_privacy's DP-FedAvg loop
+    from tests.test_privacy import reference_round
+    z, S = 0.5, 0.05
+    alg = fedgen(models.logistic(10), use_generator=False, setup=setup_of(
+        aggregator="dp_mean", aggregator_noise_multiplier=z, aggregator_clip_norm=S))
+    state = alg.init(jax.random.key(0), synth)
+    key = jax.random.key(7)
+    new, _ = jax.jit(alg.round)(state, synth, key)
+    part = participate_jit(jax.random.split(key)[0], synth, alg.setup.cohort, alg.setup.work)
+    W, b, norms, present = reference_round(synth, jax.tree.map(np.asarray, state.server.params),
+                                           part, key, lr=0.05, S=S, z_update=z, m=3)
+    assert present.all() and (norms > S).all()          # every update is clipped to S
+    np.testing.assert_allclose(new.server.params["Dense_0"]["kernel"], W, atol=1e-5)
+    np.testing.assert_allclose(new.server.params["Dense_0"]["bias"], b, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_zero_weight_with_the_code_schedule_is_not_off(synth):
     # alpha = 0 under the code's schedule: off in round 0, but its 1e-4 floor acts from round 1
@@ -275,7 +294,9 @@ def test_bad_input(synth):
                     (dict(alpha=-1.0), "alpha must be >= 0"),
                     (dict(generator_steps=0), "generator_steps must be > 0"),
                     (dict(generator="g"), "generator must be a fedjax_lab.models.generator.Generator"),
-                    (dict(setup=Setup.of(client_chunk=2)), "client_chunk must be None for fedgen")):
+                    (dict(setup=Setup.of(client_chunk=2)), "client_chunk must be None for fedgen"),
+                    (dict(setup=Setup.of(aggregator="dp_mean")),
+                     "use_generator=True trains the generator on every sampled client's un-noised")):
         with pytest.raises(ValueError, match=pat):
             fedgen(models.logistic(10), **kw)
     with pytest.raises(ValueError, match="latent_dim must be > 0"):

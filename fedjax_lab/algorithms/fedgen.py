@@ -48,6 +48,11 @@ Paper vs. official code (zhuangdizhu/FedGen; each a named option, the paper the 
   * the code's generator has a BatchNorm layer (models/generator.py explains why ours has none),
     and the code stops the generated term after `early_stop` = 20 local epochs (it trains 20, so
     it never triggers).
+The round is the skeleton's (core/skeleton.py, `ServerRound.step_with_exchange`): FedGen gives it
+the users' client, their start rows and a head-only `send` (share="predictor") and takes back the
+round's messages for the generator. So `aggregators.dp_mean` gets its round key as in FedAvg; it
+is refused with use_generator=True, whose generator is trained on the un-noised heads and sent to
+every client, outside the DP guarantee (use_generator=False with dp_mean is DP-FedAvg exactly).
 Metrics: local_loss / local_objective are the users' full objective (real + generated terms);
 generator_loss (teacher + diversity), generator_teacher_loss and generator_diversity are means
 over the round's generator steps, after the users' training.
@@ -67,10 +72,10 @@ from fedjax_lab.core import comm, validate
 from fedjax_lab.core.client_state import RowRound, row_algorithm
 from fedjax_lab.core.evaluate import client_params_of_global
 from fedjax_lab.core.local import local_train
-from fedjax_lab.core.rounds import (ServerState, client_weights, sample_ids,
-                                    server_update, weighted_mean_scalar)
+from fedjax_lab.core.privacy import DPMean
+from fedjax_lab.core.rounds import ServerState, sample_ids
 from fedjax_lab.core.setup import Cohort, Setup, algorithm_config, defaults, resolve
-from fedjax_lab.core.skeleton import ServerRound, client_keys, local_delta
+from fedjax_lab.core.skeleton import ServerRound, local_delta
 from fedjax_lab.core.tree import tree_add, tree_sub
 from fedjax_lab.core.types import Algorithm, Model
 from fedjax_lab.models.generator import NOISE_KINDS, Generator, generator as make_generator
@@ -128,6 +133,11 @@ def fedgen(model: Model, *, generator: Optional[Generator] = None, use_generator
     if s.work.client_chunk is not None:
         raise ValueError(f"client_chunk must be None for fedgen (its generator is trained on every "
                          f"sampled client's head), got client_chunk={s.work.client_chunk}")
+    if use_generator and isinstance(s.aggregator, DPMean):
+        raise ValueError("use_generator=True trains the generator on every sampled client's "
+                         "un-noised head and sends it to all clients, outside aggregator "
+                         "'dp_mean''s guarantee; use use_generator=False (FedAvg's round, private) "
+                         "or another aggregator")
     if share == "predictor" and (s.uplink.name != "identity" or s.attack.attack != "none"):
         raise ValueError(f"share='predictor' sends the head only; it takes uplink 'identity' and no "
                          f"attack, got uplink {s.uplink.name!r}, attack {s.attack.attack!r}")
@@ -226,43 +236,36 @@ def fedgen(model: Model, *, generator: Optional[Generator] = None, use_generator
                        generator_diversity=jnp.mean(diversity))
         return gparams, opt_state, prior, metrics
 
-    def step(state: FedGenState, data, part, w_start, *, k_train, key, head_only=None):
-        """One round for participation `part`, the users starting from w_start (theta_t, or per
-        client [C, ...] rows with the global head). Returns (state, client models [C, ...], metrics)."""
+    def step(state: FedGenState, data, part, *, k_train, key, w_start=None, head_only=None):
+        """One round for participation `part`: the skeleton's exchange and server step with the
+        users of Eq. 5 (from theta_t, or each from its row of w_start [C, ...] with the global
+        head, sending the `head_only` leaves), then the generator's training on their heads.
+        Returns (state, the clients' trained models [C, ...] (None from theta_t), metrics)."""
         G = gen_of(data)
         w_t = state.server.params
-        p = client_weights(part, s.cohort, drop_stragglers=drop)
         batched = head_only is not None
-        msgs, loss, objective = jax.vmap(client_fn(state, G), in_axes=(0 if batched else None,
-                                                                        None, None, 0, 0, 0))(
-            w_start, data.x, data.y, part.batches.idx, part.batches.step_mask,
-            client_keys(k_train, part.ids))
-        trained = tree_add(w_start, msgs) if batched else jax.tree.map(lambda a, m: a + m, w_t, msgs)
-        if batched:   # only the head travels: the extractor's part of the message is not sent
-            msgs = jax.tree.map(lambda h, m: m if h else jnp.zeros_like(m), head_only, msgs)
-        sent = s.uplink.encode(msgs, key, part.ids)
-        sent = s.attack.corrupt(sent, part.ids, data.num_clients, key, weights=p)
-        server = server_update(rnd.server_tx, state.server, s.aggregator(sent, p))
-        num_up = jnp.sum(p > 0)
-        up = (sum(comm.dense_bytes(x) for h, x in zip(jax.tree.leaves(head_only),
-                                                      jax.tree.leaves(w_t)) if h)
-              if batched else s.uplink.bytes(w_t, comm.dense_bytes(w_t)))
-        down = comm.dense_bytes(w_t) if not batched else up
-        metrics = dict(local_loss=weighted_mean_scalar(loss, p),
-                       local_objective=weighted_mean_scalar(objective, p),
-                       clients_aggregated=num_up.astype(jnp.float32))
+        K = data.num_classes
+        head_bytes = lambda w: sum(comm.dense_bytes(x) for h, x in zip(
+            jax.tree.leaves(head_only), jax.tree.leaves(w)) if h)
+        up_extra = 4 * K if use_generator else 0                      # the label counts
+        down_extra = comm.dense_bytes(state.generator) + 4 * K if use_generator else 0  # G_w, p_hat
+        r = dataclasses.replace(
+            rnd, client=client_fn(state, G),
+            send=(lambda msgs: jax.tree.map(lambda h, m: m if h else jnp.zeros_like(m), head_only,
+                                            msgs)) if batched else None,
+            up_bytes=lambda w, d: (head_bytes(w) if batched else
+                                   s.uplink.bytes(w, comm.dense_bytes(w))) + up_extra,
+            down_bytes=lambda w, d: (head_bytes(w) if batched else comm.dense_bytes(w)) + down_extra)
+        server, metrics, ex = r.step_with_exchange(state.server, data, part, k_train=k_train,
+                                                   key=key, w_start=w_start)
+        trained = tree_add(w_start, ex.messages) if batched else None
         if use_generator:
-            heads = trained if batched else jax.tree.map(lambda a, m: a + m, w_t, sent)
-            counts = label_counts(data, part.ids)
+            heads = trained if batched else jax.tree.map(lambda a, m: a + m, w_t, ex.sent)
             gparams, gopt, prior, gmetrics = train_generator(
-                state, G, heads, (p > 0).astype(jnp.float32), counts,
+                state, G, heads, (ex.weights > 0).astype(jnp.float32), label_counts(data, part.ids),
                 jax.random.fold_in(key, SERVER_STREAM))
             state = state.replace(generator=gparams, generator_opt=gopt, label_prior=prior)
             metrics.update(gmetrics)
-            up += 4 * data.num_classes                        # the label counts
-            down += comm.dense_bytes(state.generator) + 4 * data.num_classes   # G_w and p_hat
-        metrics.update(comm.round_metrics(up_per_client=up, down_per_client=down, num_up=num_up,
-                                          num_down=s.cohort.clients_per_round))
         return state.replace(server=server), trained, metrics
 
     hparams = dict(use_generator=use_generator, alpha=alpha, gen_batch_size=gen_batch_size,
@@ -281,8 +284,7 @@ def fedgen(model: Model, *, generator: Optional[Generator] = None, use_generator
         def round_(state, data, key):
             k_part, k_train = jax.random.split(key)      # as the skeleton's round splits it
             part = rnd.participate(k_part, data)
-            new, _, metrics = step(state, s.attack.poison(data), part, state.server.params,
-                                   k_train=k_train, key=key)
+            new, _, metrics = step(state, s.attack.poison(data), part, k_train=k_train, key=key)
             return new, metrics
 
         global_params = lambda st: st.server.params
@@ -303,8 +305,8 @@ def fedgen(model: Model, *, generator: Optional[Generator] = None, use_generator
                 [x, jnp.repeat(x[:1], part.ids.shape[0] - num, axis=0)]), rows)
         mask = head_leaves(model, state.server.params, state.latent_dim)
         w_start = merge(mask, rows, state.server.params)
-        new, trained, metrics = step(state, s.attack.poison(data), part, w_start,
-                                     k_train=k_train, key=key, head_only=mask)
+        new, trained, metrics = step(state, s.attack.poison(data), part, k_train=k_train, key=key,
+                                     w_start=w_start, head_only=mask)
         return new, jax.tree.map(lambda x: x[:num], trained), metrics
 
     def personal(server, rows):

@@ -107,23 +107,14 @@ def private_mean(updates, weights, key, *, clip_norm, noise_multiplier, expected
 @dataclasses.dataclass(frozen=True, eq=False)
 class DPMean(Aggregator):
     """DP-FedAvg's aggregator (module docstring): aggregate(updates, weights, key) -> Delta.
-    `needs_key`: the round skeleton passes it the round key. `key` may be bound in advance (by
-    `adaptive_clipping`, together with the round's traced clip norm)."""
+    `needs_key`: the round skeleton passes it the round key (Aggregator.apply)."""
     noise_multiplier: float = 1.0
     clip_norm: Any = 1.0
     expected_clients: int = 0          # 0: the number of rows of the stack (the cohort's C)
     delta: float = 1e-5
     sampling: str = "without_replacement"
     accountant: str = "rdp"
-    key: Any = None
     needs_key = True
-
-    def __call__(self, updates, weights, key=None):
-        key = self.key if key is None else key
-        if key is None:
-            raise ValueError("dp_mean draws its noise from the round key: call it as "
-                             "agg(updates, weights, key) (the round skeleton does)")
-        return self.aggregate(updates, weights, key)
 
     def denominator(self, num_rows: int) -> int:
         return self.expected_clients or num_rows
@@ -228,24 +219,19 @@ def adaptive_clipping(alg, *, target_quantile: float = 0.5, clip_lr: float = 0.2
                              clip_norm=jnp.asarray(agg.clip_norm, jnp.float32))
 
     def round_fn(state, data, key):
-        seen = {}
-
         def aggregate(updates, weights, k):
             delta, norms, present = private_mean(updates, weights, k, clip_norm=state.clip_norm,
                                                  noise_multiplier=z_delta, expected_clients=m)
-            seen["next"] = geometric_clip_update(
+            next_clip, unclipped = geometric_clip_update(
                 state.clip_norm, norms, present, k, target_quantile=target_quantile,
                 clip_lr=clip_lr, count_stddev=sigma_b, expected_clients=m)
-            return delta
-        # this round's aggregator: S_t and the round key bound; it runs in this same trace
-        bound = dataclasses.replace(agg, aggregate=aggregate, key=key)
+            return delta, dict(next_clip_norm=next_clip, unclipped_fraction=unclipped)
+        # this round's aggregator, at S_t; S_{t+1} comes back as an aux output in the metrics
+        bound = dataclasses.replace(agg, aggregate=aggregate, has_aux=True)
         step_round = dataclasses.replace(sr, setup=dataclasses.replace(sr.setup, aggregator=bound))
         inner, metrics = step_round.round(state.inner, data, key)
-        if "next" not in seen:
-            raise ValueError(f"adaptive_clipping: {alg.name}'s round did not call its aggregator")
-        next_clip, unclipped = seen["next"]
-        metrics = dict(metrics, clip_norm=state.clip_norm, unclipped_fraction=unclipped)
-        return AdaptiveState(inner=inner, clip_norm=next_clip), metrics
+        next_clip = metrics.pop("next_clip_norm")
+        return AdaptiveState(inner=inner, clip_norm=next_clip), dict(metrics, clip_norm=state.clip_norm)
 
     config = dict(alg.config, adaptive_clipping=True, target_quantile=target_quantile,
                   clip_lr=clip_lr, count_stddev=sigma_b)

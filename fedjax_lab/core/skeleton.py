@@ -9,6 +9,14 @@
     Delta  = aggregator({s_k}, {p_k})         mean, median, trimmed mean, vote ... (aggregators/)
     w_{t+1} = ServerOpt(w_t, -Delta)          (a gradient message: ServerOpt(w_t, Delta))
 
+`ServerRound.exchange` is the clients' half and the aggregate (everything up to Delta);
+`step_with_exchange` adds the server step and the metrics and also returns the Exchange, for an
+algorithm that needs the messages after the round (FedGen trains its generator on the sampled
+clients' models). Clients may start from their own points (`w_start` rows [C, ...] instead of
+w_t) and send part of their message (`send`), e.g. the head only (FedGen's share="predictor").
+The aggregator is called through `Aggregator.apply`: with the round key if it `needs_key` (DP's
+server noise), and its aux outputs (`has_aux`) join the metrics (adaptive clipping's S_{t+1}).
+
 An algorithm states only what its paper adds: FedProx a proximal `objective`, noisy signSGD a
 perturb-then-sign uplink and a vote, Ditto a personal update around `step` (algorithms/ditto.py).
 Everything else comes from the `Setup` values, so every such algorithm composes with every
@@ -17,7 +25,7 @@ aggregator, attack, uplink and server optimizer.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -48,10 +56,22 @@ def local_delta(model: Model, optimizer, objective: Optional[Callable] = None):
     return client
 
 
-def map_clients(client, w_t, data, part, key):
-    """vmap `client` over the sampled clients (w_t and the flat data shared, batches per client)."""
-    return jax.vmap(client, in_axes=(None, None, None, 0, 0, 0))(
+def map_clients(client, w_t, data, part, key, *, rows: bool = False):
+    """vmap `client` over the sampled clients (w_t and the flat data shared, batches per client;
+    rows=True: w_t is a stack [C, ...], a start point per client)."""
+    return jax.vmap(client, in_axes=(0 if rows else None, None, None, 0, 0, 0))(
         w_t, data.x, data.y, part.batches.idx, part.batches.step_mask, client_keys(key, part.ids))
+
+
+class Exchange(NamedTuple):
+    """A round's clients' half and its aggregate (ServerRound.exchange)."""
+    direction: Any        # Delta
+    messages: Any         # m_k [C, ...] as the clients computed them (None under client_chunk)
+    sent: Any             # s_k [C, ...] as the server got them: send, uplink, attack (None: chunk)
+    loss: jax.Array       # [C]
+    objective: jax.Array  # [C]
+    weights: jax.Array    # p_k [C]
+    aux: dict             # the aggregator's auxiliary outputs ({} unless has_aux)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -60,8 +80,10 @@ class ServerRound:
 
     client: (w_t, x, y, idx, step_mask, key) -> (message, loss, objective); None = local_delta
     with the setup's client optimizer and `objective`. gradient_message: the message is a
-    gradient (the server steps along -Delta's negation, i.e. descends on it). down_bytes(w_t,
-    data) -> bytes per client downstream (default: the dense model).
+    gradient (the server steps along -Delta's negation, i.e. descends on it). send(messages
+    [C, ...]) -> what the clients upload, before the uplink (None: all of it). up_bytes /
+    down_bytes(w_t, data) -> bytes per client up / downstream (default: the uplink's size of the
+    dense model / the dense model).
     """
     model: Model
     setup: Setup
@@ -70,6 +92,8 @@ class ServerRound:
     gradient_message: bool = False
     drop_stragglers: bool = True
     down_bytes: Optional[Callable] = None
+    send: Optional[Callable] = None
+    up_bytes: Optional[Callable] = None
 
     def __post_init__(self):
         s = self.setup
@@ -80,6 +104,9 @@ class ServerRound:
                 f"client_chunk={s.work.client_chunk} accumulates the weighted mean chunk by chunk; "
                 f"it needs aggregator 'mean', uplink 'identity' and no attack, got aggregator "
                 f"{s.aggregator.name!r}, uplink {s.uplink.name!r}, attack {s.attack.attack!r}")
+        if s.work.client_chunk is not None and self.send is not None:
+            raise ValueError(f"client_chunk={s.work.client_chunk} sends whole messages; it needs "
+                             "send=None")
 
     @property
     def server_tx(self):
@@ -101,31 +128,54 @@ class ServerRound:
     def participate(self, key, data, ids=None):
         return participate(key, data, self.setup.cohort, self.setup.work, ids=ids)
 
+    def exchange(self, w_t, data, part, *, k_train, key, w_start=None) -> Exchange:
+        """The clients' half of a round for participation `part` (`data` already poisoned) and
+        the aggregate: client messages from w_t (or each client from its row of w_start [C, ...],
+        which its client sees as w_t), send, uplink, attack, aggregator (given the round key if
+        it `needs_key`)."""
+        s = self.setup
+        p = client_weights(part, s.cohort, drop_stragglers=self.drop_stragglers)
+        if s.work.client_chunk is not None:
+            if w_start is not None:
+                raise ValueError(f"client_chunk={s.work.client_chunk} starts every client from "
+                                 "w_t; it needs w_start=None")
+            direction, loss, objective = self._chunked_mean(w_t, data, part, k_train, p)
+            return Exchange(direction, None, None, loss, objective, p, {})
+        msgs, loss, objective = map_clients(self.client_fn(), w_t if w_start is None else w_start,
+                                            data, part, k_train, rows=w_start is not None)
+        sent = s.uplink.encode(msgs if self.send is None else self.send(msgs), key, part.ids)
+        sent = s.attack.corrupt(sent, part.ids, data.num_clients, key, weights=p)
+        direction, aux = s.aggregator.apply(sent, p, key)
+        return Exchange(direction, msgs, sent, loss, objective, p, aux)
+
+    def step_with_exchange(self, state, data, part, *, k_train, key, w_start=None):
+        """`exchange`, the server step and the metrics (with the aggregator's aux outputs).
+        Returns (state, metrics, Exchange)."""
+        s = self.setup
+        w_t = state.params
+        ex = self.exchange(w_t, data, part, k_train=k_train, key=key, w_start=w_start)
+        p = ex.weights
+        state = server_update(self.server_tx, state, tree_scale(ex.direction, -1.0)
+                              if self.gradient_message else ex.direction)
+        num_up = jnp.sum(p > 0)
+        up = s.uplink.bytes(w_t, comm.dense_bytes(w_t)) if self.up_bytes is None \
+            else self.up_bytes(w_t, data)
+        down = comm.dense_bytes(w_t) if self.down_bytes is None else self.down_bytes(w_t, data)
+        metrics = dict(local_loss=weighted_mean_scalar(ex.loss, p),
+                       local_objective=weighted_mean_scalar(ex.objective, p),
+                       clients_aggregated=num_up.astype(jnp.float32),
+                       **comm.round_metrics(up_per_client=up, down_per_client=down, num_up=num_up,
+                                            num_down=s.cohort.clients_per_round))
+        clash = sorted(set(ex.aux) & set(metrics))
+        if clash:
+            raise ValueError(f"aggregator {s.aggregator.name!r}: aux outputs {clash} clash with "
+                             "the round's metrics")
+        return state, {**metrics, **ex.aux}, ex
+
     def step(self, state, data, part, *, k_train, key):
         """The server's half of a round for a given participation `part`; `data` already poisoned.
         Returns (state, metrics)."""
-        s = self.setup
-        w_t = state.params
-        p = client_weights(part, s.cohort, drop_stragglers=self.drop_stragglers)
-        if s.work.client_chunk is None:
-            msgs, loss, objective = map_clients(self.client_fn(), w_t, data, part, k_train)
-            sent = s.uplink.encode(msgs, key, part.ids)
-            sent = s.attack.corrupt(sent, part.ids, data.num_clients, key, weights=p)
-            direction = (s.aggregator(sent, p, key) if getattr(s.aggregator, "needs_key", False)
-                         else s.aggregator(sent, p))          # DP's server noise draws from the key
-        else:
-            direction, loss, objective = self._chunked_mean(w_t, data, part, k_train, p)
-        state = server_update(self.server_tx, state,
-                              tree_scale(direction, -1.0) if self.gradient_message else direction)
-        num_up = jnp.sum(p > 0)
-        down = comm.dense_bytes(w_t) if self.down_bytes is None else self.down_bytes(w_t, data)
-        metrics = dict(local_loss=weighted_mean_scalar(loss, p),
-                       local_objective=weighted_mean_scalar(objective, p),
-                       clients_aggregated=num_up.astype(jnp.float32),
-                       **comm.round_metrics(up_per_client=s.uplink.bytes(w_t, comm.dense_bytes(w_t)),
-                                            down_per_client=down, num_up=num_up,
-                                            num_down=s.cohort.clients_per_round))
-        return state, metrics
+        return self.step_with_exchange(state, data, part, k_train=k_train, key=key)[:2]
 
     def _chunked_mean(self, w_t, data, part, k_train, p):
         """The weighted mean of the messages, client_chunk clients at a time (LocalWork); the
