@@ -129,11 +129,12 @@ def table(*, ways=3, shots=12, seeds=(0,), rounds=100, methods=METHODS) -> dict:
 
 def time_layouts(ways=3, shots=12, rounds=10) -> dict:
     """Seconds per round (after compilation) of FedProto-mh's three sequential groups vs one
-    group of the widest CNN (a padded single vmap would run every client at that width)."""
+    group of the widest CNN (a padded single vmap would run every client at that width) and one
+    group of the middle width (homogeneous FedProto: what the groups cost beyond their FLOPs)."""
     from fedjax_lab.core.driver import run_rounds
     data, _ = make_data(ways, shots, 0)
     out = {}
-    for m in ("fedproto_mh", "fedproto_c22"):
+    for m in ("fedproto_mh", "fedproto_c22", "fedproto"):
         alg = build(m)
         state = alg.init(jax.random.key(0), data)
         compiled = run_rounds.lower(alg, state, data, jax.random.key(1), jnp.int32(0),
@@ -182,7 +183,8 @@ def main(argv=None) -> dict:
         t = time_layouts()
         numbers.update({f"round_seconds_{k}": v for k, v in t.items()})
         print(f"round time: FedProto-mh, 3 sequential groups {t['fedproto_mh'] * 1e3:.1f} ms; "
-              f"one group of the widest CNN (c2 = 22) {t['fedproto_c22'] * 1e3:.1f} ms")
+              f"one group of the widest CNN (c2 = 22) {t['fedproto_c22'] * 1e3:.1f} ms; "
+              f"one group of c2 = 20 {t['fedproto'] * 1e3:.1f} ms")
     os.makedirs(a.out, exist_ok=True)
     _figure(results, os.path.join(a.out, "fedproto.png"))
     with open(os.path.join(a.out, "fedproto.json"), "w") as f:
