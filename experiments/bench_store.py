@@ -71,7 +71,7 @@ def child(args):
     from fedjax_lab.algorithms.ditto import ditto
     from fedjax_lab.core import driver
     from fedjax_lab.core.evaluate import client_sums
-    from fedjax_lab.core.store import run_with_store, store_for, store_personal_sums
+    from fedjax_lab.core.store import run_with_store, store_for
 
     t0 = time.perf_counter()
     data = load_data(args.data)

@@ -187,6 +187,17 @@ def trained(data, lam, aggregation, proto_loss, keys=KEYS):
     return alg, states, metrics
 
 
+def assert_round_equals_reference(alg, state, metrics, ref, *, proto_rtol):
+    """One round's global prototypes, every client's params and bytes_up against the reference."""
+    np.testing.assert_array_equal(state.server.has, ref["has"])
+    np.testing.assert_allclose(state.server.protos, ref["P"], rtol=proto_rtol, atol=1e-5)
+    for i in range(6):
+        for got, want in zip(jax.tree.leaves(rows_of(alg, state, i)),
+                             jax.tree.leaves(ref["params"][i])):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert float(metrics["bytes_up"]) == ref["bytes_up"]
+
+
 @pytest.mark.parametrize("lam, aggregation, proto_loss", [
     (1.0, "mean", "sample"),
     pytest.param(2.0, "weighted", "prototype", marks=pytest.mark.slow)])
@@ -196,13 +207,7 @@ def test_two_rounds_equal_per_client_reference(data, lam, aggregation, proto_los
                            aggregation=aggregation, proto_loss=proto_loss,
                            init_key=jax.random.key(5))
     for r, (state, m) in enumerate(zip(states, metrics)):
-        np.testing.assert_array_equal(state.server.has, ref[r]["has"])
-        np.testing.assert_allclose(state.server.protos, ref[r]["P"], rtol=1e-4, atol=1e-5)
-        for i in range(6):
-            for got, want in zip(jax.tree.leaves(rows_of(alg, state, i)),
-                                 jax.tree.leaves(ref[r]["params"][i])):
-                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-        assert float(m["bytes_up"]) == ref[r]["bytes_up"]
+        assert_round_equals_reference(alg, state, m, ref[r], proto_rtol=1e-4)
     # 13 (client, class) prototypes of d = 4 floats + count + class id: 13 x 24 bytes, all classes
     assert ref[0]["has"].all() and float(metrics[1]["bytes_up"]) == 13 * (4 * D_FEAT + 8)
     # round 2's prototype term moved the models: they differ from plain local training
@@ -233,13 +238,7 @@ def test_last_epoch_prototypes_equal_per_client_reference(data, shuffle, aggrega
                            init_key=jax.random.key(5), work=work, prototypes="last_epoch")
     for r, k in enumerate(LAST_KEYS):
         state, m = step(state, data, jax.random.key(k))
-        np.testing.assert_array_equal(state.server.has, ref[r]["has"])
-        np.testing.assert_allclose(state.server.protos, ref[r]["P"], rtol=1e-5, atol=1e-5)
-        for i in range(6):
-            for got, want in zip(jax.tree.leaves(rows_of(alg, state, i)),
-                                 jax.tree.leaves(ref[r]["params"][i])):
-                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-        assert float(m["bytes_up"]) == ref[r]["bytes_up"]
+        assert_round_equals_reference(alg, state, m, ref[r], proto_rtol=1e-5)
     counts = ref[0]["counts"]
     holds = np.stack([np.bincount(np.asarray(data.client(i)[1]), minlength=K) for i in range(6)])
     if shuffle == "epoch":          # the last pass holds every example once

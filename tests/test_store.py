@@ -1,7 +1,6 @@
 """ClientStateStore: host rows (numpy / memmap), the prefetching store loop equals the on-device
 run, store-based personalized evaluation, bad input."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
