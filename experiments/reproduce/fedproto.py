@@ -20,6 +20,7 @@ padded single vmap would cost).
 
     python experiments/reproduce/fedproto.py               # n = 3, 1 seed, 100 rounds (minutes)
     python experiments/reproduce/fedproto.py --full        # n = 3, 4, 5, 3 seeds, 150 rounds
+    python experiments/reproduce/fedproto.py --prototypes last_epoch   # the paper's and code's prototypes
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def _cnn(c2):
     return cnn_widths(10, channels=(10, c2), hidden=50)
 
 
-def build(method: str, widths=(18, 20, 22)):
+def build(method: str, widths=(18, 20, 22), prototypes: str = "after_training"):
     from fedjax_lab.algorithms.fedavg import fedavg
     from fedjax_lab.algorithms.fedprox import fedprox
     from fedjax_lab.algorithms.fedproto import fedproto
@@ -81,13 +82,14 @@ def build(method: str, widths=(18, 20, 22)):
         return fedavg(_cnn(20), setup=s) if method == "fedavg" else fedprox(_cnn(20), mu=0.01,
                                                                              setup=s)
     if method == "local":
-        return fedproto(_cnn(20), lam=0.0, setup=s)
+        return fedproto(_cnn(20), lam=0.0, prototypes=prototypes, setup=s)
     if method == "fedproto":
-        return fedproto(_cnn(20), lam=LAM, setup=s)
+        return fedproto(_cnn(20), lam=LAM, prototypes=prototypes, setup=s)
     if method == "fedproto_mh":
-        return fedproto([_cnn(c) for c in widths], lam=LAM, group_of="blocks", setup=s)
+        return fedproto([_cnn(c) for c in widths], lam=LAM, group_of="blocks",
+                        prototypes=prototypes, setup=s)
     if method == "fedproto_c22":
-        return fedproto(_cnn(22), lam=LAM, setup=s)
+        return fedproto(_cnn(22), lam=LAM, prototypes=prototypes, setup=s)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -108,22 +110,23 @@ def score(method, alg, state, data) -> dict:
                 proto_std=m["test_proto_accuracy_client_std"])
 
 
-def train(method, data, rounds, seed):
+def train(method, data, rounds, seed, prototypes="after_training"):
     from fedjax_lab.core.driver import run
-    alg = build(method)
+    alg = build(method, prototypes=prototypes)
     res = run(alg, data, rounds=rounds, key=seed, eval_every=rounds, progress=False)
     out = score(method, alg, res.state, data)
     out["bytes_up_per_round"] = res.history[-1]["bytes_up"]
     return out
 
 
-def table(*, ways=3, shots=12, seeds=(0,), rounds=100, methods=METHODS) -> dict:
+def table(*, ways=3, shots=12, seeds=(0,), rounds=100, methods=METHODS,
+          prototypes="after_training") -> dict:
     """{method: mean over seeds of head_mean, head_std, (proto_mean, proto_std), bytes_up}."""
     runs = {m: [] for m in methods}
     for seed in seeds:
         data, _ = make_data(ways, shots, seed)
         for m in methods:
-            runs[m].append(train(m, data, rounds, seed))
+            runs[m].append(train(m, data, rounds, seed, prototypes))
     return {m: {k: float(np.mean([r[k] for r in rs])) for k in rs[0]} for m, rs in runs.items()}
 
 
@@ -157,6 +160,9 @@ def main(argv=None) -> dict:
     p.add_argument("--ways", type=int, nargs="*", default=None)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--layouts", action="store_true", help="also time sequential vs widest group")
+    p.add_argument("--prototypes", default="after_training", choices=["after_training", "last_epoch"],
+                   help="FedProto's prototypes: one pass after training (default) or the last "
+                        "local epoch's (the paper's Algorithm 1 and the official code)")
     a = p.parse_args(argv)
     ways = a.ways or ([3, 4, 5] if a.full else [3])
     seeds = tuple(range(a.seeds or (3 if a.full else 1)))
@@ -164,7 +170,7 @@ def main(argv=None) -> dict:
     results, numbers, checks = {}, {}, []
     print(f"{'n':>2} {'method':<12} {'head acc (mean +- std)':>24} {'proto acc':>18} {'bytes_up/round':>15}")
     for n in ways:
-        res = table(ways=n, seeds=seeds, rounds=rounds)
+        res = table(ways=n, seeds=seeds, rounds=rounds, prototypes=a.prototypes)
         results[n] = res
         for m, r in res.items():
             proto = f"{r['proto_mean']:.4f} +- {r['proto_std']:.4f}" if "proto_mean" in r else "-"
