@@ -10,7 +10,6 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import optax
 
 Params = Any
 PRNGKey = jax.Array
@@ -39,7 +38,13 @@ class Model:
 
 
 def cross_entropy(logits, y):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    """Softmax cross-entropy with integer labels, -log softmax(logits)[y], the same numbers as
+    optax.softmax_cross_entropy_with_integer_labels. The label's entry is picked by a select over
+    the classes rather than a gather, so that its gradient is elementwise where the gather's is a
+    scatter-add (XLA:CPU, the logistic FedAvg round at C = 1000: ~15% faster, experiments/PERF.md)."""
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    picked = jnp.sum(jnp.where(jnp.arange(logits.shape[-1]) == y[..., None], shifted, 0.0), axis=-1)
+    return jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)) - picked
 
 
 def batch_loss(model: Model, params, x, y, rng=None, *, train=True):
