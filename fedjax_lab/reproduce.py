@@ -43,6 +43,14 @@ def protocol_parser(doc: str, *, seeds: int = 1) -> argparse.ArgumentParser:
     return p
 
 
+def fill_sizes(args, *, small: dict, full: dict):
+    """Give every size flag the user left at None its value at the chosen size (--full or not)."""
+    for k, v in (full if args.full else small).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
 def output_paths(out: str, paper: str, full: bool) -> tuple[str, str]:
     """(figure path, metrics path) of `paper` in `out`; `_small` names at the default size."""
     os.makedirs(out, exist_ok=True)

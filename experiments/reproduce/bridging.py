@@ -31,7 +31,7 @@ import numpy as np
 import fedjax_lab as fl
 from fedjax_lab import Setup
 from fedjax_lab.algorithms import fedavg, mediansgd, signsgd
-from fedjax_lab.reproduce import finish, output_paths, protocol_parser
+from fedjax_lab.reproduce import fill_sizes, finish, output_paths, protocol_parser
 
 CLAIM = ("Under heterogeneous data signSGD and medianSGD are biased away from the mean's optimum, "
          "and perturbing each gradient with noise before the sign / median closes the gap "
@@ -102,11 +102,8 @@ def main(argv=None):
     p.add_argument("--quad-rounds", type=int, default=None, help="quadratic rounds (600; --full 3000)")
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)   # the old name of the default
     args = p.parse_args(argv)
-    full = dict(rounds=600, quad_rounds=3000, seeds=16) if args.full else \
-        dict(rounds=60, quad_rounds=600, seeds=4)
-    for k, v in full.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill_sizes(args, small=dict(rounds=60, quad_rounds=600, seeds=4),
+               full=dict(rounds=600, quad_rounds=3000, seeds=16))
     figure, metrics_path = output_paths(args.out, "bridging", args.full)
     tail = args.quad_rounds // 3
     numbers = {}

@@ -52,7 +52,7 @@ from fedjax_lab import Setup, models
 from fedjax_lab.algorithms import fedavg, fedmeta_fomaml, fedmeta_maml, fedmeta_metasgd
 from fedjax_lab.core import driver, meta
 from fedjax_lab.data import realdata
-from fedjax_lab.reproduce import finish, output_paths, protocol_parser
+from fedjax_lab.reproduce import fill_sizes, finish, output_paths, protocol_parser
 
 CLAIM = ("FedMeta (MAML, FOMAML, Meta-SGD) reaches FedAvg's final accuracy in fewer rounds and "
          "bytes and ends with a higher personalized accuracy than FedAvg, on training and on new "
@@ -81,11 +81,8 @@ def parse(argv=None):
     ap.add_argument("--local-steps", type=int, default=10, help="FedAvg's local steps")
     ap.add_argument("--batch-size", type=int, default=10, help="FedAvg's batch size")
     args = ap.parse_args(argv)
-    full = dict(seeds=5, clients=200, rounds=300) if args.full else \
-        dict(seeds=3, clients=50, rounds=100)
-    for k, v in full.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill_sizes(args, small=dict(seeds=3, clients=50, rounds=100),
+               full=dict(seeds=5, clients=200, rounds=300))
     if args.rounds % args.eval_every:
         ap.error(f"--rounds ({args.rounds}) must be a multiple of --eval-every ({args.eval_every})")
     return args

@@ -120,14 +120,19 @@ def prototype_penalty(z, y, protos, has, *, form: str):
     return jnp.sum(sq_dist(batch_protos, protos) * ((counts > 0) & has))
 
 
+def class_sums(z, y, w, num_classes):
+    """(sum_b w_b 1[y_b = j] z_b [K, d], sum_b w_b 1[y_b = j] [K]): the per-class feature sums and
+    counts of Eq. 5, examples weighted by w [B] (0: not counted)."""
+    onehot = jax.nn.one_hot(y, num_classes, dtype=z.dtype) * w[:, None]
+    return onehot.T @ z, onehot.sum(0)
+
+
 def client_prototypes(model, params, x, y, rows, num_classes):
     """(C_i [K, d], |D_{i,j}| [K]) from the rows >= 0 of `rows` (Eq. 5), inference mode."""
-    valid = (rows >= 0).astype(jnp.float32)
     r = jnp.maximum(rows, 0)
-    z = model.features(params, x[r])
-    onehot = jax.nn.one_hot(y[r], num_classes, dtype=z.dtype) * valid[:, None]
-    counts = onehot.sum(0)
-    return (onehot.T @ z) / jnp.maximum(counts, 1.0)[:, None], counts
+    sums, counts = class_sums(model.features(params, x[r]), y[r], (rows >= 0).astype(jnp.float32),
+                              num_classes)
+    return sums / jnp.maximum(counts, 1.0)[:, None], counts
 
 
 def last_epoch_weights(num_steps, n, *, batch_size: int, total_steps: int, epochs):
@@ -230,12 +235,10 @@ def fedproto(model: Union[Model, Sequence[Model]], *, lam: float = 1.0,
                 protos, counts = client_prototypes(m, res.params, data.x, data.y, proto_of, K)
                 return res.params, (protos, counts, res.loss)
 
-            def class_sums(p, xb, yb, rng, w):      # pre-step features, the loss's forward pass
-                z = m.features(p, xb, train=True, rng=rng)
-                onehot = jax.nn.one_hot(yb, K, dtype=z.dtype) * w[:, None]
-                return onehot.T @ z, onehot.sum(0)
+            def step_sums(p, xb, yb, rng, w):       # pre-step features, the loss's forward pass
+                return class_sums(m.features(p, xb, train=True, rng=rng), yb, w, K)
 
-            res = local_train(m, tx, loss_fn=loss_fn, step_stats=class_sums)(
+            res = local_train(m, tx, loss_fn=loss_fn, step_stats=step_sums)(
                 params, data.x, data.y, idx, mask, k, step_inputs=proto_of)
             sums, counts = res.stats
             return res.params, (sums / jnp.maximum(counts, 1.0)[:, None], counts, res.loss)
