@@ -13,15 +13,19 @@ The contract of a reference fn
     fn(alg, data, state, key) -> dict
 
 alg    the Algorithm under test, built by the suite as
-           ALGORITHMS[name][0](model, setup=Setup.of(**TINY_SETUP, **SETUP.get(name, {})))
-       i.e. the factory's default hyperparameters (read them from `alg.config`, never assume them)
-       and the resolved shared values in `alg.setup` (cohort, work, client_opt, server_opt, ...);
-       `model` is `models.logistic(data.num_classes)` (apply(x) = x @ kernel + bias, params
-       {"Dense_0": {"kernel": [d, C], "bias": [C]}}) unless the module's MODEL says otherwise.
+           ALGORITHMS[name][0](models.get(MODEL.get(name, "logistic"), C, data.x[:1]),
+                               setup=Setup.of(**flags))
+       flags = TINY_SETUP updated with SETUP.get(name, {}), keeping only the flat Setup names the
+       algorithm uses (`cli.setup_params(factory)`): the factory's default hyperparameters (read
+       them from `alg.config`, never assume them) and the resolved shared values in `alg.setup`
+       (cohort, work, client_opt, server_opt, ...). The logistic model is apply(x) = x @ kernel +
+       bias, params {"Dense_0": {"kernel": [d, C], "bias": [C]}}.
 data   the tiny FederatedArrays `fedjax_lab.data.load(TINY_DATASET, seed=0)`.
-state  the state before the round: `alg.init(jax.random.key(0), data)`. Read it (np.asarray);
-       the suite never passes a state the round has donated.
-key    the round's key: the suite compares against `alg.round(state, data, key)` (jitted).
+state  the state before round 1 of `fl.run(alg, data, rounds=..., key=0)`:
+       `alg.init(k_init, data)` with `k_init, k_rounds = jax.random.split(jax.random.key(0))`.
+       Read it (np.asarray); it is the suite's own copy.
+key    round 1's key `jax.random.fold_in(k_rounds, 1)`: the suite compares against the state
+       after round 1 of that `fl.run` (the jitted `alg.round(state, data, key)` in the driver's scan).
 
 Returns a dict with at least one of
     "global":  numpy pytree expected of `alg.global_params(new_state)`;
@@ -45,8 +49,10 @@ from the code under test cannot fail. Shared numpy pieces (softmax cross-entropy
 server optimizers of Reddi et al.) live in `_common.py`.
 
 Optional module-level dicts beside REFERENCE (both keyed by algorithm name):
-    SETUP = {"algname": {flat Setup.of overrides}}   when the tiny shared setting does not suit it
-    MODEL = {"algname": callable(num_classes, sample_x) -> Model}   when logistic does not suit it
+    SETUP = {"algname": {flat Setup.of name: value}}   when the tiny shared setting does not suit it
+    MODEL = {"algname": "mlp"}   a `models.get` / `fedjax-lab run --model` name, when logistic does not
+                                 suit it (both must be expressible as CLI flags: the suite re-runs
+                                 the algorithm from its config.json through `fedjax-lab run --config`)
 """
 from __future__ import annotations
 
@@ -54,13 +60,14 @@ import importlib
 import pkgutil
 from typing import Callable
 
-TINY_DATASET = "synthetic:1,1,clients=6,dim=5,classes=3,min_size=3,max_size=24"
+# dim 40: d = 123 logistic parameters, enough for FetchSGD / local top-k default k = 100
+TINY_DATASET = "synthetic:1,1,clients=6,dim=40,classes=3,min_size=3,max_size=24"
 TINY_SETUP = dict(clients_per_round=4, local_steps=3, batch_size=4)
 RTOL = ATOL = 1e-5
 
 REFERENCES: dict[str, Callable] = {}
 SETUP: dict[str, dict] = {}
-MODEL: dict[str, Callable] = {}
+MODEL: dict[str, str] = {}
 OWNER: dict[str, str] = {}
 
 

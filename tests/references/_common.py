@@ -50,3 +50,34 @@ def local_sgd(W, b, x, y, idx, mask, lr, grad_extra=None):
             gW, gb = gW + eW, gb + eb
         W, b = W - lr * gW, b - lr * gb
     return W, b
+
+
+def client_deltas(alg, data, W0, b0, key, *, lr=None, grad_extra=None):
+    """Local SGD of each sampled client from (W0, b0), one after another: the list of
+    (W_k - W0, b_k - b0) and the FedAvg weights p_k (n_k, or 1 for weighting="uniform"; 0 for a
+    client with no steps, or a straggler when the algorithm drops them)."""
+    part = participation(alg, data, key)
+    lr = alg.setup.client_opt.lr if lr is None else lr
+    x, y = np.asarray(data.x, np.float64), np.asarray(data.y)
+    deltas, weights = [], []
+    drop = alg.config.get("drop_stragglers", False)
+    for c in range(part["idx"].shape[0]):              # reference loop over clients
+        extra = None if grad_extra is None else (lambda W, b: grad_extra(W, b, W0, b0))
+        W, b = local_sgd(W0, b0, x, y, part["idx"][c], part["mask"][c], lr, extra)
+        deltas.append((W - W0, b - b0))
+        p = part["num_examples"][c] if alg.config.get("weighting", "examples") == "examples" else 1.0
+        if part["mask"][c].sum() == 0 or (drop and part["is_straggler"][c]):
+            p = 0.0
+        weights.append(p)
+    return deltas, np.asarray(weights), part
+
+
+def weighted_mean(deltas, weights):
+    q = weights / weights.sum()
+    return (sum(qk * d[0] for qk, d in zip(q, deltas)), sum(qk * d[1] for qk, d in zip(q, deltas)))
+
+
+def broadcast(params, n):
+    """A global model as every client's deployed model, stacked [n, ...]."""
+    return {k: {kk: np.broadcast_to(v, (n,) + np.shape(v)) for kk, v in d.items()}
+            for k, d in params.items()}

@@ -1,0 +1,286 @@
+"""Every registered algorithm (`fedjax_lab.algorithms.ALGORITHMS`, what `fedjax-lab list` shows),
+with its default hyperparameters, the tiny shared setting of tests/references/__init__.py and the
+logistic model, is checked for:
+
+  * one round equal to its independent per-client reference loop (tests/references/<family>.py);
+  * the same key giving a bit-identical state;
+  * `fl.run` -> checkpoint -> resume equal to the uninterrupted run (metrics.jsonl and state);
+  * its config.json re-running it exactly through `fedjax-lab run --config`;
+  * `jax.vmap` over its traced float hyperparameters equal to the separate runs;
+  * each hyperparameter's bad value rejected with a ValueError naming it, before compiling;
+  * byte (and, where reported, FLOP) accounting in its metrics.
+
+A new algorithm gets all of them by registering in ALGORITHMS and adding its reference. The work
+per algorithm is shared: one `fl.run` program (rounds of one, eval_every=1) serves the reference,
+determinism, resume, config and accounting checks, so an algorithm costs about four compilations.
+Under xdist every algorithm's checks are one group (tests/conftest.py), so the cache below is hit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+import math
+import os
+import typing
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fedjax_lab
+from fedjax_lab import Setup, cli, models
+from fedjax_lab.algorithms import ALGORITHMS
+from fedjax_lab.data import load
+from tests.conftest import count_compiles
+from tests.references import ATOL, MODEL, REFERENCES, RTOL, SETUP, TINY_DATASET, TINY_SETUP
+
+NAMES = sorted(ALGORITHMS)
+ROUNDS = 2
+# Until the engineers adding algorithms have landed their references (issue 24), a registered name
+# without one is an expected failure; afterwards it is a hard failure naming it.
+MISSING_REFERENCE_IS_XFAIL = True
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_data():
+    return load(TINY_DATASET, seed=0)
+
+
+def setup_flags(name) -> dict:
+    """TINY_SETUP (+ the reference module's SETUP) restricted to the Setup names the algorithm uses."""
+    used = {flag for flag, _, _ in cli.setup_params(ALGORITHMS[name][0])}
+    return {k: v for k, v in {**TINY_SETUP, **SETUP.get(name, {})}.items() if k in used}
+
+
+def model_name(name) -> str:
+    return MODEL.get(name, "logistic")
+
+
+def build(name, **hparams):
+    data = tiny_data()
+    model = models.get(model_name(name), data.num_classes, data.x[:1])
+    return ALGORITHMS[name][0](model, setup=Setup.of(**setup_flags(name)), **hparams)
+
+
+def params_of(alg, state):
+    """{"global": ..., "clients": ...} of a state, as the reference contract names them."""
+    out = {"clients": alg.client_params(state, jnp.arange(tiny_data().num_clients))}
+    if alg.global_params is not None:
+        out["global"] = alg.global_params(state)
+    return out
+
+
+def _lines(path):
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return f.read().splitlines()
+
+
+def _assert_trees_equal(a, b, what):
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb, f"{what}: tree structures differ: {ta} vs {tb}"
+    for i, (x, y) in enumerate(zip(la, lb)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{what}: leaf {i}")
+
+
+@dataclasses.dataclass
+class Case:
+    """One algorithm's shared runs: full (2 rounds), again (same key), cut (1 round, checkpoint)
+    and resumed (to 2), all with the same Algorithm instance, hence one compiled program."""
+    name: str
+    alg: typing.Any
+    dir: str
+    full: typing.Any
+    again: typing.Any
+    cut: typing.Any
+    resumed: typing.Any
+
+
+_CASES: dict = {}
+
+
+def case(name, tmp_path_factory) -> Case:
+    if name not in _CASES:
+        alg = build(name)
+        data = tiny_data()
+        d = str(tmp_path_factory.mktemp(f"conformance_{name}"))
+        common = dict(key=0, eval_every=1, progress=False,
+                      extra_config=dict(dataset=TINY_DATASET, model=model_name(name), seed=0))
+        full = fedjax_lab.run(alg, data, rounds=ROUNDS, out=os.path.join(d, "full"), **common)
+        again = fedjax_lab.run(alg, data, rounds=ROUNDS, **common)
+        cut_dir = os.path.join(d, "cut")
+        cut = fedjax_lab.run(alg, data, rounds=1, out=cut_dir, checkpoint_every=1, **common)
+        cut = jax.tree.map(np.asarray, params_of(alg, cut.state))
+        resumed = fedjax_lab.run(alg, data, rounds=ROUNDS, out=cut_dir, checkpoint_every=1,
+                                 resume=True, **common)
+        _CASES[name] = Case(name, alg, d, full, again, cut, resumed)
+    return _CASES[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_round_equals_its_reference_loop(name, tmp_path_factory):
+    if name not in REFERENCES:
+        msg = (f"{name!r} is registered in fedjax_lab.algorithms.ALGORITHMS but has no reference: "
+               f"add REFERENCE = {{{name!r}: fn}} in tests/references/<family>.py (contract in "
+               f"tests/references/__init__.py)")
+        if MISSING_REFERENCE_IS_XFAIL:
+            pytest.xfail(msg)
+        pytest.fail(msg)
+    c = case(name, tmp_path_factory)
+    data = tiny_data()
+    k_init, k_rounds = jax.random.split(jax.random.key(0))
+    state0 = c.alg.init(k_init, data)
+    want = REFERENCES[name](c.alg, data, state0, jax.random.fold_in(k_rounds, 1))
+    assert set(want) & {"global", "clients"}, f"{name}: the reference returned neither global nor clients"
+    rtol, atol = want.get("rtol", RTOL), want.get("atol", ATOL)
+    for part in ("global", "clients"):
+        if part not in want:
+            continue
+        assert part in c.cut, f"{name}: the reference gives {part!r} params but the algorithm has none"
+        got_leaves, got_tree = jax.tree.flatten(c.cut[part])
+        want_leaves, want_tree = jax.tree.flatten(want[part])
+        assert got_tree == want_tree, f"{name} {part}: structure {got_tree} != reference {want_tree}"
+        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(want[part])[0]]
+        moved = 0.0
+        for path, g, w, w0 in zip(paths, got_leaves, want_leaves,
+                                  jax.tree.leaves(params_of(c.alg, state0)[part])):
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=f"{name} {part}{path}")
+            moved = max(moved, float(np.abs(np.asarray(w0, np.float64) - w).max()))
+        assert moved > 10 * atol, f"{name} {part}: the round did not move the params ({moved})"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_key_gives_a_bit_identical_state(name, tmp_path_factory):
+    c = case(name, tmp_path_factory)
+    _assert_trees_equal(c.full.state, c.again.state, f"{name}: two runs with key 0")
+    assert c.full.history == c.again.history
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_then_resume_equals_the_uninterrupted_run(name, tmp_path_factory):
+    c = case(name, tmp_path_factory)
+    assert [h["round"] for h in c.resumed.history] == list(range(1, ROUNDS + 1))
+    assert _lines(os.path.join(c.dir, "cut")) == _lines(os.path.join(c.dir, "full"))
+    _assert_trees_equal(c.resumed.state, c.full.state, f"{name}: resumed vs uninterrupted state")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_json_reruns_it_exactly_through_the_cli(name, tmp_path_factory):
+    c = case(name, tmp_path_factory)
+    config = os.path.join(c.dir, "full", "config.json")
+    with open(config) as f:
+        assert json.load(f)["algorithm"] == name
+    out = os.path.join(c.dir, "cli")
+    assert cli.main(["run", "--config", config, "--out", out, "--no-progress"]) == 0
+    assert _lines(out) == _lines(os.path.join(c.dir, "full"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hyperparameters: the factory's own keywords (what `fedjax-lab run ALG --help` lists first)
+
+
+def own_floats(name):
+    return [(p, default) for p, typ, default in cli.own_params(ALGORITHMS[name][0])
+            if typ is float and isinstance(default, (int, float)) and not isinstance(default, bool)]
+
+
+def _other(default):
+    return 0.5 * default if default else 0.25
+
+
+def _traced_floats(name):
+    """The float hyperparameters the algorithm accepts as traced values (found by tracing one round
+    abstractly, no compilation); the others it needs as Python numbers (it says so by failing)."""
+    data = tiny_data()
+    k_init, key = jax.random.split(jax.random.key(0))
+    out = []
+    for p, default in own_floats(name):
+        def one(v, p=p):
+            alg = build(name, **{p: v})
+            return alg.round(alg.init(k_init, data), data, key)[0]
+        try:
+            jax.eval_shape(one, jnp.float32(default))
+        except Exception:   # noqa: BLE001 - a static float: any tracer error
+            continue
+        out.append((p, default))
+    return out
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vmap_over_traced_float_hyperparameters_equals_the_separate_runs(name):
+    floats = _traced_floats(name)
+    if not floats:
+        pytest.skip(f"{name} has no float hyperparameter of its own that can be traced")
+    data = tiny_data()
+    k_init, k_rounds = jax.random.split(jax.random.key(0))
+    names = [p for p, _ in floats]
+    rows = jnp.asarray([[d for _, d in floats], [_other(d) for _, d in floats]], jnp.float32)
+
+    def one_round(values):
+        alg = build(name, **dict(zip(names, values)))
+        state = alg.init(k_init, data)
+        state, metrics = alg.round(state, data, jax.random.fold_in(k_rounds, 1))
+        return params_of(alg, state), metrics.get("local_loss", jnp.float32(0))
+
+    batched = jax.jit(jax.vmap(one_round))(rows)
+    single = jax.jit(one_round)
+    for i in range(rows.shape[0]):
+        got = jax.tree.map(lambda a: a[i], batched)
+        want = single(rows[i])
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6,
+                                                             err_msg=f"{name} {names} = {rows[i]}"),
+                     got, want)
+    # the hyperparameters matter: the two rows differ
+    diff = jax.tree.leaves(jax.tree.map(lambda a: float(jnp.abs(a[0] - a[1]).max()), batched[0]))
+    assert max(diff) > 0, f"{name}: changing {names} changed nothing"
+
+
+def _bad_values(name):
+    """(hyperparameter, bad value) for each of the factory's own scalar keywords: NaN for a float,
+    -1 for an int, an unknown name for a string. Bools and objects (models, solvers) have none."""
+    out = []
+    for p, typ, default in cli.own_params(ALGORITHMS[name][0]):
+        if typ is float:
+            out.append((p, math.nan))
+        elif typ is int:
+            out.append((p, -1))
+        elif typ is str:
+            out.append((p, "no_such_option"))
+    return out
+
+
+BAD = [(name, p, v) for name in NAMES for p, v in _bad_values(name)]
+
+
+@pytest.mark.parametrize("name, param, value", BAD, ids=[f"{n}-{p}" for n, p, _ in BAD])
+def test_a_bad_hyperparameter_fails_naming_it_before_compiling(name, param, value):
+    data = tiny_data()
+    with count_compiles() as compiles:
+        with pytest.raises(ValueError, match=param):
+            alg = build(name, **{param: value})
+            alg.check(data)
+            alg.init(jax.random.key(0), data)
+    assert not compiles, f"{name}: {param}={value!r} compiled {len(compiles)} program(s) first"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_metrics_account_bytes_and_flops(name, tmp_path_factory):
+    c = case(name, tmp_path_factory)
+    params = c.alg.client_params(c.full.state, jnp.arange(1))
+    model_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
+    for rec in c.full.history:
+        for key in ("bytes_up", "bytes_down", "bytes_up_per_client", "bytes_down_per_client"):
+            assert key in rec, f"{name}: {key} missing from the metrics"
+            assert np.isfinite(rec[key]) and rec[key] > 0, f"{name}: {key} = {rec[key]}"
+        assert rec["bytes_up"] >= rec["bytes_up_per_client"]
+        assert rec["bytes_down"] >= rec["bytes_down_per_client"]
+        for key in (k for k in rec if "flop" in k):
+            assert np.isfinite(rec[key]) and rec[key] > 0, f"{name}: {key} = {rec[key]}"
+    last = c.full.history[-1]
+    assert last["total_bytes_up"] == pytest.approx(sum(h["bytes_up"] for h in c.full.history))
+    assert last["total_bytes_down"] == pytest.approx(sum(h["bytes_down"] for h in c.full.history))
+    # something of the model's size travels one way or the other
+    assert max(last["bytes_up_per_client"], last["bytes_down_per_client"]) >= 0.05 * model_bytes
