@@ -7,7 +7,8 @@ from fedjax_lab.core.hypergrad import hypergrad
 from fedjax_lab.core.sweep import sweep
 from fedjax_lab.core.setup import Cohort, LocalWork, Optimizer, Setup
 from fedjax_lab.core.types import Algorithm, Model
+from fedjax_lab.registry import register
 
 __version__ = "0.1.0"
 __all__ = ["algorithms", "aggregators", "attacks", "data", "models", "uplink", "run", "sweep",
-           "hypergrad", "Algorithm", "Model", "Setup", "Cohort", "LocalWork", "Optimizer"]
+           "hypergrad", "register", "Algorithm", "Model", "Setup", "Cohort", "LocalWork", "Optimizer"]

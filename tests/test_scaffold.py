@@ -1,35 +1,18 @@
-"""SCAFFOLD, the worked example of notebooks/write_your_own_algorithm.ipynb (the cell tagged
-"scaffold" is the code under test): a per-client reference loop, its ablation, bad input."""
-import json
-import os
-
+"""SCAFFOLD (algorithms/scaffold.py, the algorithm the notebook write_your_own_algorithm builds):
+a per-client reference loop for both control-variate options, its ablation, bad input."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import fedjax_lab as fl
-from fedjax_lab.algorithms import fedavg
+from fedjax_lab.algorithms import fedavg, scaffold
 from fedjax_lab.core.rounds import participate
 from reference import softmax_grads
 
-NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "write_your_own_algorithm.ipynb")
 
-
-def _scaffold():
-    cells = [c for c in json.load(open(NOTEBOOK))["cells"]
-             if "scaffold" in c.get("metadata", {}).get("tags", [])]
-    assert len(cells) == 1, "the notebook must have exactly one cell tagged 'scaffold'"
-    namespace = {"__name__": "scaffold_cell"}
-    exec(compile("".join(cells[0]["source"]), "scaffold_cell", "exec"), namespace)
-    return namespace["scaffold"]
-
-
-scaffold = _scaffold()
-
-
-def reference_rounds(data, alg, params, keys, *, eta_l, eta_g):
-    """SCAFFOLD Algorithm 1, option II, client by client in float64 numpy. The sampled clients,
+def reference_rounds(data, alg, params, keys, *, eta_l, eta_g, option="II"):
+    """SCAFFOLD Algorithm 1, option I or II, client by client in float64 numpy. The sampled clients,
     their batches and step masks come from `participate` with the round's key (sampling and batch
     drawing are not the maths under test); everything else is written out from the paper."""
     X = np.asarray(data.x, np.float64).reshape(data.x.shape[0], -1)
@@ -52,7 +35,11 @@ def reference_rounds(data, alg, params, keys, *, eta_l, eta_g):
                 y["kernel"] -= eta_l * (gW - c_i[i]["kernel"] + c["kernel"])
                 y["bias"] -= eta_l * (gb - c_i[i]["bias"] + c["bias"])
             K = m.sum()
-            new = {k: c_i[i][k] - c[k] + (x[k] - y[k]) / (K * eta_l) for k in x}
+            if option == "II":
+                new = {k: c_i[i][k] - c[k] + (x[k] - y[k]) / (K * eta_l) for k in x}
+            else:                           # option I: the mean gradient at x over its batches
+                grads = [softmax_grads(x["kernel"], x["bias"], X[rows], Y[rows]) for rows in steps[m]]
+                new = {"kernel": np.mean([g[0] for g in grads], 0), "bias": np.mean([g[1] for g in grads], 0)}
             for k in x:
                 dy_sum[k] = dy_sum[k] + (y[k] - x[k])
                 dc_sum[k] = dc_sum[k] + (new[k] - c_i[i][k])
@@ -63,45 +50,56 @@ def reference_rounds(data, alg, params, keys, *, eta_l, eta_g):
     return x, c, c_i
 
 
-def test_scaffold_matches_a_per_client_reference_loop(tiny_data):
+@pytest.mark.parametrize("option", ["II", "I"])
+def test_scaffold_matches_a_per_client_reference_loop(tiny_data, option):
     """Four rounds with half the sampled clients straggling (dropped: they neither count in the
     mean nor update their c_i), eta_g = 0.7."""
     model = fl.models.logistic(3)
     setup = fl.Setup.of(clients_per_round=3, local_steps=4, batch_size=3, client_lr=0.2,
                         server_lr=0.7, stragglers=0.5)
-    alg = scaffold(model, setup=setup)
+    alg = scaffold(model, option=option, setup=setup)
     state = alg.init(jax.random.key(0), tiny_data)
-    params0 = state.server["opt"].params
+    params0 = state.server.params
     keys = [jax.random.key(100 + r) for r in range(4)]
     round_fn = jax.jit(alg.round)
     for key in keys:
         state, metrics = round_fn(state, tiny_data, key)
-    x, c, c_i = reference_rounds(tiny_data, alg, params0, keys, eta_l=0.2, eta_g=0.7)
+    x, c, c_i = reference_rounds(tiny_data, alg, params0, keys, eta_l=0.2, eta_g=0.7, option=option)
     stragglers = [np.asarray(participate(jax.random.split(k)[0], tiny_data, alg.setup.cohort,
                                          alg.setup.work).is_straggler) for k in keys]
     assert 0 < np.sum(stragglers) < np.size(stragglers)     # both kinds of client occur
     for k in x:
-        np.testing.assert_allclose(state.server["opt"].params["Dense_0"][k], x[k], rtol=2e-5, atol=2e-6)
-        np.testing.assert_allclose(state.server["c"]["Dense_0"][k], c[k], rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(state.server.params["Dense_0"][k], x[k], rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(state.server.extra["Dense_0"][k], c[k], rtol=2e-5, atol=2e-6)
         np.testing.assert_allclose(state.rows["Dense_0"][k], np.stack([r[k] for r in c_i]),
                                    rtol=2e-5, atol=2e-6)
     assert np.abs(c["kernel"]).max() > 1e-3          # the variates really moved
     touched = [i for i in range(tiny_data.num_clients) if np.abs(c_i[i]["kernel"]).max() > 0]
     assert touched
     deployed = alg.client_params(state, jnp.arange(2))
-    np.testing.assert_array_equal(deployed["Dense_0"]["kernel"][1], state.server["opt"].params["Dense_0"]["kernel"])
+    np.testing.assert_array_equal(deployed["Dense_0"]["kernel"][1], state.server.params["Dense_0"]["kernel"])
+    model_bytes = sum(4 * v.size for v in jax.tree.leaves(params0))
+    assert float(metrics["bytes_up_per_client"]) == 2 * model_bytes        # (Delta y, Delta c)
+    assert float(metrics["bytes_down_per_client"]) == 2 * model_bytes      # x and c
 
 
-def test_zero_variates_round_is_fedavg(tiny_data):
-    """One round from c = c_i = 0 gives FedAvg's model (the variates only act from round 2 on)."""
+def test_without_control_variates_it_is_fedavg_bit_for_bit(tiny_data):
+    """The ablation c = c_i = 0 is FedAvg exactly, over three rounds; with the variates on, the
+    first round (from c = c_i = 0) is FedAvg's too and the later ones are not."""
     model = fl.models.logistic(3)
     flat = dict(clients_per_round=4, local_steps=3, batch_size=4, client_lr=0.1, weighting="uniform")
-    sc, avg = scaffold(model, setup=fl.Setup.of(**flat)), fedavg(model, setup=fl.Setup.of(**flat))
-    key = jax.random.key(5)
-    a = jax.jit(sc.round)(sc.init(jax.random.key(0), tiny_data), tiny_data, key)[0]
-    b = jax.jit(avg.round)(avg.init(jax.random.key(0), tiny_data), tiny_data, key)[0]
-    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7),
-                 a.server["opt"].params, b.params)
+    off = scaffold(model, control_variates=False, setup=fl.Setup.of(**flat))
+    on, avg = scaffold(model, setup=fl.Setup.of(**flat)), fedavg(model, setup=fl.Setup.of(**flat))
+    params = {}
+    for name, alg in (("off", off), ("on", on), ("avg", avg)):
+        state, fn, params[name] = alg.init(jax.random.key(0), tiny_data), jax.jit(alg.round), []
+        for r in range(3):
+            state = fn(state, tiny_data, jax.random.key(5 + r))[0]
+            params[name].append(alg.global_params(state)["Dense_0"]["kernel"])
+    for r in range(3):
+        np.testing.assert_array_equal(params["off"][r], params["avg"][r])
+    np.testing.assert_allclose(params["on"][0], params["avg"][0], rtol=1e-6, atol=1e-7)
+    assert np.abs(params["on"][2] - params["avg"][2]).max() > 1e-4
 
 
 def test_bad_client_optimizer_is_refused():
@@ -109,8 +107,8 @@ def test_bad_client_optimizer_is_refused():
         scaffold(fl.models.logistic(3), setup=fl.Setup.of(client_momentum=0.9))
     with pytest.raises(ValueError, match="client_optimizer must be plain 'sgd'"):
         scaffold(fl.models.logistic(3), setup=fl.Setup.of(client_optimizer="adam"))
-    with pytest.raises(ValueError, match="scaffold takes no Setup.aggregator"):
-        scaffold(fl.models.logistic(3), setup=fl.Setup.of(aggregator="median"))
+    with pytest.raises(ValueError, match="option must be one of"):
+        scaffold(fl.models.logistic(3), option="III")
 
 
 @pytest.mark.slow

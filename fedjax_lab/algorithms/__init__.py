@@ -1,7 +1,8 @@
 """Algorithms: each a factory returning an Algorithm(init, round, client_params) record.
 
-ALGORITHMS maps a CLI name to (factory, one-line description). The CLI derives its flags from the
-factory's keyword-only parameters, so adding an algorithm is one line here.
+ALGORITHMS (fedjax_lab.registry) maps a CLI name to (factory, one-line description). The CLI
+derives its flags from the factory's keyword-only parameters; an algorithm defined anywhere is
+added by `fedjax_lab.register(name, factory)`.
 """
 from fedjax_lab.algorithms.ditto import ditto
 from fedjax_lab.algorithms.fedamp import fedamp, heurfedamp
@@ -16,9 +17,10 @@ from fedjax_lab.algorithms.local_topk import local_topk
 from fedjax_lab.algorithms.perfedavg import perfedavg_fo, perfedavg_hf
 from fedjax_lab.algorithms.pfedhn import pfedhn, pfedhn_pc
 from fedjax_lab.algorithms.robust_median import mediansgd, noisy_mediansgd, noisy_signsgd, signsgd
+from fedjax_lab.algorithms.scaffold import scaffold
+from fedjax_lab.registry import ALGORITHMS, register
 
-
-ALGORITHMS = {
+ALGORITHMS.update({
     "fedavg": (fedavg, "FedAvg (McMahan et al. 2017): average of local SGD models"),
     "fedopt": (fedopt, "FedOpt (Reddi et al. 2021): any server optimizer on the pseudo-gradient"),
     "fedavgm": (fedavgm, "FedAvgM: FedOpt with server SGD + momentum 0.9"),
@@ -45,9 +47,10 @@ ALGORITHMS = {
     "fedproto": (fedproto, "FedProto (Tan et al. 2022): per-class prototypes + counts up, global prototypes down; clients may differ in architecture"),
     "fedgkt": (fedgkt, "FedGKT (He et al. 2020): small client model + large server model on uploaded features, two-way KL distillation"),
     "fedgen": (fedgen, "FedGen (Zhu et al. 2021): server generator in feature space, distilled from the clients' heads, regularizes local training"),
-}
+    "scaffold": (scaffold, "SCAFFOLD (Karimireddy et al. 2020): control variates c_i, c correct client drift"),
+})
 
 __all__ = ["fedavg", "fedopt", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ditto",
            "fedamp", "heurfedamp", "perfedavg_fo", "perfedavg_hf", "fedmeta_maml", "fedmeta_fomaml",
            "fedmeta_metasgd", "pfedhn", "pfedhn_pc", "fedproto", "fedgkt", "fedgen",
-           "ALGORITHMS"]
+           "scaffold", "ALGORITHMS", "register"]

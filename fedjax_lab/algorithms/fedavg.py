@@ -20,24 +20,11 @@ corrupts the attackers' w_k - w_t or their labels, any uplink compresses what is
 """
 from __future__ import annotations
 
-from fedjax_lab.core.setup import Optimizer, Setup, algorithm_config, defaults, resolve
-from fedjax_lab.core.skeleton import ServerRound
+from fedjax_lab.core.setup import Optimizer, Setup, defaults
+from fedjax_lab.core.skeleton import server_averaging
 from fedjax_lab.core.types import Algorithm, Model
 
 FEDAVG = Setup(client_opt=Optimizer("sgd", lr=0.01), server_opt=Optimizer("sgd", lr=1.0))
-
-
-def server_averaging(model: Model, setup: Setup, factory, *, objective=None,
-                     drop_stragglers: bool = True, **hparams) -> Algorithm:
-    """The FedOpt family: the skeleton with local training on F_k (+ objective(w, w_t)) as the
-    client; `drop_stragglers` is the algorithm's default for LocalWork(drop_stragglers=None)."""
-    s = resolve(setup, factory)
-    drop = drop_stragglers if s.work.drop_stragglers is None else s.work.drop_stragglers
-    skeleton = ServerRound(model, s, objective=objective, drop_stragglers=drop)
-    name = factory.__name__
-    config = algorithm_config(name, model, s, **hparams)
-    config["drop_stragglers"] = drop
-    return skeleton.algorithm(name, config)
 
 
 @defaults(FEDAVG)

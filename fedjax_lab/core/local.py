@@ -54,6 +54,7 @@ class LocalResult(NamedTuple):
 
 def local_train(model: Model, optimizer: optax.GradientTransformation, *,
                 extra_loss: Optional[Callable] = None, loss_fn: Optional[Callable] = None,
+                extra_batch_loss: Optional[Callable] = None,
                 step_stats: Optional[Callable] = None, clients: str = "auto", chunk: int = 1,
                 unroll: int | bool = 1):
     """Returns train(params, x, y, idx [S, B], step_mask [S], key, opt_state=None, anchor=None,
@@ -64,7 +65,9 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, *,
     model's loss entirely (meta-learning, distillation); `extra_loss(params)` is added to it, or
     `extra_loss(params, anchor)` when `train` is given an `anchor` (a per-client reference point
     such as FedAMP's u_i: pass it as an argument, not in a closure, so that a vmap over clients
-    that runs as a lax.map sees it as batched).
+    that runs as a lax.map sees it as batched). `extra_batch_loss(params, xb, yb, rng, anchor)`
+    is a term of the step's batch added to the objective, not to the data loss (MOON's
+    model-contrastive loss).
     `step_stats(params, xb, yb, rng, u) -> pytree` (module docstring): called at every step with
     the pre-step params, the step's batch and rng (the same as its loss's: a forward pass inside
     it, e.g. `model.features(params, xb, train=True, rng=rng)`, gives the loss's activations,
@@ -89,6 +92,8 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, *,
         data_loss = base(p, xb, yb, rng)
         extra = 0.0 if extra_loss is None else (
             extra_loss(p) if anchor is None else extra_loss(p, anchor))
+        if extra_batch_loss is not None:
+            extra = extra + extra_batch_loss(p, xb, yb, rng, anchor)
         return data_loss + extra, data_loss
 
     grad_fn = jax.value_and_grad(total, has_aux=True)

@@ -20,6 +20,7 @@ class ServerState:
     params: Any
     opt_state: Any
     round: jax.Array
+    extra: Any = None     # an algorithm's extra server state (SCAFFOLD's c, FedDyn's h)
 
 
 class Participation(struct.PyTreeNode):

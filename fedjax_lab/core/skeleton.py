@@ -17,6 +17,27 @@ w_t) and send part of their message (`send`), e.g. the head only (FedGen's share
 The aggregator is called through `Aggregator.apply`: with the round key if it `needs_key` (DP's
 server noise), and its aux outputs (`has_aux`) join the metrics (adaptive clipping's S_{t+1}).
 
+Hooks, for an algorithm with its own client or server rule (each optional; the skeleton still
+does sampling, batches, the map over clients, uplink, attack, aggregation, the server step, the
+metrics and the byte accounting; `fedjax_lab.extend` is the writers' surface):
+
+    local_objective(w, ctx)               a term of the local objective; ctx = ClientContext
+                                          (w_t, row, extra): FedDyn's -<g_k, w> + a/2||w - w_t||^2
+    batch_objective(w, xb, yb, rng, ctx)  a term of the step's batch (MOON's contrastive loss)
+    message(res, ctx) -> m_k              what the client sends (default res.params - w_t);
+                                          ctx.batches gives `mean_loss` its data (q-FFL's F_k)
+    init_row(params) / new_row(res, ctx)  a per-client row for all N clients (SCAFFOLD's c_i,
+                                          FedDyn's gradient state, MOON's previous model); a row
+                                          is rewritten only for clients that reported (p_k > 0)
+    init_extra(params) / server_rule(ex, extra, num_clients) -> (direction, extra)
+                                          extra server state and the rule from the round's
+                                          Exchange to the direction the server optimizer takes
+                                          (SCAFFOLD's c, FedDyn's h, FedNova's tau_eff, q-FFL)
+    send_extra                            the extra state travels down with w_t (its bytes count)
+
+With rows, the state is ClientRows(server, rows [N, ...]) (core/client_state.py) and the round
+also runs with the rows in a host store; the mesh's padding of the cohort is done here, once.
+
 An algorithm states only what its paper adds: FedProx a proximal `objective`, noisy signSGD a
 perturb-then-sign uplink and a vote, Ditto a personal update around `step` (algorithms/ditto.py).
 Everything else comes from the `Setup` values, so every such algorithm composes with every
@@ -31,18 +52,45 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab.core import comm
+from fedjax_lab.core.client_state import RowRound, row_algorithm
 from fedjax_lab.core.evaluate import client_params_of_global
-from fedjax_lab.core.local import local_train, weighted_sum_over_clients
-from fedjax_lab.core.rounds import (client_weights, init_server, participate, server_update,
-                                    weighted_mean_scalar)
-from fedjax_lab.core.setup import Setup
-from fedjax_lab.core.tree import tree_scale, tree_sub
-from fedjax_lab.core.types import Algorithm, Model
+from fedjax_lab.core.local import LocalResult, local_train, weighted_sum_over_clients
+from fedjax_lab.core.rounds import (client_weights, init_server, participate, sample_ids,
+                                    server_update, weighted_mean_scalar)
+from fedjax_lab.core.setup import Setup, algorithm_config, resolve
+from fedjax_lab.core.tree import tree_broadcast, tree_scale, tree_sub
+from fedjax_lab.core.types import Algorithm, Model, batch_loss
 
 
 def client_keys(key, ids):
     """[C] keys of the sampled clients: fold_in(key, id), independent of who else was sampled."""
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+
+
+class ClientBatches(NamedTuple):
+    """A client's data for the round: the flat arrays and its [S, B] batch indices and [S] mask."""
+    x: Any
+    y: Any
+    idx: jax.Array
+    step_mask: jax.Array
+
+
+class ClientContext(NamedTuple):
+    """What a client's hooks see: the model sent down, its own row, the server's extra state and
+    (in `message` / `new_row`) its batches of the round."""
+    w_t: Any
+    row: Any = None
+    extra: Any = None
+    batches: Optional[ClientBatches] = None
+
+
+def mean_loss(model: Model, params, ctx: ClientContext):
+    """The client's mean data loss at `params` over the batches of its real steps (eval mode):
+    F_k(params) estimated on what it drew this round (q-FFL's F_k(w_t))."""
+    b = ctx.batches
+    losses = jax.vmap(lambda rows: batch_loss(model, params, b.x[rows], b.y[rows], train=False))(b.idx)
+    n = jnp.sum(b.step_mask)
+    return jnp.sum(jnp.where(b.step_mask, losses, 0.0)) / jnp.maximum(n, 1)
 
 
 def local_delta(model: Model, optimizer, objective: Optional[Callable] = None):
@@ -72,18 +120,21 @@ class Exchange(NamedTuple):
     objective: jax.Array  # [C]
     weights: jax.Array    # p_k [C]
     aux: dict             # the aggregator's auxiliary outputs ({} unless has_aux)
+    num_steps: Any = None  # [C] local steps each client took
+    new_rows: Any = None   # [C, ...] the clients' new rows (None without rows)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ServerRound:
     """The skeleton, for `model` under the resolved `setup` (see the module docstring).
 
-    client: (w_t, x, y, idx, step_mask, key) -> (message, loss, objective); None = local_delta
-    with the setup's client optimizer and `objective`. gradient_message: the message is a
-    gradient (the server steps along -Delta's negation, i.e. descends on it). send(messages
-    [C, ...]) -> what the clients upload, before the uplink (None: all of it). up_bytes /
-    down_bytes(w_t, data) -> bytes per client up / downstream (default: the uplink's size of the
-    dense model / the dense model).
+    client: (w_t, x, y, idx, step_mask, key) -> (message, loss, objective); None = local training
+    with the setup's client optimizer on F_k + objective(w, w_t) + the hooks' terms, sending
+    `message` (w_k - w_t by default). gradient_message: the message is a gradient (the server
+    steps along -Delta's negation, i.e. descends on it). send(messages [C, ...]) -> what the
+    clients upload, before the uplink (None: all of it). up_bytes / down_bytes(w_t, data) ->
+    bytes per client up / downstream (default: the uplink's size of the message / the dense model,
+    plus the extra state when `send_extra`). The hooks are those of the module docstring.
     """
     model: Model
     setup: Setup
@@ -94,6 +145,14 @@ class ServerRound:
     down_bytes: Optional[Callable] = None
     send: Optional[Callable] = None
     up_bytes: Optional[Callable] = None
+    local_objective: Optional[Callable] = None
+    batch_objective: Optional[Callable] = None
+    message: Optional[Callable] = None
+    init_row: Optional[Callable] = None
+    new_row: Optional[Callable] = None
+    init_extra: Optional[Callable] = None
+    server_rule: Optional[Callable] = None
+    send_extra: bool = False
 
     def __post_init__(self):
         s = self.setup
@@ -107,64 +166,116 @@ class ServerRound:
         if s.work.client_chunk is not None and self.send is not None:
             raise ValueError(f"client_chunk={s.work.client_chunk} sends whole messages; it needs "
                              "send=None")
+        if s.work.client_chunk is not None and self.has_rows:
+            raise ValueError(f"client_chunk={s.work.client_chunk} keeps no per-client rows; it "
+                             "needs init_row=None")
+        hooks = [h for h in ("local_objective", "batch_objective", "message", "init_row",
+                             "new_row") if getattr(self, h) is not None]
+        if self.client is not None and hooks:
+            raise ValueError(f"a custom client computes its own message; it takes none of the "
+                             f"client hooks, got {hooks}")
+        if (self.init_row is None) != (self.new_row is None):
+            raise ValueError("per-client rows need both init_row and new_row")
+
+    @property
+    def has_rows(self) -> bool:
+        return self.init_row is not None
 
     @property
     def server_tx(self):
         return self.setup.server_opt.build("server_optimizer")
 
     def client_fn(self):
+        """(w_t, x, y, idx, step_mask, key[, row, extra]) -> (message, loss, objective, new_row)."""
         if self.client is not None:
-            return self.client
-        return local_delta(self.model, self.setup.client_opt.build("client_optimizer"),
-                           self.objective)
+            return lambda *a: (*self.client(*a[:6]), None)
+        objective, local_obj = self.objective, self.local_objective
+
+        def regularizer(w, ctx):
+            out = 0.0 if objective is None else objective(w, ctx.w_t)
+            return out if local_obj is None else out + local_obj(w, ctx)
+        extra = None if objective is None and local_obj is None else regularizer
+        batch = self.batch_objective
+        train = local_train(self.model, self.setup.client_opt.build("client_optimizer"),
+                            extra_loss=extra, extra_batch_loss=None if batch is None else (
+                                lambda w, xb, yb, rng, ctx: batch(w, xb, yb, rng, ctx)))
+
+        def client(w_t, x, y, idx, step_mask, key, row=None, extra_state=None):
+            anchor = ClientContext(w_t, row, extra_state)
+            res = train(w_t, x, y, idx, step_mask, key, anchor=anchor)
+            ctx = anchor._replace(batches=ClientBatches(x, y, idx, step_mask))
+            msg = tree_sub(res.params, w_t) if self.message is None else self.message(res, ctx)
+            new = None if self.new_row is None else self.new_row(res, ctx)
+            return msg, res.loss, res.objective, new
+        return client
 
     def check(self, data):
         self.setup.check(data)
 
-    def init(self, key, data):
+    def init_state(self, key, data):
+        """The server state: w_0, the server optimizer's state and the extra state (if any)."""
         self.check(data)
-        return init_server(self.server_tx, self.model.init(key, data.x[:1]))
+        params = self.model.init(key, data.x[:1])
+        state = init_server(self.server_tx, params)
+        return state if self.init_extra is None else state.replace(extra=self.init_extra(params))
+
+    def init(self, key, data):
+        return self.init_state(key, data)
 
     def participate(self, key, data, ids=None):
         return participate(key, data, self.setup.cohort, self.setup.work, ids=ids)
 
-    def exchange(self, w_t, data, part, *, k_train, key, w_start=None) -> Exchange:
+    def exchange(self, w_t, data, part, *, k_train, key, w_start=None, rows=None,
+                 extra=None) -> Exchange:
         """The clients' half of a round for participation `part` (`data` already poisoned) and
         the aggregate: client messages from w_t (or each client from its row of w_start [C, ...],
         which its client sees as w_t), send, uplink, attack, aggregator (given the round key if
-        it `needs_key`)."""
+        it `needs_key`). `rows` [C, ...] are the clients' rows (padded like `part`), `extra` the
+        server's extra state."""
         s = self.setup
         p = client_weights(part, s.cohort, drop_stragglers=self.drop_stragglers)
         if s.work.client_chunk is not None:
             if w_start is not None:
                 raise ValueError(f"client_chunk={s.work.client_chunk} starts every client from "
                                  "w_t; it needs w_start=None")
-            direction, loss, objective = self._chunked_mean(w_t, data, part, k_train, p)
-            return Exchange(direction, None, None, loss, objective, p, {})
-        msgs, loss, objective = map_clients(self.client_fn(), w_t if w_start is None else w_start,
-                                            data, part, k_train, rows=w_start is not None)
+            direction, loss, objective = self._chunked_mean(w_t, data, part, k_train, p, extra)
+            return Exchange(direction, None, None, loss, objective, p, {}, part.batches.num_steps)
+        client = self.client_fn()
+        msgs, loss, objective, new_rows = jax.vmap(
+            client, in_axes=(None if w_start is None else 0, None, None, 0, 0, 0, 0, None))(
+            w_t if w_start is None else w_start, data.x, data.y, part.batches.idx,
+            part.batches.step_mask, client_keys(k_train, part.ids), rows, extra)
         sent = s.uplink.encode(msgs if self.send is None else self.send(msgs), key, part.ids)
         sent = s.attack.corrupt(sent, part.ids, data.num_clients, key, weights=p)
         direction, aux = s.aggregator.apply(sent, p, key)
-        return Exchange(direction, msgs, sent, loss, objective, p, aux)
+        if new_rows is not None:      # a client that did not report keeps its row
+            new_rows = jax.tree.map(lambda n, o: jnp.where(
+                (p > 0).reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new_rows, rows)
+        return Exchange(direction, msgs, sent, loss, objective, p, aux, part.batches.num_steps,
+                        new_rows)
 
-    def step_with_exchange(self, state, data, part, *, k_train, key, w_start=None):
-        """`exchange`, the server step and the metrics (with the aggregator's aux outputs).
-        Returns (state, metrics, Exchange)."""
+    def step_with_exchange(self, state, data, part, *, k_train, key, w_start=None, rows=None):
+        """`exchange`, the server rule, the server step and the metrics (with the aggregator's
+        aux outputs). Returns (state, metrics, Exchange)."""
         s = self.setup
-        w_t = state.params
-        ex = self.exchange(w_t, data, part, k_train=k_train, key=key, w_start=w_start)
+        w_t, extra = state.params, state.extra
+        ex = self.exchange(w_t, data, part, k_train=k_train, key=key, w_start=w_start, rows=rows,
+                           extra=extra)
         p = ex.weights
-        state = server_update(self.server_tx, state, tree_scale(ex.direction, -1.0)
-                              if self.gradient_message else ex.direction)
+        direction = ex.direction
+        if self.server_rule is not None:
+            direction, extra = self.server_rule(ex, extra, data.num_clients)
+        state = server_update(self.server_tx, state, tree_scale(direction, -1.0)
+                              if self.gradient_message else direction)
+        if self.init_extra is not None:
+            state = state.replace(extra=extra)
         num_up = jnp.sum(p > 0)
-        up = s.uplink.bytes(w_t, comm.dense_bytes(w_t)) if self.up_bytes is None \
-            else self.up_bytes(w_t, data)
-        down = comm.dense_bytes(w_t) if self.down_bytes is None else self.down_bytes(w_t, data)
         metrics = dict(local_loss=weighted_mean_scalar(ex.loss, p),
                        local_objective=weighted_mean_scalar(ex.objective, p),
                        clients_aggregated=num_up.astype(jnp.float32),
-                       **comm.round_metrics(up_per_client=up, down_per_client=down, num_up=num_up,
+                       **comm.round_metrics(up_per_client=self._up_bytes(w_t, data, ex),
+                                            down_per_client=self._down_bytes(w_t, data, extra),
+                                            num_up=num_up,
                                             num_down=s.cohort.clients_per_round))
         clash = sorted(set(ex.aux) & set(metrics))
         if clash:
@@ -172,16 +283,30 @@ class ServerRound:
                              "the round's metrics")
         return state, {**metrics, **ex.aux}, ex
 
+    def _up_bytes(self, w_t, data, ex):
+        if self.up_bytes is not None:
+            return self.up_bytes(w_t, data)
+        template = w_t
+        if ex.messages is not None and (self.message is not None or self.client is not None):
+            template = jax.tree.map(lambda m: m[0], ex.messages if self.send is None
+                                    else self.send(ex.messages))
+        return self.setup.uplink.bytes(template, comm.dense_bytes(template))
+
+    def _down_bytes(self, w_t, data, extra):
+        if self.down_bytes is not None:
+            return self.down_bytes(w_t, data)
+        return comm.dense_bytes(w_t) + (comm.dense_bytes(extra) if self.send_extra else 0)
+
     def step(self, state, data, part, *, k_train, key):
         """The server's half of a round for a given participation `part`; `data` already poisoned.
         Returns (state, metrics)."""
         return self.step_with_exchange(state, data, part, k_train=k_train, key=key)[:2]
 
-    def _chunked_mean(self, w_t, data, part, k_train, p):
+    def _chunked_mean(self, w_t, data, part, k_train, p, extra=None):
         """The weighted mean of the messages, client_chunk clients at a time (LocalWork); the
         per-client losses come back as [C] vectors whose weighted mean equals the unchunked one."""
         client = self.client_fn()
-        fn = lambda idx, mask, k: client(w_t, data.x, data.y, idx, mask, k)
+        fn = lambda idx, mask, k: client(w_t, data.x, data.y, idx, mask, k, None, extra)[:3]
         total = jnp.sum(p)
         sums = weighted_sum_over_clients(fn, p, part.batches.idx, part.batches.step_mask,
                                          client_keys(k_train, part.ids),
@@ -196,8 +321,62 @@ class ServerRound:
         part = self.participate(k_part, data)
         return self.step(state, self.setup.attack.poison(data), part, k_train=k_train, key=key)
 
+    def sample(self, data, key):
+        """The round's [C] client ids from its key alone (what `round` samples; a host store
+        computes them ahead)."""
+        return sample_ids(jax.random.split(key)[0], data, self.setup.cohort)
+
+    def row_step(self, server, rows, ids, data, key):
+        """A round over the sampled clients' rows [C, ...] (RowRound.step): the mesh's padding
+        of the cohort is added to the rows and cut from the new rows here."""
+        k_part, k_train = jax.random.split(key)
+        part = self.participate(k_part, data, ids=ids)
+        rows = pad_rows(rows, part.ids.shape[0])
+        server, metrics, ex = self.step_with_exchange(
+            server, self.setup.attack.poison(data), part, k_train=k_train, key=key, rows=rows)
+        return server, jax.tree.map(lambda x: x[:ids.shape[0]], ex.new_rows), metrics
+
     def algorithm(self, name: str, config: dict) -> Algorithm:
-        return Algorithm(name=name, init=self.init, round=self.round, model=self.model,
-                         client_params=client_params_of_global(lambda s: s.params),
-                         global_params=lambda s: s.params, check=self.check, config=config,
-                         setup=self.setup, server_round=self)
+        global_params = lambda s: s.params
+        if not self.has_rows:
+            return Algorithm(name=name, init=self.init, round=self.round, model=self.model,
+                             client_params=client_params_of_global(global_params),
+                             global_params=global_params, check=self.check, config=config,
+                             setup=self.setup, server_round=self)
+        spec = RowRound(init_server=self.init_state,
+                        init_row=lambda server: self.init_row(server.params),
+                        sample=self.sample, step=self.row_step,
+                        params=lambda server, rows: tree_broadcast(
+                            server.params, jax.tree.leaves(rows)[0].shape[0]))
+        alg = row_algorithm(spec, name=name, model=self.model, global_params=global_params,
+                            check=self.check, config=config, personalized=False)
+        return dataclasses.replace(alg, setup=self.setup, server_round=self)
+
+
+def server_averaging(model: Model, setup: Setup, factory, *, objective=None,
+                     drop_stragglers: bool = True, local_objective=None, batch_objective=None,
+                     message=None, init_row=None, new_row=None, init_extra=None, server_rule=None,
+                     send_extra: bool = False, **hparams) -> Algorithm:
+    """An algorithm built on the skeleton: `setup` resolved over `factory`'s defaults, local
+    training on F_k (+ objective(w, w_t)) as the client, the hooks of the module docstring, and
+    config.json recorded from the factory's name and its hyperparameters `hparams`.
+    `drop_stragglers` is the algorithm's default for LocalWork(drop_stragglers=None)."""
+    s = resolve(setup, factory)
+    drop = drop_stragglers if s.work.drop_stragglers is None else s.work.drop_stragglers
+    skeleton = ServerRound(model, s, objective=objective, drop_stragglers=drop,
+                           local_objective=local_objective, batch_objective=batch_objective,
+                           message=message, init_row=init_row, new_row=new_row,
+                           init_extra=init_extra, server_rule=server_rule, send_extra=send_extra)
+    name = factory.__name__
+    config = algorithm_config(name, model, s, **hparams)
+    config["drop_stragglers"] = drop
+    return skeleton.algorithm(name, config)
+
+
+def pad_rows(rows, size: int):
+    """Rows [C, ...] padded to `size` with copies of row 0 (a client mesh pads the cohort with
+    step-less dummies, whose rows are then cut off again)."""
+    def pad(x):
+        extra = size - x.shape[0]
+        return x if extra == 0 else jnp.concatenate([x, jnp.repeat(x[:1], extra, axis=0)])
+    return jax.tree.map(pad, rows)
