@@ -18,9 +18,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python experiments/demo.py --out runs/demo
 
-## the fast test suite (what CI runs); a file per worker, so module fixtures (the 4-device subprocess, runs) are built once
+## the fast test suite (what CI runs) with the 15 slowest tests; a file per worker, so module fixtures (the
+## 4-device subprocess, runs) are built once, and test_conformance.py an algorithm per worker (tests/conftest.py).
+## Compiled programs are cached in ~/.cache/fedjax_lab/jax between local runs (FEDJAX_LAB_NO_CACHE=1: off; off under CI)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15
 
 ## the heavier tests, on purpose
 test-slow: $(STAMP)

@@ -1,8 +1,16 @@
-import jax
-import numpy as np
-import pytest
+import os
 
-from fedjax_lab.data import from_client_lists
+from fedjax_lab.core import cache
+
+# Local repeated runs load compiled programs from ~/.cache/fedjax_lab/jax; off under CI=true and
+# with FEDJAX_LAB_NO_CACHE=1 (fresh-clone timings are measured without it). Before jax compiles.
+CACHE_DIR = cache.enable()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from fedjax_lab.data import from_client_lists  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +32,8 @@ def synthetic_small():
 
 
 def count_compiles():
-    """Context manager counting XLA backend compilations."""
+    """Context manager counting XLA compilations: backend compiles, and programs loaded from the
+    persistent compilation cache instead (which would have been compiled without it)."""
     import contextlib
 
     @contextlib.contextmanager
@@ -32,7 +41,8 @@ def count_compiles():
         events = []
 
         def listener(event, duration, **kw):
-            if event == "/jax/core/compile/backend_compile_duration":
+            if event in ("/jax/core/compile/backend_compile_duration",
+                         "/jax/compilation_cache/cache_retrieval_time_sec"):
                 events.append(event)
         jax.monitoring.register_event_duration_secs_listener(listener)
         try:
@@ -73,8 +83,20 @@ SLOW_FOR_TIME = {
     "perfedavg_hf", "fedmeta_fomaml", "fedmeta_metasgd")}
 
 
+def xdist_group(item) -> str:
+    """Under `--dist loadgroup` (make test): one group per test file, so a file's module fixtures
+    are built once, except tests/test_conformance.py, one group per algorithm (its checks share
+    that algorithm's runs), so that the registry spreads over the workers."""
+    file = os.path.basename(item.nodeid.split("::")[0])
+    if file == "test_conformance.py" and hasattr(item, "callspec"):
+        return f"conformance-{item.callspec.params.get('name', 'misc')}"
+    return file
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.split("/")[-1] in SLOW_FOR_TIME:
             item.add_marker(pytest.mark.slow)
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(xdist_group(item)))

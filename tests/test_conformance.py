@@ -88,18 +88,23 @@ def _assert_trees_equal(a, b, what):
 
 @dataclasses.dataclass
 class Case:
-    """One algorithm's shared runs: full (2 rounds), again (same key), cut (1 round, checkpoint)
-    and resumed (to 2), all with the same Algorithm instance, hence one compiled program."""
+    """One algorithm's shared runs, all with the same Algorithm instance, hence one compiled
+    program: `full` (ROUNDS rounds, written to dir/full), `again` (the same key), `one` (the
+    params after round 1, what the reference predicts)."""
     name: str
     alg: typing.Any
     dir: str
     full: typing.Any
     again: typing.Any
-    cut: typing.Any
-    resumed: typing.Any
+    one: dict
 
 
 _CASES: dict = {}
+
+
+def run_kwargs(name):
+    return dict(key=0, eval_every=1, progress=False,
+                extra_config=dict(dataset=TINY_DATASET, model=model_name(name), seed=0))
 
 
 def case(name, tmp_path_factory) -> Case:
@@ -107,16 +112,12 @@ def case(name, tmp_path_factory) -> Case:
         alg = build(name)
         data = tiny_data()
         d = str(tmp_path_factory.mktemp(f"conformance_{name}"))
-        common = dict(key=0, eval_every=1, progress=False,
-                      extra_config=dict(dataset=TINY_DATASET, model=model_name(name), seed=0))
+        common = run_kwargs(name)
         full = fedjax_lab.run(alg, data, rounds=ROUNDS, out=os.path.join(d, "full"), **common)
         again = fedjax_lab.run(alg, data, rounds=ROUNDS, **common)
-        cut_dir = os.path.join(d, "cut")
-        cut = fedjax_lab.run(alg, data, rounds=1, out=cut_dir, checkpoint_every=1, **common)
-        cut = jax.tree.map(np.asarray, params_of(alg, cut.state))
-        resumed = fedjax_lab.run(alg, data, rounds=ROUNDS, out=cut_dir, checkpoint_every=1,
-                                 resume=True, **common)
-        _CASES[name] = Case(name, alg, d, full, again, cut, resumed)
+        one = fedjax_lab.run(alg, data, rounds=1, **common)
+        _CASES[name] = Case(name, alg, d, full, again,
+                            jax.tree.map(np.asarray, params_of(alg, one.state)))
     return _CASES[name]
 
 
@@ -139,8 +140,8 @@ def test_one_round_equals_its_reference_loop(name, tmp_path_factory):
     for part in ("global", "clients"):
         if part not in want:
             continue
-        assert part in c.cut, f"{name}: the reference gives {part!r} params but the algorithm has none"
-        got_leaves, got_tree = jax.tree.flatten(c.cut[part])
+        assert part in c.one, f"{name}: the reference gives {part!r} params but the algorithm has none"
+        got_leaves, got_tree = jax.tree.flatten(c.one[part])
         want_leaves, want_tree = jax.tree.flatten(want[part])
         assert got_tree == want_tree, f"{name} {part}: structure {got_tree} != reference {want_tree}"
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(want[part])[0]]
@@ -162,9 +163,13 @@ def test_same_key_gives_a_bit_identical_state(name, tmp_path_factory):
 @pytest.mark.parametrize("name", NAMES)
 def test_checkpoint_then_resume_equals_the_uninterrupted_run(name, tmp_path_factory):
     c = case(name, tmp_path_factory)
-    assert [h["round"] for h in c.resumed.history] == list(range(1, ROUNDS + 1))
-    assert _lines(os.path.join(c.dir, "cut")) == _lines(os.path.join(c.dir, "full"))
-    _assert_trees_equal(c.resumed.state, c.full.state, f"{name}: resumed vs uninterrupted state")
+    cut = os.path.join(c.dir, "cut")
+    common = dict(run_kwargs(name), out=cut, checkpoint_every=1)
+    fedjax_lab.run(c.alg, tiny_data(), rounds=1, **common)            # interrupted after round 1
+    resumed = fedjax_lab.run(c.alg, tiny_data(), rounds=ROUNDS, resume=True, **common)
+    assert [h["round"] for h in resumed.history] == list(range(1, ROUNDS + 1))
+    assert _lines(cut) == _lines(os.path.join(c.dir, "full"))
+    _assert_trees_equal(resumed.state, c.full.state, f"{name}: resumed vs uninterrupted state")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -14,7 +14,7 @@ from fedjax_lab.core.client_state import ClientRows
 from fedjax_lab.core.evaluate import client_sums
 from fedjax_lab.core.rounds import participate
 from fedjax_lab.core.tree import flatten
-from tests.reference import softmax_grads
+from tests.references.fedamp import paper_attention, reference_round  # noqa: F401
 
 
 def two_clusters(m=10, p=20, seed=0):
@@ -59,43 +59,6 @@ def test_gram_distances_match_double_loop():
     W, _ = two_clusters(m=7, p=5, seed=1)
     ref = np.array([[np.sum((np.asarray(a) - np.asarray(b)) ** 2) for b in W] for a in W])
     np.testing.assert_allclose(pairwise_sq_dists(W, W), ref, rtol=1e-5, atol=1e-5)
-
-
-def paper_attention(flat, i, cand, *, attention, alpha_k, sigma, self_weight):
-    """{j: xi_ij} of client i over the candidates, written out from the paper (float64, pairs)."""
-    if attention == "none":                                     # the no-message-passing ablation
-        return {i: 1.0}
-    if attention == "exp":
-        A = lambda x: 1.0 - np.exp(-x / sigma)                 # the attention-inducing function
-        dA = lambda x, h=1e-5: (A(x + h) - A(x - h)) / (2 * h)  # A' by central differences
-        xi = {j: alpha_k * dA(np.sum((flat[i] - flat[j]) ** 2)) for j in cand if j != i}
-        xi[i] = 1.0 - sum(xi.values())
-        return xi
-    cos = lambda a, b: a @ b / np.linalg.norm(a) / np.linalg.norm(b)
-    e = {j: np.exp(sigma * cos(flat[i], flat[j])) for j in cand if j != i}
-    xi = {j: (1 - self_weight) * v / sum(e.values()) for j, v in e.items()}
-    xi[i] = self_weight
-    return xi
-
-
-def reference_round(K, B, part, x, y, *, neighbors, start, lam, alpha_k, lr, attend):
-    """One FedAMP round, one client at a time: u_i = sum_j xi_ij w_j, then local SGD on
-    F_i(w) + lam / (2 alpha_k) ||w - u_i||^2. Returns (kernel, bias, xi [C, candidates])."""
-    ids, idx, mask = (np.asarray(a) for a in (part.ids, part.batches.idx, part.batches.step_mask))
-    flat = np.concatenate([B, K.reshape(K.shape[0], -1)], axis=1)
-    cand = range(K.shape[0]) if neighbors == "all" else sorted(set(ids))   # one column a client
-    newK, newB, xis = K.copy(), B.copy(), []
-    for c, i in enumerate(ids):
-        xi = attend(flat, i, cand)
-        xis.append(xi)
-        uK, uB = sum(w * K[j] for j, w in xi.items()), sum(w * B[j] for j, w in xi.items())
-        W, b = (K[i].copy(), B[i].copy()) if start == "own" else (uK.copy(), uB.copy())
-        for s in np.flatnonzero(mask[c]):
-            gW, gb = softmax_grads(W, b, x[idx[c, s]], y[idx[c, s]])
-            W = W - lr * (gW + lam / alpha_k * (W - uK))
-            b = b - lr * (gb + lam / alpha_k * (b - uB))
-        newK[i], newB[i] = W, b
-    return newK, newB, xis
 
 
 @pytest.mark.parametrize("attention, neighbors, start, sampling", [

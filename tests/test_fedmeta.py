@@ -13,6 +13,7 @@ from fedjax_lab.core import meta
 from fedjax_lab.core.rounds import sample_ids
 from fedjax_lab.core.types import Model
 from fedjax_lab.data import from_client_lists, realdata
+from tests.references.fedmeta import _loss, _reference_client  # noqa: F401
 
 # --- meta-gradients on linear regression, L(w) = 1/(2n) ||X w - y||^2 -------------------------
 
@@ -94,29 +95,6 @@ def _tiny():
     ys = [rng.integers(0, 3, n) for n in sizes]
     return from_client_lists(xs, ys, test_xs=[x[:2] for x in xs], test_ys=[y[:2] for y in ys],
                              num_classes=3)
-
-
-def _loss(model, p, x, y):
-    return jnp.mean(model.loss(model.apply(p, x, train=True, rng=None), y))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 7, 8))
-def _reference_client(variant, model, w, xs, ys, xq, yq, lr, steps):
-    """(meta-gradient, L_Q(theta')) of one client on its materialized support / query sets."""
-    def adapted(theta, alpha, stop):
-        for _ in range(steps):
-            g = jax.grad(_loss, argnums=1)(model, theta, xs, ys)
-            g = jax.lax.stop_gradient(g) if stop else g
-            theta = jax.tree.map(lambda t, a, g_: t - a * g_, theta, alpha, g)
-        return theta
-    if variant == "metasgd":
-        return jax.value_and_grad(
-            lambda w: _loss(model, adapted(w["theta"], w["alpha"], False), xq, yq))(w)[::-1]
-    alpha = jax.tree.map(lambda _: lr, w)
-    if variant == "fomaml":       # grad L_Q at theta', taken as the gradient at theta
-        t = adapted(w, alpha, True)
-        return jax.grad(_loss, argnums=1)(model, t, xq, yq), _loss(model, t, xq, yq)
-    return jax.value_and_grad(lambda t: _loss(model, adapted(t, alpha, False), xq, yq))(w)[::-1]
 
 
 @pytest.mark.parametrize("variant", ["maml", "fomaml", "metasgd"])
