@@ -128,7 +128,9 @@ def run_parser(alg_name, factory, aggregator=None, uplink=None):
     g = p.add_argument_group("run")
     g.add_argument("--dataset", default="synthetic",
                    help="dataset spec with its options, e.g. synthetic:alpha=1,beta=1,clients=30")
-    g.add_argument("--model", default=None, help="model name (default: logistic)")
+    from fedjax_lab.core.setup import default_model
+    g.add_argument("--model", default=None,
+                   help=f"model name (default: {default_model(factory)!r}, {alg_name}'s own)")
     g.add_argument("--rounds", type=int, default=200)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--data-seed", type=int, default=None,
@@ -174,9 +176,12 @@ def read_config(path):
     return {k.replace("-", "_"): v for k, v in cfg.items()}
 
 
-def make_model(name, data):
+def make_model(name, data, factory=None):
+    """The model `name`, or, when None, the algorithm's own default (`setup.defaults(model=...)`:
+    FedGKT's pair, a body/head model for pFedHN-PC and FedGen; "logistic" otherwise)."""
     from fedjax_lab import models
-    return models.get(name or "logistic", data.num_classes, data.x[:1])
+    from fedjax_lab.core.setup import default_model
+    return models.get(name or default_model(factory), data.num_classes, data.x[:1])
 
 
 def _explain_unknown(unknown, parser, alg_name):
@@ -242,18 +247,19 @@ def cmd_run(argv):
     factory, _, args, hparams, flat = _parse(argv, "run")
 
     import fedjax_lab
-    from fedjax_lab.core.setup import Setup
+    from fedjax_lab.core.setup import Setup, default_model
+    model_name = args.model or default_model(factory)
     from fedjax_lab.data import load
     try:
         data = load(args.dataset, seed=args.seed if args.data_seed is None else args.data_seed)
-        model = make_model(args.model, data)
+        model = make_model(args.model, data, factory)
         alg = factory(model, setup=Setup.of(**flat), **hparams)
         extra = {} if args.data_seed is None else {"data_seed": args.data_seed}
         result = fedjax_lab.run(
             alg, data, rounds=args.rounds, key=args.seed, eval_every=args.eval_every, out=args.out,
             checkpoint_every=args.checkpoint_every, resume=args.resume,
             progress=not args.no_progress,
-            extra_config=dict(dataset=args.dataset, model=args.model or "logistic", seed=args.seed,
+            extra_config=dict(dataset=args.dataset, model=model_name, seed=args.seed,
                               command=["fedjax-lab", "run"] + list(argv), **extra))
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"error: {e}")
@@ -343,6 +349,7 @@ def cmd_sweep(argv):
         raise SystemExit(f"error: --seeds {args.seeds!r}: expected comma-separated ints, e.g. 0,1,2")
     import fedjax_lab
     from fedjax_lab.core import sweep as sw
+    from fedjax_lab.core.setup import default_model
     from fedjax_lab.data import load
     data_seed = 0 if args.data_seed is None else args.data_seed
     try:
@@ -357,15 +364,16 @@ def cmd_sweep(argv):
             raise SystemExit(f"error: --grid {item!r}: expected NAME=V1,V2,...")
         if name in grid:
             raise SystemExit(f"error: --grid {name} given twice")
-        grid[name] = _grid_values(parser, name, values, lambda m: make_model(m, data))
+        grid[name] = _grid_values(parser, name, values, lambda m: make_model(m, data, factory))
     fixed = {**{k: v for k, v in hparams.items() if k not in grid},
              **{k: v for k, v in flat.items() if k not in grid}}
-    model = None if "model" in grid else make_model(args.model, data)
+    model = None if "model" in grid else make_model(args.model, data, factory)
     names = list(grid)
 
     def extra(point, seed):
         return dict(dataset=args.dataset, seed=seed, data_seed=data_seed,
-                    model=point["model"].name if "model" in point else (args.model or "logistic"),
+                    model=point["model"].name if "model" in point
+                    else (args.model or default_model(factory)),
                     command=["fedjax-lab", "sweep"] + list(argv))
     try:
         result = fedjax_lab.sweep(

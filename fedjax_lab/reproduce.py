@@ -51,6 +51,25 @@ def fill_sizes(args, *, small: dict, full: dict):
     return args
 
 
+def default_of(factory, name: str):
+    """The default of `name` that `fedjax-lab run ALGORITHM` uses: the factory's own keyword
+    default, or the flat Setup name's value in the algorithm's default Setup (`client_lr`,
+    `server_lr`, `local_steps` ...). The scripts read their algorithm's settings from here, so
+    the CLI and the reproduction share one source of the defaults."""
+    import inspect
+    from fedjax_lab.core.setup import Setup
+    param = inspect.signature(factory).parameters.get(name)
+    if param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY \
+            and param.default is not inspect.Parameter.empty:
+        return param.default
+    flat = Setup().over(getattr(factory, "defaults", Setup())).describe()
+    if name not in flat:
+        fname = getattr(factory, "__name__", "the factory")
+        raise ValueError(f"default_of: {fname} has no default named {name!r}; valid names: "
+                         f"{sorted(set(flat) | set(inspect.signature(factory).parameters))}")
+    return flat[name]
+
+
 def output_paths(out: str, paper: str, full: bool) -> tuple[str, str]:
     """(figure path, metrics path) of `paper` in `out`; `_small` names at the default size."""
     os.makedirs(out, exist_ok=True)

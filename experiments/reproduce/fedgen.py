@@ -38,7 +38,7 @@ from fedjax_lab.algorithms.fedgen import fedgen
 from fedjax_lab.algorithms.fedprox import fedprox
 from fedjax_lab.data import partition
 from fedjax_lab.data.realdata import make_partitioner
-from fedjax_lab.reproduce import finish, output_paths, protocol_parser
+from fedjax_lab.reproduce import default_of, finish, output_paths, protocol_parser
 
 CLAIM = ("FedGen's data-free distillation (a server generator in feature space regularizing the "
          "users) gives a more accurate global model than FedAvg on label-skewed Dirichlet(alpha) "
@@ -73,7 +73,7 @@ def same_shapes(splits: dict) -> dict:
 def build(args):
     model = models.mlp(10, hidden=(64, 32))
     setup = Setup.of(client_lr=args.client_lr, clients_per_round=10, local_steps=args.local_steps,
-                     batch_size=32, weighting="uniform")
+                     batch_size=default_of(fedgen, "batch_size"), weighting="uniform")
     return model, {"fedavg": fedavg(model, setup=setup),
                    "fedprox": fedprox(model, mu=args.mu, setup=setup),
                    "fedgen": fedgen(model, alpha=args.alpha, setup=setup)}
@@ -96,10 +96,13 @@ def round_times(algs, d, repeats: int):
 def main(argv=None):
     ap = protocol_parser(__doc__)
     ap.add_argument("--rounds", type=int, default=None, help="40; --full 100")
-    ap.add_argument("--client-lr", type=float, default=0.05)
-    ap.add_argument("--local-steps", type=int, default=20)
+    # FedGen's own settings are the factory's defaults (`fedjax-lab run fedgen` runs them); FedAvg
+    # and FedProx run with the same setup, so the comparison is at equal local work
+    ap.add_argument("--client-lr", type=float, default=default_of(fedgen, "client_lr"))
+    ap.add_argument("--local-steps", type=int, default=default_of(fedgen, "local_steps"))
     ap.add_argument("--mu", type=float, default=0.01, help="FedProx's mu")
-    ap.add_argument("--alpha", type=float, default=1.0, help="FedGen's weight of generated samples")
+    ap.add_argument("--alpha", type=float, default=default_of(fedgen, "alpha"),
+                    help="FedGen's weight of generated samples")
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--timing-rounds", type=int, default=15)
     args = ap.parse_args(argv)

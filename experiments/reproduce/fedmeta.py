@@ -52,7 +52,7 @@ from fedjax_lab import Setup, models
 from fedjax_lab.algorithms import fedavg, fedmeta_fomaml, fedmeta_maml, fedmeta_metasgd
 from fedjax_lab.core import driver, meta
 from fedjax_lab.data import realdata
-from fedjax_lab.reproduce import fill_sizes, finish, output_paths, protocol_parser
+from fedjax_lab.reproduce import default_of, fill_sizes, finish, output_paths, protocol_parser
 
 CLAIM = ("FedMeta (MAML, FOMAML, Meta-SGD) reaches FedAvg's final accuracy in fewer rounds and "
          "bytes and ends with a higher personalized accuracy than FedAvg, on training and on new "
@@ -73,10 +73,14 @@ def parse(argv=None):
     ap.add_argument("--clients", type=int, default=None, help="default 50 (--full: 200)")
     ap.add_argument("--rounds", type=int, default=None, help="default 100 (--full: 300)")
     ap.add_argument("--eval-every", type=int, default=2)
-    ap.add_argument("--clients-per-round", type=int, default=10)
-    ap.add_argument("--inner-lr", type=float, default=0.5, help="alpha (Meta-SGD: its start)")
-    ap.add_argument("--inner-steps", type=int, default=3)
-    ap.add_argument("--server-lr", type=float, default=0.1, help="FedMeta's server Adam lr")
+    # FedMeta's own settings are the factories' defaults (`fedjax-lab run fedmeta_maml` runs them)
+    ap.add_argument("--clients-per-round", type=int,
+                    default=default_of(fedmeta_maml, "clients_per_round"))
+    ap.add_argument("--inner-lr", type=float, default=default_of(fedmeta_maml, "inner_lr"),
+                    help="alpha (Meta-SGD: its start)")
+    ap.add_argument("--inner-steps", type=int, default=default_of(fedmeta_maml, "inner_steps"))
+    ap.add_argument("--server-lr", type=float, default=default_of(fedmeta_maml, "server_lr"),
+                    help="FedMeta's server Adam lr")
     ap.add_argument("--client-lr", type=float, default=0.1, help="FedAvg's client SGD lr")
     ap.add_argument("--local-steps", type=int, default=10, help="FedAvg's local steps")
     ap.add_argument("--batch-size", type=int, default=10, help="FedAvg's batch size")

@@ -36,7 +36,7 @@ from fedjax_lab import Setup, models
 from fedjax_lab import data as D
 from fedjax_lab.algorithms import fedavg, perfedavg_fo, perfedavg_hf
 from fedjax_lab.core import driver, meta
-from fedjax_lab.reproduce import finish, output_paths, protocol_parser
+from fedjax_lab.reproduce import default_of, finish, output_paths, protocol_parser
 
 CLAIM = ("Per-FedAvg's model, after one alpha-step on a client's own data, is more accurate than "
          "FedAvg's global model on training clients and on new clients (Fallah et al., NeurIPS 2020).")
@@ -46,20 +46,28 @@ ROWS = (("fedavg", "FedAvg (global)", "o-"), ("fedavg_step", "FedAvg + alpha-ste
         ("exact", "Per-FedAvg exact HVP", "x:"))
 
 
-def main(argv=None):
+def parse(argv=None):
     ap = protocol_parser(__doc__)
     ap.add_argument("--rounds", type=int, default=None, help="40; --full 100")
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--model", default="logistic", choices=("logistic", "mlp"))
-    ap.add_argument("--inner-lr", type=float, default=0.3, help="alpha")
-    ap.add_argument("--client-lr", type=float, default=0.1, help="beta")
-    ap.add_argument("--hvp-delta", type=float, default=1e-2)
-    ap.add_argument("--local-steps", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=10)
+    # Per-FedAvg's settings are the factories' defaults (`fedjax-lab run perfedavg_fo` runs them)
+    ap.add_argument("--inner-lr", type=float, default=default_of(perfedavg_fo, "inner_lr"),
+                    help="alpha")
+    ap.add_argument("--client-lr", type=float, default=default_of(perfedavg_fo, "client_lr"),
+                    help="beta")
+    ap.add_argument("--hvp-delta", type=float, default=default_of(perfedavg_hf, "hvp_delta"))
+    ap.add_argument("--local-steps", type=int, default=default_of(perfedavg_fo, "local_steps"))
+    ap.add_argument("--batch-size", type=int, default=default_of(perfedavg_fo, "batch_size"))
     ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # the old name of the default
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (100 if args.full else 40)
     args.seeds = args.seeds or (3 if args.full else 1)
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
     figure, metrics_path = output_paths(args.out, "perfedavg", args.full)
 
     d = D.digits(num_clients=50, partition="shards=2", seed=0, test_fraction=0.25)

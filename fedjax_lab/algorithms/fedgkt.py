@@ -106,7 +106,7 @@ def kl_t(teacher, student, temperature):
     return temperature ** 2 * jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
 
 
-@defaults(FEDGKT, uses=USES)
+@defaults(FEDGKT, uses=USES, model="gkt")
 def fedgkt(model: Model, *, server: Optional[Model] = None, alpha: float = 1.0,
            temperature: float = 3.0, server_epochs: int = 3, server_batch_size: Optional[int] = None,
            server_distill: bool = True, server_logits: str = "last_epoch",

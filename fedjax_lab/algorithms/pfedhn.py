@@ -116,7 +116,7 @@ def pfedhn(model: Model, *, embed_dim: Optional[int] = None, hidden: int = 100, 
     return _build(model, pfedhn, setup, False, **_own(locals()))
 
 
-@defaults(PFEDHN, uses=USES)
+@defaults(PFEDHN, uses=USES, model="mlp")
 def pfedhn_pc(model: Model, *, embed_dim: Optional[int] = None, hidden: int = 100,
               n_hidden: int = 3, embed_lr: Optional[float] = None, clip: float = 50.0,
               server_wd: float = 1e-3, inner_wd: float = 5e-5, inner_clip: Optional[float] = 50.0,

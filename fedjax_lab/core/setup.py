@@ -284,17 +284,41 @@ def setup_flags(uses=frozenset(SETUP_FIELDS)) -> dict:
 ALL_FIELDS = frozenset(SETUP_FIELDS)
 
 
-def defaults(setup: Setup, uses=ALL_FIELDS):
+DEFAULT_MODEL = "logistic"
+
+
+def defaults(setup: Setup, uses=ALL_FIELDS, model: Optional[str] = None,
+             no_hypergrad: Optional[dict] = None):
     """Attach an algorithm's default Setup (and the Setup fields it uses) to its factory: the
-    CLI offers those fields' flags with these defaults, and `resolve` rejects the others."""
+    CLI offers those fields' flags with these defaults, and `resolve` rejects the others.
+    `model`: the name (models.MODELS) of the model the algorithm's mechanism needs when the user
+    names none (FedGKT's client/server pair "gkt", a body/head split "mlp"); None: "logistic".
+    `no_hypergrad`: {hyperparameter name, or "*" for all: why} of the hyperparameters whose path
+    to the trained model crosses a stop_gradient or a step without a useful derivative, so that
+    `fl.hypergrad` refuses them instead of returning 0 or a biased value."""
     unknown = set(uses) - ALL_FIELDS
     if unknown:
         raise ValueError(f"defaults(uses=...): unknown Setup field(s) {sorted(unknown)}")
+    if model is not None and not isinstance(model, str):
+        raise ValueError(f"defaults(model=...) must be a model name (models.MODELS), got {model!r}")
+    if no_hypergrad is not None and not (isinstance(no_hypergrad, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in no_hypergrad.items())):
+        raise ValueError(f"defaults(no_hypergrad=...) must be a dict {{name or '*': reason}}, "
+                         f"got {no_hypergrad!r}")
 
     def wrap(factory):
         factory.defaults, factory.uses = setup, frozenset(uses)
+        factory.default_model = model or DEFAULT_MODEL
+        factory.no_hypergrad = dict(no_hypergrad or {})
         return factory
     return wrap
+
+
+def default_model(factory) -> str:
+    """The name of the model `factory` runs when the user names none (`defaults(model=...)`)."""
+    func = getattr(factory, "func", factory)           # functools.partial of a factory
+    return getattr(factory, "default_model", None) or getattr(func, "default_model", None) \
+        or DEFAULT_MODEL
 
 
 def resolve(setup: Setup, factory) -> Setup:

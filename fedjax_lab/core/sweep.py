@@ -214,7 +214,8 @@ def sweep(factory, data, *, grid: dict, seeds=(0,), rounds: int, eval_every: int
           progress: bool = True, extra_config=None) -> SweepResult:
     """Run `factory` on `data` for every point of the product of `grid` and every seed (module
     docstring). grid: {name: [values]} (product over names, in order); seeds: ints; fixed:
-    {name: value} shared by all runs; model: the Model (unless `model` is a grid name); static:
+    {name: value} shared by all runs; model: the Model (unless `model` is a grid name; None: the
+    algorithm's default model, `setup.default_model(factory)`); static:
     names to keep static even if float; extra_config: a dict, or a callable(point, seed) -> dict,
     recorded in every run's config.json (as fl.run's extra_config)."""
     validate.positive("rounds", rounds, integer=True)
@@ -238,8 +239,10 @@ def sweep(factory, data, *, grid: dict, seeds=(0,), rounds: int, eval_every: int
     if not seeds or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
                             for s in seeds):
         raise ValueError(f"seeds must be a non-empty list of ints, got {seeds!r}")
-    if model is None and "model" not in grid and "model" not in fixed:
-        raise ValueError("model= is required (or name 'model' in the grid)")
+    if model is None and "model" not in grid and fixed.get("model") is None:
+        from fedjax_lab import models        # the algorithm's own default (setup.defaults(model=))
+        from fedjax_lab.core.setup import default_model
+        model = models.get(default_model(factory), data.num_classes, data.x[:1])
     if runs_per_chunk is not None:
         validate.positive("runs_per_chunk", runs_per_chunk, integer=True)
     if memory_budget is not None:
