@@ -19,6 +19,7 @@ from fedjax_lab.algorithms.pfedhn import pfedhn, pfedhn_pc
 from fedjax_lab.algorithms.robust_median import mediansgd, noisy_mediansgd, noisy_signsgd, signsgd
 from fedjax_lab.algorithms.scaffold import scaffold
 from fedjax_lab.algorithms.fednova import fednova
+from fedjax_lab.algorithms.feddyn import feddyn
 from fedjax_lab.registry import ALGORITHMS, register
 
 ALGORITHMS.update({
@@ -50,9 +51,10 @@ ALGORITHMS.update({
     "fedgen": (fedgen, "FedGen (Zhu et al. 2021): server generator in feature space, distilled from the clients' heads, regularizes local training"),
     "scaffold": (scaffold, "SCAFFOLD (Karimireddy et al. 2020): control variates c_i, c correct client drift"),
     "fednova": (fednova, "FedNova (Wang et al. 2020): updates normalized by ||a_i||_1, server step tau_eff; keeps partial work"),
+    "feddyn": (feddyn, "FedDyn (Acar et al. 2021): dynamic regularizer -<g_k, w> + alpha/2||w-w_t||^2, server state h"),
 })
 
 __all__ = ["fedavg", "fedopt", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ditto",
            "fedamp", "heurfedamp", "perfedavg_fo", "perfedavg_hf", "fedmeta_maml", "fedmeta_fomaml",
            "fedmeta_metasgd", "pfedhn", "pfedhn_pc", "fedproto", "fedgkt", "fedgen",
-           "scaffold", "fednova", "ALGORITHMS", "register"]
+           "scaffold", "fednova", "feddyn", "ALGORITHMS", "register"]
