@@ -30,6 +30,8 @@ The hooks (each optional):
                                           weights p_k, num_steps, new_rows) to the direction that
                                           the server optimizer takes (w <- ServerOpt(w, -direction))
     send_extra                            the extra state goes down with w_t (bytes counted)
+    start(w_t, row) -> w                  where a client starts and what it deploys (FedBN's own
+                                          BatchNorm layers): the algorithm is then personalized
 
 A round of one's own is built from the same pieces: `participate`, `local_train`,
 `client_weights`, `server_update`, `RowRound` + `row_algorithm` (docs: fedjax_lab/docs/
@@ -37,6 +39,7 @@ add_an_algorithm.py). Nothing here is new code: it is the public face of `core/`
 """
 from fedjax_lab.registry import register
 from fedjax_lab.core import validate
+from fedjax_lab.core.comm import dense_bytes
 from fedjax_lab.core.client_state import ClientRows, RowRound, row_algorithm
 from fedjax_lab.core.local import LocalResult, local_train
 from fedjax_lab.core.rounds import (ServerState, client_weights, init_server, participate,
@@ -51,7 +54,7 @@ from fedjax_lab.core.tree import (flatten, tree_add, tree_broadcast, tree_num_pa
 from fedjax_lab.core.types import Algorithm, Model, batch_loss
 
 __all__ = [
-    "register", "validate", "ClientRows", "RowRound", "row_algorithm", "LocalResult",
+    "register", "validate", "dense_bytes", "ClientRows", "RowRound", "row_algorithm", "LocalResult",
     "local_train", "ServerState", "client_weights", "init_server", "participate", "sample_ids",
     "server_update", "weighted_mean_scalar", "Cohort", "LocalWork", "Optimizer", "Setup",
     "algorithm_config", "defaults", "resolve", "ClientBatches", "ClientContext", "Exchange",

@@ -20,6 +20,9 @@ from fedjax_lab.algorithms.robust_median import mediansgd, noisy_mediansgd, nois
 from fedjax_lab.algorithms.scaffold import scaffold
 from fedjax_lab.algorithms.fednova import fednova
 from fedjax_lab.algorithms.feddyn import feddyn
+from fedjax_lab.algorithms.fedbn import fedbn
+from fedjax_lab.algorithms.moon import moon
+from fedjax_lab.algorithms.qffl import qffl
 from fedjax_lab.registry import ALGORITHMS, register
 
 ALGORITHMS.update({
@@ -49,12 +52,15 @@ ALGORITHMS.update({
     "fedproto": (fedproto, "FedProto (Tan et al. 2022): per-class prototypes + counts up, global prototypes down; clients may differ in architecture"),
     "fedgkt": (fedgkt, "FedGKT (He et al. 2020): small client model + large server model on uploaded features, two-way KL distillation"),
     "fedgen": (fedgen, "FedGen (Zhu et al. 2021): server generator in feature space, distilled from the clients' heads, regularizes local training"),
+    "fedbn": (fedbn, "FedBN (Li et al. 2021): FedAvg with every BatchNorm layer (parameters and statistics) kept on its client"),
     "scaffold": (scaffold, "SCAFFOLD (Karimireddy et al. 2020): control variates c_i, c correct client drift"),
     "fednova": (fednova, "FedNova (Wang et al. 2020): updates normalized by ||a_i||_1, server step tau_eff; keeps partial work"),
     "feddyn": (feddyn, "FedDyn (Acar et al. 2021): dynamic regularizer -<g_k, w> + alpha/2||w-w_t||^2, server state h"),
+    "moon": (moon, "MOON (Li et al. 2021): CE + mu * model-contrastive loss (local vs global vs previous representation)"),
+    "qffl": (qffl, "q-FFL / q-FedAvg (Li et al. 2020): clients with a larger loss F_k weigh more (F_k^q); q = 0 is FedAvg"),
 })
 
 __all__ = ["fedavg", "fedopt", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ditto",
            "fedamp", "heurfedamp", "perfedavg_fo", "perfedavg_hf", "fedmeta_maml", "fedmeta_fomaml",
            "fedmeta_metasgd", "pfedhn", "pfedhn_pc", "fedproto", "fedgkt", "fedgen",
-           "scaffold", "fednova", "feddyn", "ALGORITHMS", "register"]
+           "scaffold", "fednova", "feddyn", "fedbn", "moon", "qffl", "ALGORITHMS", "register"]

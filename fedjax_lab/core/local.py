@@ -112,6 +112,8 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, *,
                                      stats, step_stats(params, xb, yb, rng, u))
             updates, new_opt_state = optimizer.update(g, opt_state, params)
             new_params = optax.apply_updates(params, updates)
+            if model.update_state is not None:     # BatchNorm's running statistics
+                new_params = model.update_state(params, new_params, xb, rng)
             carry = (tree_where(active, new_params, params), tree_where(active, new_opt_state, opt_state),
                      stats)
             return carry, (jnp.where(active, loss, 0.0), jnp.where(active, objective, 0.0))
@@ -148,12 +150,16 @@ def map_pays_off(params) -> bool:
 
 def clients_as_map(fn, chunk: int = 1):
     """`fn` whose vmap runs as `lax.map(fn, ..., batch_size=chunk)` over the batched arguments
-    (the unbatched ones are shared), in the same XLA program; called unbatched it is `fn`."""
+    (the unbatched ones are shared), in the same XLA program; called unbatched it is `fn`.
+
+    `clients_as_map.traced` counts the traces that took the map: fl.sweep reads it to learn
+    whether a program's clients run as a map, and then maps its runs too (core/sweep.py)."""
     f = jax.custom_batching.custom_vmap(fn)
 
     @f.def_vmap
     def rule(axis_size, in_batched, *args):
         del axis_size
+        clients_as_map.traced = getattr(clients_as_map, "traced", 0) + 1
         args = list(args)
         mapped = jax.tree.map(lambda b, a: a if b else None, in_batched, args)
         shared = jax.tree.map(lambda b, a: None if b else a, in_batched, args)

@@ -29,6 +29,9 @@ metrics and the byte accounting; `fedjax_lab.extend` is the writers' surface):
     init_row(params) / new_row(res, ctx)  a per-client row for all N clients (SCAFFOLD's c_i,
                                           FedDyn's gradient state, MOON's previous model); a row
                                           is rewritten only for clients that reported (p_k > 0)
+    start(w_t, row) -> w                  where the client starts and what it deploys (FedBN: w_t
+                                          with its own BatchNorm layers); the algorithm is then
+                                          personalized: client_params = start(w_t, row_k)
     init_extra(params) / server_rule(ex, extra, num_clients) -> (direction, extra)
                                           extra server state and the rule from the round's
                                           Exchange to the direction the server optimizer takes
@@ -153,6 +156,7 @@ class ServerRound:
     init_extra: Optional[Callable] = None
     server_rule: Optional[Callable] = None
     send_extra: bool = False
+    start: Optional[Callable] = None
 
     def __post_init__(self):
         s = self.setup
@@ -176,6 +180,8 @@ class ServerRound:
                              f"client hooks, got {hooks}")
         if (self.init_row is None) != (self.new_row is None):
             raise ValueError("per-client rows need both init_row and new_row")
+        if self.start is not None and not self.has_rows:
+            raise ValueError("start(w_t, row) needs per-client rows (init_row and new_row)")
 
     @property
     def has_rows(self) -> bool:
@@ -202,7 +208,8 @@ class ServerRound:
 
         def client(w_t, x, y, idx, step_mask, key, row=None, extra_state=None):
             anchor = ClientContext(w_t, row, extra_state)
-            res = train(w_t, x, y, idx, step_mask, key, anchor=anchor)
+            w_0 = w_t if self.start is None else self.start(w_t, row)
+            res = train(w_0, x, y, idx, step_mask, key, anchor=anchor)
             ctx = anchor._replace(batches=ClientBatches(x, y, idx, step_mask))
             msg = tree_sub(res.params, w_t) if self.message is None else self.message(res, ctx)
             new = None if self.new_row is None else self.new_row(res, ctx)
@@ -343,20 +350,25 @@ class ServerRound:
                              client_params=client_params_of_global(global_params),
                              global_params=global_params, check=self.check, config=config,
                              setup=self.setup, server_round=self)
+        if self.start is None:
+            deploy = lambda server, rows: tree_broadcast(server.params,
+                                                         jax.tree.leaves(rows)[0].shape[0])
+        else:
+            deploy = lambda server, rows: jax.vmap(self.start, in_axes=(None, 0))(server.params,
+                                                                                  rows)
         spec = RowRound(init_server=self.init_state,
                         init_row=lambda server: self.init_row(server.params),
-                        sample=self.sample, step=self.row_step,
-                        params=lambda server, rows: tree_broadcast(
-                            server.params, jax.tree.leaves(rows)[0].shape[0]))
+                        sample=self.sample, step=self.row_step, params=deploy)
         alg = row_algorithm(spec, name=name, model=self.model, global_params=global_params,
-                            check=self.check, config=config, personalized=False)
+                            check=self.check, config=config, personalized=self.start is not None)
         return dataclasses.replace(alg, setup=self.setup, server_round=self)
 
 
 def server_averaging(model: Model, setup: Setup, factory, *, objective=None,
                      drop_stragglers: bool = True, local_objective=None, batch_objective=None,
                      message=None, init_row=None, new_row=None, init_extra=None, server_rule=None,
-                     send_extra: bool = False, **hparams) -> Algorithm:
+                     send_extra: bool = False, start=None, up_bytes=None, down_bytes=None,
+                     **hparams) -> Algorithm:
     """An algorithm built on the skeleton: `setup` resolved over `factory`'s defaults, local
     training on F_k (+ objective(w, w_t)) as the client, the hooks of the module docstring, and
     config.json recorded from the factory's name and its hyperparameters `hparams`.
@@ -366,7 +378,8 @@ def server_averaging(model: Model, setup: Setup, factory, *, objective=None,
     skeleton = ServerRound(model, s, objective=objective, drop_stragglers=drop,
                            local_objective=local_objective, batch_objective=batch_objective,
                            message=message, init_row=init_row, new_row=new_row,
-                           init_extra=init_extra, server_rule=server_rule, send_extra=send_extra)
+                           init_extra=init_extra, server_rule=server_rule, send_extra=send_extra,
+                           start=start, up_bytes=up_bytes, down_bytes=down_bytes)
     name = factory.__name__
     config = algorithm_config(name, model, s, **hparams)
     config["drop_stragglers"] = drop

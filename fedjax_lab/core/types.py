@@ -24,6 +24,11 @@ class Model:
     features(params, x, *, train=False, rng=None) -> z and head(params, z) -> logits, where the split
     is meaningful (apply == head o features).
     loss(logits, y) -> per-example loss (softmax cross-entropy with integer labels by default).
+    update_state(params, new_params, x, rng) -> new_params with the model's non-trainable state
+    (BatchNorm's running statistics, which live in params["batch_stats"]) taken from a train-mode
+    forward pass of `params` on x; None for a model without state. Local training calls it after
+    every optimizer step, so the state is carried, averaged and personalized like any parameter;
+    its gradient is zero (a train-mode forward pass does not read it).
     """
     init: Callable[..., Params]
     apply: Callable[..., jax.Array]
@@ -31,6 +36,7 @@ class Model:
     head: Optional[Callable[..., jax.Array]] = None
     loss: Callable[[jax.Array, jax.Array], jax.Array] = None  # type: ignore[assignment]
     name: str = "model"
+    update_state: Optional[Callable] = None
 
     def __post_init__(self):
         if self.loss is None:

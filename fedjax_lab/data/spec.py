@@ -7,7 +7,9 @@
 
 Centralized datasets take one partition (`iid`, `dirichlet=alpha`, `shards=k`, `power_law=sigma`;
 `alpha=` alone means Dirichlet), `clients=`, `test=holdout|partition`, `test_fraction=`.
-Natural datasets (leaf, sqlite, npz) keep the clients of their files.
+Natural datasets (leaf, sqlite, npz) keep the clients of their files. Any dataset takes
+`domains=K`: client k's inputs get domain k mod K's contrast and brightness (data/shift.py,
+FedBN's feature shift).
 """
 from __future__ import annotations
 
@@ -195,4 +197,9 @@ def load(spec: str, *, seed: int = 0, **options):
     if name not in LOADERS:
         raise ValueError(f"unknown dataset {name!r}; valid datasets: {sorted(LOADERS)}")
     kwargs.update({k: v for k, v in options.items() if v is not None})
-    return LOADERS[name][0](args, kwargs, seed)
+    domains = kwargs.pop("domains", None)
+    data = LOADERS[name][0](args, kwargs, seed)
+    if domains is None:
+        return data
+    from fedjax_lab.data.shift import feature_shift
+    return feature_shift(data, _parse_value(domains), seed=seed)

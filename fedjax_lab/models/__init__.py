@@ -15,9 +15,9 @@ import numpy as np
 
 from fedjax_lab.core.types import Model
 from fedjax_lab.models.base import from_linen
-from fedjax_lab.models.cnn import cnn, cnn_cifar
+from fedjax_lab.models.cnn import cnn, cnn_bn, cnn_cifar
 from fedjax_lab.models.gkt import gkt_pair
-from fedjax_lab.models.linear import logistic, mlp
+from fedjax_lab.models.linear import logistic, mlp, mlp_bn
 from fedjax_lab.models.quadratic import quadratic, quadratic_clients
 from fedjax_lab.models.resnet import resnet, resnet8
 from fedjax_lab.models.rnn import char_gru, char_lstm, char_rnn
@@ -25,6 +25,8 @@ from fedjax_lab.models.rnn import char_gru, char_lstm, char_rnn
 MODELS = {
     "logistic": (logistic, "multinomial logistic regression"),
     "mlp": (mlp, "MLP with two hidden ReLU layers of 200 (FedAvg's 2NN)"),
+    "mlp_bn": (mlp_bn, "the MLP with BatchNorm after each hidden layer (running statistics as model state)"),
+    "cnn_bn": (cnn_bn, "the MNIST CNN with BatchNorm after each conv and the FC layer (FedBN's layout)"),
     "cnn": (cnn, "FedAvg's MNIST CNN: conv5x5 32, 64 (SAME) + pools, FC 512 (1,663,370 params)"),
     "cnn_cifar": (cnn_cifar, "PFLlib's FedAvgCNN for CIFAR (its FedProto/FedGen/Ditto "
                              "benchmarks): VALID convs 32, 64, FC 512 (878,538 params)"),
@@ -36,7 +38,7 @@ MODELS = {
 }
 
 # What one example must look like: images [H, W, C] (floating), token ids [T] (integer), anything.
-_INPUTS = {"cnn": "image", "cnn_cifar": "image", "resnet8": "image", "resnet": "image",
+_INPUTS = {"cnn": "image", "cnn_bn": "image", "cnn_cifar": "image", "resnet8": "image", "resnet": "image",
            "char_lstm": "tokens", "char_gru": "tokens"}
 
 

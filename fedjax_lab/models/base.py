@@ -20,24 +20,47 @@ from fedjax_lab.core.types import Model
 
 
 def from_linen(module: nn.Module, name: str) -> Model:
+    """A linen module as a Model. A module with BatchNorm (class attribute `has_batch_norm = True`,
+    its running statistics in the "batch_stats" collection) gets params
+    {"params": ..., "batch_stats": ...}: train mode normalizes by the batch, eval mode by the
+    running statistics, and `update_state` refreshes those after each local step (core/types.py)."""
+    stateful = bool(getattr(module, "has_batch_norm", False))
+
+    def variables(params):
+        return params if stateful else {"params": params}
+
+    def call(params, x, train, rng, method=None):
+        rngs = {"dropout": rng} if (train and rng is not None) else {}
+        if stateful and train:       # normalize by the batch; the statistics' update is discarded
+            return module.apply(params, x, train=True, rngs=rngs, mutable=["batch_stats"],
+                                method=method)[0]
+        return module.apply(variables(params), x, train=train, rngs=rngs, method=method)
+
     def init(key, sample_x):
-        return module.init({"params": key, "dropout": key}, sample_x, train=False)["params"]
+        out = module.init({"params": key, "dropout": key}, sample_x, train=False)
+        return {"params": out["params"], "batch_stats": out["batch_stats"]} if stateful \
+            else out["params"]
 
     def apply(params, x, *, train=False, rng=None):
-        rngs = {"dropout": rng} if (train and rng is not None) else {}
-        return module.apply({"params": params}, x, train=train, rngs=rngs)
+        return call(params, x, train, rng)
+
+    update_state = None
+    if stateful:
+        def update_state(params, new_params, x, rng=None):
+            rngs = {"dropout": rng} if rng is not None else {}
+            _, new = module.apply(params, x, train=True, rngs=rngs, mutable=["batch_stats"])
+            return {**new_params, "batch_stats": new["batch_stats"]}
 
     features = head = None
     if hasattr(module, "features") and hasattr(module, "head"):
         def features(params, x, *, train=False, rng=None):
-            rngs = {"dropout": rng} if (train and rng is not None) else {}
-            return module.apply({"params": params}, x, train=train, rngs=rngs,
-                                method=type(module).features)
+            return call(params, x, train, rng, method=type(module).features)
 
         def head(params, z):
-            return module.apply({"params": params}, z, method=type(module).head)
+            return module.apply(variables(params), z, method=type(module).head)
 
-    return Model(init=init, apply=apply, features=features, head=head, name=name)
+    return Model(init=init, apply=apply, features=features, head=head, name=name,
+                 update_state=update_state)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

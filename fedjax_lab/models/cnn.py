@@ -66,6 +66,36 @@ class CNN(nn.Module):
         return self.head(self.features(x, train))
 
 
+class CNNBN(nn.Module):
+    """The two-conv CNN with BatchNorm after each convolution and the feature layer (conv -> BN ->
+    ReLU -> pool, FC -> BN -> ReLU), FedBN's (Li et al., ICLR 2021) layout for digit domains."""
+    num_classes: int
+    padding: str = "SAME"
+    channels: tuple = (32, 64)
+    hidden: int = 512
+    has_batch_norm = True
+
+    def setup(self):
+        conv = lambda c: nn.Conv(c, (5, 5), padding=self.padding,
+                                 conv_general_dilated=conv_general_dilated)
+        self.conv1, self.conv2 = conv(self.channels[0]), conv(self.channels[1])
+        self.bn1, self.bn2, self.bn3 = (nn.BatchNorm(momentum=0.9) for _ in range(3))
+        self.fc1 = Dense(self.hidden)
+        self.fc = Dense(self.num_classes)
+
+    def features(self, x, train: bool = False):
+        ra = not train
+        z = max_pool_2x2(nn.relu(self.bn1(self.conv1(x), use_running_average=ra)))
+        z = max_pool_2x2(nn.relu(self.bn2(self.conv2(z), use_running_average=ra)))
+        return nn.relu(self.bn3(self.fc1(z.reshape(z.shape[0], -1)), use_running_average=ra))
+
+    def head(self, z):
+        return self.fc(z)
+
+    def __call__(self, x, train: bool = False):
+        return self.head(self.features(x, train))
+
+
 def max_pool_2x2(z):
     """nn.max_pool(z, (2, 2), strides=(2, 2)) (VALID: an odd last row/column is dropped).
 
@@ -92,6 +122,14 @@ def cnn(num_classes: int, *, dropout: float = 0.0) -> Model:
     """FedAvg's MNIST CNN (SAME padding): 1,663,370 parameters on 28x28x1 with 10 classes."""
     _check(num_classes, dropout)
     return from_linen(CNN(num_classes, "SAME", float(dropout)), "cnn")
+
+
+def cnn_bn(num_classes: int, *, channels=(32, 64), hidden: int = 512) -> Model:
+    """The CNN with BatchNorm (CNNBN); params {"params", "batch_stats"}."""
+    validate.positive("num_classes", num_classes, integer=True)
+    validate.positive("hidden", hidden, integer=True)
+    return from_linen(CNNBN(num_classes, "SAME", tuple(int(c) for c in channels), int(hidden)),
+                      "cnn_bn")
 
 
 def cnn_cifar(num_classes: int, *, dropout: float = 0.0) -> Model:
