@@ -441,8 +441,36 @@ COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "data": cmd_da
             "reproduce": cmd_reproduce}
 
 
+def load_plugins(argv):
+    """Import the algorithm files named by `--plugin FILE` (anywhere in argv, repeatable) and by
+    $FEDJAX_LAB_PLUGINS (paths joined by os.pathsep), which call `fedjax_lab.register`, and the
+    installed packages' `fedjax_lab.algorithms` entry points; returns argv without --plugin."""
+    import importlib.util
+    from fedjax_lab.registry import load_entry_points
+    rest, files = [], [f for f in os.environ.get("FEDJAX_LAB_PLUGINS", "").split(os.pathsep) if f]
+    it = iter(argv)
+    for a in it:
+        if a == "--plugin" or a.startswith("--plugin="):
+            path = a.partition("=")[2] if "=" in a else next(it, None)
+            if not path:
+                raise SystemExit("error: --plugin needs a file: --plugin path/to/my_algorithm.py")
+            files.append(path)
+        else:
+            rest.append(a)
+    for i, path in enumerate(files):
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --plugin {path!r}: no such file (expected a Python file "
+                             "that calls fedjax_lab.register(name, factory))")
+        spec = importlib.util.spec_from_file_location(f"fedjax_lab_plugin_{i}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    load_entry_points()
+    return rest
+
+
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = load_plugins(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         print(f"commands: {', '.join(COMMANDS)}")
