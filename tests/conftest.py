@@ -73,7 +73,6 @@ SLOW_FOR_TIME = {
     "test_sharding.py::test_padded_fedamp_gives_the_dummy_no_attention",  # padded stateful rows stay
     "test_bench_round.py::test_clients_map_equals_vmap_with_stragglers_and_extra_loss",
     "test_ditto.py::test_personal_steps_with_stragglers_matches_per_client_loop[False]",  # [True] stays
-    "test_perfedavg.py::test_inner_lr_and_hvp_delta_can_be_traced",
     "test_golden.py::test_golden_run_is_unchanged[fedamp_at_digits]",
     # quickstart and write_your_own_algorithm still run in a kernel; all four stay checked as stored
     "test_notebooks.py::test_notebook_runs_in_a_kernel_at_the_small_size[personalization_tour.ipynb]",
