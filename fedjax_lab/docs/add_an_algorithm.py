@@ -1,86 +1,113 @@
 """# How to add an algorithm
 
-This page follows `notebooks/write_your_own_algorithm.ipynb`, which adds SCAFFOLD (Karimireddy et
-al., ICML 2020) in about 30 lines and checks it against a per-client reference loop. The rules it
-follows hold for every algorithm of the library.
+A new algorithm is one file that imports `fedjax_lab` and `fedjax_lab.extend` (the writers'
+surface) and nothing else of the library. It states its paper's part as hooks of the round
+skeleton; the skeleton does the rest. SCAFFOLD (Karimireddy et al., ICML 2020),
+`fedjax_lab/algorithms/scaffold.py`, is the worked example of this page and of
+`notebooks/write_your_own_algorithm.ipynb`.
 
 ## 1. Find the shape of your algorithm
 
-Every algorithm is an `fedjax_lab.core.types.Algorithm`: a frozen record of pure functions,
+Every algorithm is an `fedjax_lab.Algorithm`: a frozen record of pure functions,
 
     state = alg.init(key, data)                   # server state + stacked per-client rows [N, ...]
     state, metrics = alg.round(state, data, key)  # pure, jittable: sample, train, aggregate
     params = alg.client_params(state, ids)        # what clients `ids` deploy, stacked
 
-There are three ways to build one, from the least to the most code:
+The round skeleton (`fedjax_lab.extend.ServerRound`) is
 
-* **The round skeleton** (`fedjax_lab.core.skeleton.ServerRound`): sample, draw batches, map the
-  clients, message, uplink, attack, aggregate, server step. If your paper changes only the local
-  objective (FedProx's `mu/2 ||w - w_t||^2`), the message (a gradient instead of `w_k - w_t`), the
-  uplink or the aggregator, you write that one piece: `fedjax_lab.algorithms.fedprox` is a
-  `proximal_term` handed to `fedjax_lab.algorithms.fedavg.server_averaging`. Your algorithm then
-  composes with every aggregator, attack, uplink and server optimizer for free.
-* **Per-client rows** (`fedjax_lab.core.client_state.RowRound` and `row_algorithm`): when each client
-  keeps state across rounds (Ditto's personal models, SCAFFOLD's control variates c_i), you write
-  the round over the *sampled rows only*; gathering `rows[ids]` and scattering them back happens
-  inside the jitted round, and the same round runs with the rows in a host store
-  (`fedjax_lab.core.store`) for millions of clients.
-* **A round of your own**, from the same pieces: `fedjax_lab.core.rounds.participate` (the round's
-  clients, their batches drawn on device and the stragglers' step mask),
-  `fedjax_lab.core.local.local_train` (one client's `lax.scan` of local steps, with `extra_loss`
-  for your term and `anchor` for a per-client argument), `fedjax_lab.core.rounds.client_weights`,
-  `fedjax_lab.core.tree.tree_weighted_mean` and `fedjax_lab.core.rounds.server_update`.
+    sample -> batches -> clients (vmapped local training) -> message -> uplink -> attack
+           -> aggregate -> server rule -> server optimizer -> metrics, bytes
 
-SCAFFOLD takes the second way: its local step `y <- y - eta_l (g_i(y) - c_i + c)` is `local_train`
-with `extra_loss(y, correction) = <c - c_i, y>` (gradient `c - c_i`, the correction passed per client
-as the `anchor`), its rows are the c_i, and the server state holds x and c.
+and an algorithm changes it through hooks, each optional (`fedjax_lab.extend` lists them):
+
+| hook | what it is | who uses it |
+|---|---|---|
+| `objective(w, w_t)` | a term of the local objective | FedProx's mu/2 ||w - w_t||^2 |
+| `local_objective(w, ctx)` | the same with the client's context ctx = (w_t, row, extra) | SCAFFOLD's <c - c_i, y>, FedDyn |
+| `batch_objective(w, xb, yb, rng, ctx)` | a term of each step's batch | MOON's contrastive loss |
+| `message(res, ctx)` | what the client sends (default w_k - w_t) | FedNova's normalized update, q-FFL |
+| `init_row`, `new_row(res, ctx)` | a row of state for every client | SCAFFOLD's c_i, FedDyn, MOON, FedBN |
+| `start(w_t, row)` | where a client starts and what it deploys (personalized) | FedBN's own BatchNorm layers |
+| `init_extra`, `server_rule(ex, extra, N)` | extra server state; the direction the server optimizer takes | SCAFFOLD's c, FedDyn's h |
+| `send_extra`, `up_bytes`, `down_bytes` | what travels, for the byte accounting | SCAFFOLD sends c down |
+
+The skeleton reports `local_loss`, `local_objective`, `clients_aggregated` and the `bytes_*`
+metrics, pads the cohort for a client mesh, keeps rows on device or in the host store, and
+composes with every aggregator, attack, uplink and server optimizer of the `Setup`. If your
+round cannot be written with these hooks, build it from the same pieces (`participate`,
+`local_train`, `client_weights`, `server_update`, `RowRound` + `row_algorithm`) and tell us
+which hook was missing.
 
 ## 2. Write the factory
 
-    SCAFFOLD = Setup(cohort=Cohort(weighting="uniform"), client_opt=Optimizer("sgd", lr=0.01),
-                     server_opt=Optimizer("sgd", lr=1.0))
+    from fedjax_lab.extend import (Cohort, Optimizer, Setup, defaults, resolve, server_averaging,
+                                   tree_add, tree_scale, tree_sub, tree_vdot, tree_zeros_like)
 
-    @defaults(SCAFFOLD, uses={"cohort", "work", "client_opt", "server_opt"})
-    def scaffold(model, *, setup: Setup = Setup()):
-        \"\"\"SCAFFOLD (Karimireddy et al., ICML 2020), Algorithm 1 with option II: ...equations...\"\"\"
+    # abridged from fedjax_lab/algorithms/scaffold.py (which also guards K = 0 and offers option I)
+    @defaults(Setup(cohort=Cohort(weighting="uniform")))
+    def scaffold(model, *, option: str = "II", setup: Setup = Setup()):
+        \"\"\"SCAFFOLD (Karimireddy et al., ICML 2020), Algorithm 1:
+            y <- y - eta_l (g_i(y) - c_i + c),  c_i+ = c_i - c + (x - y_i) / (K eta_l)  (option II)
+            x <- x + eta_g mean(Delta y),       c <- c + |S|/N mean(Delta c)\"\"\"
         s = resolve(setup, scaffold)
-        ...                                  # validate, then build the round from the pieces
-        return dataclasses.replace(row_algorithm(spec, name="scaffold", ...), setup=s)
+        eta_l = s.client_opt.lr
+        c_plus = lambda res, ctx: jax.tree.map(
+            lambda c_i, c, x, y: c_i - c + (x - y) / (res.num_steps * eta_l),
+            ctx.row, ctx.extra, ctx.w_t, res.params)
+        return server_averaging(
+            model, s, scaffold, option=option,
+            local_objective=lambda y, ctx: tree_vdot(tree_sub(ctx.extra, ctx.row), y),
+            message=lambda res, ctx: (tree_sub(res.params, ctx.w_t), tree_sub(c_plus(res, ctx), ctx.row)),
+            init_row=tree_zeros_like, new_row=c_plus, init_extra=tree_zeros_like, send_extra=True,
+            server_rule=lambda ex, c, N: (ex.direction[0], tree_add(
+                c, tree_scale(ex.direction[1], jnp.sum(ex.weights > 0) / N))))
 
-* The signature is `def algo(model, *, <paper hyperparameters by keyword>, setup: Setup = Setup())`.
-  The hyperparameters are the paper's, with the paper's names; the shared plumbing (clients per
-  round, local steps, batch size, optimizers, aggregator, attack, uplink) is the `Setup`, never
-  re-listed. `fedjax_lab.core.setup.defaults` attaches the algorithm's defaults and the Setup fields
-  it uses (`resolve` then refuses the others with a message naming them).
+* The signature is `def algo(model, *, <paper hyperparameters by keyword>, setup: Setup = Setup())`:
+  the paper's names; the shared plumbing (cohort, local work, optimizers, aggregator, attack,
+  uplink) is the `Setup`, never re-listed. `defaults(setup, uses=..., model=...)` attaches the
+  algorithm's default Setup, the Setup fields it uses (`resolve` refuses the others, naming them)
+  and the model its mechanism needs when the user names none.
+* `server_averaging(model, setup, factory, **hooks, **hyperparameters)` records the factory call
+  in `alg.config` (config.json, checkpoints, resume): pass every hyperparameter by keyword.
 * Validate at once, before anything compiles: a `ValueError` naming the argument and the expected
-  value (`fedjax_lab.core.validate`); data-dependent checks go in the record's `check(data)`.
-  SCAFFOLD's option II divides by `K eta_l`, so it refuses a client optimizer other than plain SGD.
-* The docstring carries the paper's equations with the paper's symbols. Where the paper and its
+  value (`fedjax_lab.extend.validate`). SCAFFOLD's option II divides by `K eta_l`, so it refuses
+  a client optimizer other than plain SGD.
+* The docstring carries the paper's equations with the paper's symbols; where the paper and its
   official code differ, offer both as a named option and state the default.
-* Inside the round: no Python loop over clients (vmap), no host round-trips, no Python branch on a
-  traced value (variable work is the step mask).
-* `fedjax_lab.core.setup.algorithm_config` records the factory call for `config.json` and checkpoints.
+* Inside the hooks: no Python loop over clients (they run vmapped), no host round-trips, no
+  Python branch on a traced value (variable work is the step mask).
 
 ## 3. Register it
 
-One line in `fedjax_lab/algorithms/__init__.py`:
+From anywhere, your own file included:
 
-    "scaffold": (scaffold, "SCAFFOLD (Karimireddy et al. 2020): control variates correct client drift"),
+    import fedjax_lab as fl
+    fl.register("scaffold", scaffold)
 
-The CLI derives the flags from the factory's keyword parameters and its Setup fields, so
-`fedjax-lab run scaffold --client-lr 0.05 --local-steps 20 --out runs/scaffold` and `fedjax-lab list`
-work with nothing else to edit; `fedjax-lab plot runs/scaffold --out fig.png` draws the run.
+The CLI derives the flags from the factory's keyword parameters and its Setup fields. Your file
+is loaded with `--plugin` (or `$FEDJAX_LAB_PLUGINS`; an installed package declares an entry point
+in the group `fedjax_lab.algorithms`):
+
+    fedjax-lab run scaffold --plugin my_scaffold.py --client-lr 0.05 --local-steps 20 --out runs/s
+    fedjax-lab list --plugin my_scaffold.py
+
+Inside the package, an algorithm is registered in `fedjax_lab/algorithms/__init__.py`.
 
 ## 4. Prove it
 
-* **A per-client reference loop**: the paper's rule written out client by client in plain numpy or
-  unjitted JAX (no vmap, none of the code under test's helpers for the maths), same key, same
-  numbers to tolerance, over a few rounds and with stragglers (`tests/test_scaffold.py`).
-* **A learning test against the ablation** of the paper's mechanism, with fixed seeds, asserting on
-  numbers: SCAFFOLD with its control variates switched off is FedAvg, and with two digit classes per
-  client and 20 local steps SCAFFOLD's train loss after 30 rounds is clearly below FedAvg's.
+* **The conformance suite** (`tests/test_conformance.py`) checks every registered name: one round
+  equal to its reference, determinism, checkpoint and resume, config.json re-run, vmap over each
+  traced float hyperparameter, bad input, bytes in the metrics. Your part is the reference: a
+  file `tests/references/<name>.py` with `REFERENCE = {"name": fn}`, the paper's rule written out
+  client by client in plain numpy (contract in `tests/references/__init__.py`).
+* **A per-client reference loop over several rounds** where the algorithm has state (rows,
+  extra), with stragglers (`tests/test_scaffold.py`).
+* **A learning test against the ablation** of the paper's mechanism, with fixed seeds, asserting
+  on numbers: SCAFFOLD with `control_variates=False` is FedAvg bit for bit; with its variates on,
+  two digit classes per client and 20 local steps, its train loss is clearly below FedAvg's.
 * **Bad input**: each refusal raises `ValueError` naming the argument.
-* Keep the default tests to seconds; mark heavier ones `@pytest.mark.slow`.
+* Keep default tests to seconds; mark heavier ones `@pytest.mark.slow`.
 
 ## 5. Reproduce the claim
 
