@@ -23,6 +23,8 @@ from fedjax_lab.algorithms.feddyn import feddyn
 from fedjax_lab.algorithms.fedbn import fedbn
 from fedjax_lab.algorithms.moon import moon
 from fedjax_lab.algorithms.qffl import qffl
+from fedjax_lab.algorithms.fedper import fedper
+from fedjax_lab.algorithms.lg_fedavg import lg_fedavg
 from fedjax_lab.registry import ALGORITHMS, register
 
 ALGORITHMS.update({
@@ -58,9 +60,12 @@ ALGORITHMS.update({
     "feddyn": (feddyn, "FedDyn (Acar et al. 2021): dynamic regularizer -<g_k, w> + alpha/2||w-w_t||^2, server state h"),
     "moon": (moon, "MOON (Li et al. 2021): CE + mu * model-contrastive loss (local vs global vs previous representation)"),
     "qffl": (qffl, "q-FFL / q-FedAvg (Li et al. 2020): clients with a larger loss F_k weigh more (F_k^q); q = 0 is FedAvg"),
+    "fedper": (fedper, "FedPer (Arivazhagan et al. 2019): body averaged, head kept per client"),
+    "lg_fedavg": (lg_fedavg, "LG-FedAvg (Liang et al. 2020): local representation (body) per client, head averaged"),
 })
 
 __all__ = ["fedavg", "fedopt", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ditto",
            "fedamp", "heurfedamp", "perfedavg_fo", "perfedavg_hf", "fedmeta_maml", "fedmeta_fomaml",
            "fedmeta_metasgd", "pfedhn", "pfedhn_pc", "fedproto", "fedgkt", "fedgen",
-           "scaffold", "fednova", "feddyn", "fedbn", "moon", "qffl", "ALGORITHMS", "register"]
+           "scaffold", "fednova", "feddyn", "fedbn", "moon", "qffl", "fedper", "lg_fedavg",
+           "ALGORITHMS", "register"]
