@@ -83,27 +83,8 @@ def test_round_matches_reference_loop(kind, tiny_data):
         assert np.isfinite(float(metrics["local_loss"]))
 
 
-def test_fedavg_drops_stragglers_and_fedprox_keeps_them(tiny_data):
-    model = models.logistic(3)
-    kw = dict(client_lr=0.1, clients_per_round=4, local_steps=6, batch_size=4, stragglers=0.5)
-    key = jax.random.key(1)
-    fa = algorithms.fedavg(model, setup=Setup.of(**kw))
-    fp = algorithms.fedprox(model, mu=0.0, setup=Setup.of(**kw))
-    _, m_avg = fa.round(fa.init(key, tiny_data), tiny_data, key)
-    _, m_prox = fp.round(fp.init(key, tiny_data), tiny_data, key)
-    assert float(m_avg["clients_aggregated"]) == 2.0      # round(0.5 * 4) stragglers dropped
-    assert float(m_prox["clients_aggregated"]) == 4.0
-
-
-def test_fedprox_mu_zero_keeping_stragglers_is_fedavg_keeping_them(tiny_data):
-    model = models.logistic(3)
-    kw = dict(client_lr=0.1, clients_per_round=3, local_steps=5, batch_size=4, stragglers=0.4)
-    key = jax.random.key(2)
-    fa = algorithms.fedavg(model, setup=Setup.of(drop_stragglers=False, **kw))
-    fp = algorithms.fedprox(model, mu=0.0, setup=Setup.of(**kw))
-    s_a, _ = fa.round(fa.init(key, tiny_data), tiny_data, key)
-    s_p, _ = fp.round(fp.init(key, tiny_data), tiny_data, key)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s_a.params, s_p.params)
+# FedAvg drops stragglers, FedProx (mu = 0) keeps them and is then FedAvg keeping them:
+# tests/test_fedprox.py.
 
 
 def _params_np(state):
@@ -298,11 +279,6 @@ def test_size_sampling_prefers_large_clients(tiny_data):
 def test_bad_hyperparameters_fail_in_the_factory(bad, match):
     with pytest.raises(ValueError, match=match):
         algorithms.fedprox(models.logistic(3), setup=Setup.of(**bad))
-
-
-def test_bad_mu_fails_in_the_factory():
-    with pytest.raises(ValueError, match="mu"):
-        algorithms.fedprox(models.logistic(3), mu=-0.1)
 
 
 def test_more_clients_per_round_than_clients_fails_before_compiling(tiny_data):

@@ -20,7 +20,8 @@ def test_proximal_term_and_its_gradient_follow_the_paper():
 
 
 def test_mu_zero_is_fedavg_that_keeps_stragglers(tiny_data):
-    """The paper's "FedProx (mu=0)": FedAvg's round with the stragglers' partial work kept."""
+    """The paper's "FedProx (mu=0)": FedAvg's round with the stragglers' partial work kept;
+    FedAvg by default drops them (round(0.5 * 4) = 2 of 4 aggregated)."""
     model = models.logistic(3)
     flat = dict(clients_per_round=4, local_steps=5, batch_size=4, client_lr=0.1, stragglers=0.5)
     prox = algorithms.fedprox(model, mu=0.0, setup=Setup.of(**flat))
@@ -29,7 +30,9 @@ def test_mu_zero_is_fedavg_that_keeps_stragglers(tiny_data):
     out = {}
     for name, alg in (("prox", prox), ("avg", avg), ("dropping", dropping)):
         state = alg.init(jax.random.key(0), tiny_data)
-        out[name] = jax.jit(alg.round)(state, tiny_data, jax.random.key(3))[0].params
+        new, metrics = jax.jit(alg.round)(state, tiny_data, jax.random.key(3))
+        out[name] = new.params
+        assert float(metrics["clients_aggregated"]) == (2.0 if name == "dropping" else 4.0)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                  out["prox"], out["avg"])
     assert not np.allclose(out["prox"]["Dense_0"]["kernel"], out["dropping"]["Dense_0"]["kernel"])

@@ -155,3 +155,98 @@ REFERENCE = {"pfedhn": conformance}
 # pFedHN-PC needs a body to generate (logistic is all head): the CLI's `--model mlp`. Its reference
 # (a two-hidden-layer body and the private head) is not written yet: the suite marks it missing.
 MODEL = {"pfedhn_pc": "mlp"}
+
+
+def _mlp_grads(layers, head, x, y):
+    """numpy forward / backward of a ReLU MLP body (layers [(W, b)]) and a linear head (Wo, bo) on
+    the mean softmax cross-entropy: ([(gW, gb)] of the body, (gWo, gbo))."""
+    acts, pres, h = [x], [], x
+    for W, b in layers:
+        pres.append(h @ W + b)
+        h = np.maximum(pres[-1], 0)
+        acts.append(h)
+    Wo, bo = head
+    gWo, gbo = softmax_grads(Wo, bo, h, y)
+    logits = h @ Wo + bo
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1.0
+    dh = (p / len(y)) @ Wo.T
+    grads = [None] * len(layers)
+    for j in range(len(layers) - 1, -1, -1):
+        da = dh * (pres[j] > 0)
+        grads[j] = (acts[j].T @ da, da.sum(0))
+        dh = da @ layers[j][0].T
+    return grads, (gWo, gbo)
+
+
+def conformance_pc(alg, data, state, key):
+    """pFedHN-PC, one round: the generated body (the MLP's hidden layers, leaves in tree order) and
+    each sampled client's private head train locally (separate clips and momenta, as the code);
+    the hypernetwork and the embeddings step on the body's deltas (server rule as for pFedHN)."""
+    cfg, s = alg.config, alg.setup
+    assert cfg["generator"] == "per_leaf" and s.client_opt.momentum == 0.9
+    inner = dict(lr=s.client_opt.lr, wd=cfg["inner_wd"], clip=cfg["inner_clip"])
+    server = dict(lr=s.server_opt.lr, momentum=s.server_opt.momentum, wd=cfg["server_wd"])
+    embed_lr = s.server_opt.lr if cfg["embed_lr"] is None else cfg["embed_lr"]
+    phi = np_tree(state.server["phi"])
+    E = np.asarray(state.rows["embed"], np.float64).copy()
+    fresh = np.asarray(state.rows["fresh"])
+    head0 = [np.asarray(v, np.float64) for v in state.server["head0"]]          # [bias, kernel]
+    rows_head = [np.asarray(v, np.float64) for v in state.rows["head"]]
+    heads = {i: [h.copy() for h in head0] if fresh[i] else [rows_head[0][i].copy(), rows_head[1][i].copy()]
+             for i in range(data.num_clients)}
+    tmpl = alg.client_params(state, np.arange(1))
+    names = sorted(k for k in tmpl if k.startswith("hidden_layers"))
+    shapes = [(tmpl[n]["bias"].shape[1:], tmpl[n]["kernel"].shape[1:]) for n in names]
+    x, y = np.asarray(data.x, np.float64), np.asarray(data.y)
+    ids, part = round_plan(data, key, s.cohort, s.work)
+    g_phi_sum, g_es = None, []
+
+    def body_of(flat):
+        return {f"{j}{t}": flat[2 * j + (t == "k")].reshape(shapes[j][t == "k"])
+                for j in range(len(names)) for t in ("b", "k")}
+
+    for c, i in enumerate(np.asarray(ids)):                 # reference loop over clients
+        flat, acts, pre = h_forward(phi, E[i])
+        body = body_of(flat)
+        theta0 = {k: v.copy() for k, v in body.items()}
+        head = {"b": heads[i][0], "k": heads[i][1]}
+        m_body = {k: np.zeros_like(v) for k, v in body.items()}
+        m_head = {k: np.zeros_like(v) for k, v in head.items()}
+        for rows in np.asarray(part.batches.idx[c]):
+            layers = [(body[f"{j}k"], body[f"{j}b"]) for j in range(len(names))]
+            gl, (gWo, gbo) = _mlp_grads(layers, (head["k"], head["b"]), x[rows], y[rows])
+            g_body = {**{f"{j}k": gl[j][0] for j in range(len(names))},
+                      **{f"{j}b": gl[j][1] for j in range(len(names))}}
+            head, m_head = official_step(head, {"k": gWo, "b": gbo}, m_head, **inner)
+            body, m_body = official_step(body, g_body, m_body, **inner)
+        heads[i] = [head["b"], head["k"]]
+        deltas = [(theta0[f"{j}{t}"] - body[f"{j}{t}"]).reshape(-1)
+                  for j in range(len(names)) for t in ("b", "k")]
+        g_phi, g_e = h_backward(phi, acts, pre, deltas)
+        w = 1.0 / len(ids)
+        g_phi_sum = jax.tree.map(lambda g: w * g, g_phi) if g_phi_sum is None else \
+            jax.tree.map(lambda a, g: a + w * g, g_phi_sum, g_phi)
+        g_es.append((i, g_e))
+    norm = np.sqrt(sum(np.sum(g * g) for g in jax.tree.leaves(g_phi_sum))
+                   + sum(np.sum(g * g) for _, g in g_es))
+    scale = min(1.0, cfg["clip"] / norm)
+    phi = jax.tree.map(lambda p_, g_: p_ - server["lr"] * (scale * g_ + server["wd"] * p_),
+                       phi, g_phi_sum)                      # momentum buffer 0 in round 1
+    for i, g_e in g_es:
+        E[i] = E[i] - embed_lr * (scale * g_e + server["wd"] * E[i])
+    out = {n: {"bias": [], "kernel": []} for n in names}
+    out["out"] = {"bias": np.stack([heads[i][0] for i in range(data.num_clients)]),
+                  "kernel": np.stack([heads[i][1] for i in range(data.num_clients)])}
+    for i in range(data.num_clients):
+        body = body_of(h_forward(phi, E[i])[0])
+        for j, n in enumerate(names):
+            out[n]["bias"].append(body[f"{j}b"])
+            out[n]["kernel"].append(body[f"{j}k"])
+    for n in names:
+        out[n] = {k: np.stack(v) for k, v in out[n].items()}
+    return {"clients": out, "rtol": 2e-4, "atol": 2e-6}
+
+
+REFERENCE["pfedhn_pc"] = conformance_pc
