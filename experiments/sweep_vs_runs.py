@@ -1,93 +1,200 @@
-"""Wall time of one 12-run sweep (4 values of FedProx's mu x 3 seeds, `fl.sweep`) against the same
-12 runs one after another (`fl.run`), side by side in one process, medians over repeats.
+"""Sweep vs the loop it replaces (issue 28): `fl.sweep` of R runs against the same R runs one after
+another (`fl.run`), side by side in one process, per run, for R in 1, 4, 12, 48 on three workloads.
 
-    python experiments/sweep_vs_runs.py            # CPU size: Synthetic(1,1), 30 clients, 20 rounds
-    python experiments/sweep_vs_runs.py --full     # 200 rounds (the FedProx demo's length)
+    python experiments/sweep_vs_runs.py                          # all workloads, R = 1 4 12 48
+    python experiments/sweep_vs_runs.py --workloads logistic --runs 12 --repeats 9
+    python experiments/sweep_vs_runs.py --device gpu             # + FedAvg round and CNN round
 
-Two numbers per side: "cold" includes compilation (a new model object each repeat, so neither side
-finds a compiled program: 12 compilations for the runs, one for the sweep) and "warm" reruns the
-same algorithms (nothing compiles; pure execution). Both sides compute the same numbers: the script
-checks every run's final test accuracy against its sweep row.
+The runs are FedProx (mu in {0, 0.01, 0.1, 1}, the first min(R, 4) of them) x R / 4 seeds:
+* logistic: models.logistic(10) on Synthetic(1,1), 30 clients (power-law sizes 45..800), 10 per
+  round, 20 local steps of batch 10, stragglers 0.5, evaluation every 10 rounds (the FedProx
+  demo's setting and issue 28's measurement: 10 and 60 rounds).
+* mlp: models.mlp(10) (784-200-200-10) on MNIST-shaped Gaussian data (bench_round.make_data),
+  20 clients x 100 examples, 4 per round, 10 steps of batch 32; 2 and 6 rounds, evaluation every 2.
+* cnn: models.cnn(10) (1.66 M parameters) on 28x28x1 inputs, 10 clients x 50 examples, 2 per round,
+  2 steps of batch 10; 1 and 2 rounds, evaluation every round.
+
+Timing. Execution per run and round is (T(r2 rounds) - T(r1 rounds)) / (r2 - r1) / R of the whole
+`fl.sweep` call and of the R `fl.run` calls, warm (nothing to compile), so that compilation and
+the per-call fixed costs cancel, as in issue 28; "end to end" is the ratio of the warm r2-round
+calls, fixed costs included. Each side is first called once cold, and compilation is reported
+apart as cold minus warm (the sweep: one program per R; the runs: one program per mu value, shared
+by all R of a workload, so 0 once compiled). The sides alternate within every repeat, and which
+goes first alternates too, so that the machine's load hits both alike; medians over repeats (at
+least 3, up to --repeats, fewer once a row has taken --max-seconds). Both sides compute the same
+numbers: the script checks every run's final train loss against its sweep row. `--memory-budget`
+(bytes) is passed to the sweep, which then chunks the runs from XLA's memory analysis.
+
+`--device gpu` runs everything on the GPU (JAX_PLATFORMS=cuda, set before jax is imported) and then,
+in the same command, the FedAvg round benchmark (bench_round.py, logistic C=1000 and MLP C=100) and
+the CNN round (bench_cnn.py round 8 100), so that one short GPU session gives the whole table.
+Writes `<out>/sweep_vs_runs.json` (and prints a markdown table).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 
-import numpy as np
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 MUS = [0.0, 0.01, 0.1, 1.0]
+WORKLOADS = ("logistic", "mlp", "cnn")
+
+
+def workload(name: str):
+    """(model factory, data, setup, (r1, r2) rounds, eval_every) of a workload (module docstring)."""
+    from fedjax_lab import Setup, models
+    from fedjax_lab.data import synthetic
+    from experiments.bench_round import make_data
+    if name == "logistic":
+        return (lambda: models.logistic(10), synthetic(1.0, 1.0, num_clients=30, seed=0),
+                Setup.of(clients_per_round=10, local_steps=20, batch_size=10, client_lr=0.01,
+                         stragglers=0.5), (10, 60), 10)
+    if name == "mlp":
+        return (lambda: models.mlp(10), make_data("mlp", 20, 100, (784,)),
+                Setup.of(clients_per_round=4, local_steps=10, batch_size=32, client_lr=0.01,
+                         stragglers=0.5), (2, 6), 2)
+    if name == "cnn":
+        return (lambda: models.cnn(10), make_data("cnn", 10, 50, (28, 28, 1)),
+                Setup.of(clients_per_round=2, local_steps=2, batch_size=10, client_lr=0.01,
+                         stragglers=0.5), (1, 2), 1)
+    raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
+
+
+def grid_of(R: int):
+    """(mu values, seeds) of R runs: the first min(R, 4) mu values x R / that many seeds."""
+    mus = MUS[:min(R, len(MUS))]
+    if R % len(mus):
+        raise ValueError(f"runs must be 1, 2, 3 or a multiple of 4, got {R}")
+    return mus, list(range(R // len(mus)))
+
+
+def measure(name: str, R: int, repeats: int, memory_budget=None, max_seconds=240.0,
+            cache={}) -> dict:
+    """One row of the table: per run and round, the warm execution of both sides (medians over
+    repeats of T(r2 rounds) - T(r1 rounds)), compile times, and the check of equal numbers."""
+    import jax
+    import numpy as np
+    import fedjax_lab as fl
+    from fedjax_lab import algorithms
+
+    if name not in cache:                    # one model per workload: fl.run's programs are
+        make_model, data, setup, lengths, every = workload(name)     # compiled once per mu value
+        cache[name] = (make_model(), data, setup, lengths, every, {})
+    model, data, setup, (r1, r2), every, algs = cache[name]
+    mus, seeds = grid_of(R)
+    new_programs = [mu for mu in mus if mu not in algs]
+    for mu in new_programs:
+        algs[mu] = algorithms.fedprox(model, mu=mu, setup=setup)
+
+    def runs(rounds):
+        t = time.perf_counter()
+        loss = []
+        for mu in mus:
+            for s in seeds:
+                res = fl.run(algs[mu], data, rounds=rounds, key=s, eval_every=every,
+                             progress=False)
+                loss.append(res.history[-1]["train_loss"])
+        jax.block_until_ready(jax.tree.leaves(res.state))
+        return time.perf_counter() - t, loss
+
+    def swept(rounds):
+        t = time.perf_counter()
+        res = fl.sweep(algorithms.fedprox, data, model=model, setup=setup, grid={"mu": mus},
+                       seeds=seeds, rounds=rounds, eval_every=every, progress=False,
+                       memory_budget=memory_budget)
+        jax.block_until_ready(jax.tree.leaves(res.runs[-1].state))
+        return time.perf_counter() - t, [r.history[-1]["train_loss"] for r in res.runs], res
+
+    cold_runs, loss_r = runs(r1)
+    cold_sweep, loss_s, res = swept(r1)
+    times = {k: [] for k in ("runs_r1", "runs_r2", "sweep_r1", "sweep_r2")}
+    start = time.perf_counter()
+    for rep in range(repeats):               # alternate the order of the sides
+        calls = [("sweep", swept), ("runs", runs)]
+        for side, fn in (calls if rep % 2 == 0 else calls[::-1]):
+            times[f"{side}_r1"].append(fn(r1)[0])
+            times[f"{side}_r2"].append(fn(r2)[0])
+        if rep >= 2 and time.perf_counter() - start > max_seconds:
+            break
+    med = lambda xs: float(statistics.median(xs))
+    per_round = {side: med([b - a for a, b in zip(times[f"{side}_r1"], times[f"{side}_r2"])])
+                 / (r2 - r1) / R for side in ("runs", "sweep")}
+    return dict(workload=name, runs=R, rounds=(r1, r2), eval_every=every,
+                repeats=len(times["runs_r1"]), runs_per_chunk=res.runs_per_chunk,
+                runs_as_map=_runs_as_map(model, data, setup),
+                sweep_ms=1e3 * per_round["sweep"], runs_ms=1e3 * per_round["runs"],
+                ratio=per_round["runs"] / per_round["sweep"],
+                e2e_ratio=med(times["runs_r2"]) / med(times["sweep_r2"]),
+                compile_sweep_s=cold_sweep - med(times["sweep_r1"]),
+                compile_runs_s=cold_runs - med(times["runs_r1"]), new_run_programs=len(new_programs),
+                max_rel_loss_diff=float(np.max(np.abs(np.array(loss_r) - np.array(loss_s))
+                                               / np.abs(np.array(loss_r)))),
+                times_s=times, load_avg_1min=round(os.getloadavg()[0], 2))
+
+
+def _runs_as_map(model, data, setup) -> bool:
+    """Whether fl.sweep maps this workload's runs (clients as a lax.map: large models on CPU)."""
+    from fedjax_lab import algorithms
+    from fedjax_lab.core import sweep as sw
+    program = sw.Program(factory=algorithms.fedprox, model=model, static=(), traced=("mu",),
+                         kinds=(("mu", "factory"),), setup=setup)
+    return sw.clients_mapped(program, {"mu": 0.1}, data)
+
+
+def table(rows) -> str:
+    out = ["| workload | runs | sweep ms / run / round | sequential ms / run / round | ratio | "
+           "end to end | compile: sweep / runs (new programs) | repeats | max rel. loss diff |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in rows:
+        out.append(f"| {x['workload']}{' (runs mapped)' if x['runs_as_map'] else ''} | "
+                   f"{x['runs']} | {x['sweep_ms']:.2f} | {x['runs_ms']:.2f} | "
+                   f"**{x['ratio']:.2f}x** | {x['e2e_ratio']:.2f}x | {x['compile_sweep_s']:.1f} s /"
+                   f" {x['compile_runs_s']:.1f} s ({x['new_run_programs']}) | {x['repeats']} | "
+                   f"{x['max_rel_loss_diff']:.0e} |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> dict:
-    import jax
-    import fedjax_lab as fl
-    from fedjax_lab import Setup, algorithms, models
-    from fedjax_lab.data import synthetic
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--full", action="store_true")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=WORKLOADS)
+    p.add_argument("--runs", nargs="*", type=int, default=[1, 4, 12, 48])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--memory-budget", type=float, default=None, help="bytes, passed to fl.sweep")
+    p.add_argument("--max-seconds", type=float, default=240.0,
+                   help="stop repeating a row after 3 repeats once it has taken this long")
+    p.add_argument("--device", choices=["cpu", "gpu"], default=None,
+                   help="gpu: JAX_PLATFORMS=cuda, plus the FedAvg and CNN round benchmarks")
     p.add_argument("--out", default="experiments/figures")
     args = p.parse_args(argv)
-    rounds = args.rounds or (200 if args.full else 20)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    data = synthetic(1.0, 1.0, num_clients=30, seed=0)
-    setup = Setup.of(clients_per_round=10, local_steps=20, batch_size=10, client_lr=0.01,
-                     stragglers=0.5)
-    eval_every = 10
-
-    def runs(model, algs=None):
-        algs = algs or {mu: algorithms.fedprox(model, mu=mu, setup=setup) for mu in MUS}
-        t = time.perf_counter()
-        acc = [fl.run(algs[mu], data, rounds=rounds, key=s, eval_every=eval_every,
-                      progress=False).history[-1]["test_accuracy"] for mu in MUS for s in seeds]
-        return time.perf_counter() - t, acc, algs
-
-    def swept(model):
-        t = time.perf_counter()
-        res = fl.sweep(algorithms.fedprox, data, model=model, setup=setup, grid={"mu": MUS},
-                       seeds=seeds, rounds=rounds, eval_every=eval_every, progress=False)
-        jax.block_until_ready(jax.tree.leaves(res.runs[-1].state))
-        return time.perf_counter() - t, [r.history[-1]["test_accuracy"] for r in res.runs]
-
-    times = {k: [] for k in ("runs_cold", "sweep_cold", "runs_warm", "sweep_warm")}
-    worst = 0.0
-    for rep in range(args.repeats):          # alternate the two sides
-        model = models.logistic(10)          # a new model: nothing compiled yet for either side
-        t, acc_r, algs = runs(model)
-        times["runs_cold"].append(t)
-        t, acc_s = swept(model)
-        times["sweep_cold"].append(t)
-        times["runs_warm"].append(runs(model, algs)[0])
-        times["sweep_warm"].append(swept(model)[0])
-        worst = max(worst, float(np.max(np.abs(np.array(acc_r) - np.array(acc_s)))))
-        print(f"repeat {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
-              flush=True)
-    med = {k: float(np.median(v)) for k, v in times.items()}
-    numbers = dict(med, ratio_cold=med["runs_cold"] / med["sweep_cold"],
-                   ratio_warm=med["runs_warm"] / med["sweep_warm"], max_abs_accuracy_diff=worst,
-                   rounds=rounds, runs=len(MUS) * len(seeds), devices=str(jax.devices()[0]))
-    print(f"\n{len(MUS) * len(seeds)} runs of FedProx (mu in {MUS}, seeds {seeds}), {rounds} "
-          f"rounds, Synthetic(1,1) 30 clients, on {jax.devices()[0].platform}; medians of "
-          f"{args.repeats}")
-    print("| | 12 x fl.run | fl.sweep | ratio |\n|---|---:|---:|---:|")
-    print(f"| cold (with compilation) | {med['runs_cold']:.2f} s | {med['sweep_cold']:.2f} s | "
-          f"{numbers['ratio_cold']:.1f}x |")
-    print(f"| warm (execution only) | {med['runs_warm']:.2f} s | {med['sweep_warm']:.2f} s | "
-          f"{numbers['ratio_warm']:.1f}x |")
-    print(f"max |test accuracy difference| between the two sides: {worst:.2e}")
+    if args.device is not None:              # before jax is imported anywhere in this process
+        os.environ["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda"}[args.device]
+    import jax
+    env = dict(backend=jax.default_backend(), device=jax.devices()[0].device_kind,
+               cpus=os.cpu_count(), load_avg_1min=round(os.getloadavg()[0], 2))
+    print(json.dumps(env), flush=True)
+    rows = []
+    for name in args.workloads:
+        for R in args.runs:
+            rows.append(measure(name, R, args.repeats, args.memory_budget, args.max_seconds))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "times_s"}), flush=True)
+    print(f"\nFedProx sweeps on {env['backend']} ({env['device']}), per run and round: medians "
+          "over warm repeats of T(r2) - T(r1), sides alternating:\n" + table(rows), flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sweep_vs_runs.json"), "w") as f:
-        json.dump(numbers, f, indent=2)
-    return numbers
+        json.dump(dict(env=env, rows=rows), f, indent=2)
+    if args.device == "gpu":                 # the rest of the GPU table, in the same command
+        here = os.path.dirname(os.path.abspath(__file__))
+        for cmd in (["bench_round.py", "--only", "logistic:1000", "mlp:100"],
+                    ["bench_cnn.py", "round", "8", "100"]):
+            subprocess.run([sys.executable, os.path.join(here, cmd[0])] + cmd[1:], check=False,
+                           env=dict(os.environ))
+    return dict(env=env, rows=rows)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def resolve_shuffle(shuffle: str, data, num_clients: int, num_steps: int, batch_
 PACKED_SORT_MAX_WIDTH = 512
 
 
-def epoch_permutations(key, n, *, passes: int, width: int):
+def epoch_permutations(key, n, *, passes: int, width: int, positions: int | None = None):
     """[passes, width] int32; in every row the first n entries are a uniform permutation of 0..n-1.
 
     Row p is argsort (stable) of u ~ U[0, 1)^width with the entries at and beyond n set to 2.0.
@@ -78,17 +78,40 @@ def epoch_permutations(key, n, *, passes: int, width: int):
     and the padding key 2**23 - 1 with its index >= n still sorts after every real entry. XLA's
     CPU sort of one operand is ~5x faster than the two-operand (key, iota) sort behind argsort,
     and the result is identical (tests/test_bench_round.py checks it against the argsort).
+
+    `positions` (S * B, the stream positions a client reads; pass p starts at position p * n):
+    [passes, k] with k = min(width, positions), the first k columns, holding those entries only in
+    the rows the stream reaches (p * n < positions; the other rows are unspecified). Pass p >= 1
+    is reached only when n < positions, so its real keys lie in its first k columns and it is
+    sorted at width k; pass 0 is sorted at full width, on CPU by `lax.top_k(-u, k)` when k <
+    width and width > PACKED_SORT_MAX_WIDTH (XLA:CPU's TopK breaks ties by the lower index, as the
+    stable argsort does). Same indices, far less sorting: the full-width argsort of every pass was
+    44% of a logistic FedProx round on Synthetic(1,1) (width 800, 5 passes, S * B = 200) and a
+    per-run cost that a sweep's stacked runs do not make denser (experiments/PERF.md, issue 28).
     """
-    if width > PACKED_SORT_MAX_WIDTH:
-        u = jax.random.uniform(key, (passes, width))
-        u = jnp.where(jnp.arange(width) < n, u, 2.0)
-        return jnp.argsort(u, axis=1).astype(jnp.int32)
-    index_bits = max(1, (width - 1).bit_length())
+    k = width if positions is None else max(1, min(int(positions), width))
     m = jax.random.bits(key, (passes, width), jnp.uint32) >> 9
-    col = jax.lax.broadcasted_iota(jnp.uint32, (passes, width), 1)
-    m = jnp.where(col < jnp.asarray(n).astype(jnp.uint32), m, jnp.uint32((1 << 23) - 1))
-    packed = jax.lax.sort((m << index_bits) | col, dimension=1)
-    return (packed & jnp.uint32((1 << index_bits) - 1)).astype(jnp.int32)
+    if k == width or passes == 1:
+        return _first_ranks(m, n, k)
+    return jnp.concatenate([_first_ranks(m[:1], n, k), _first_ranks(m[1:, :k], n, k)])
+
+
+def _first_ranks(m, n, k):
+    """[rows, min(k, width)]: the first columns of the stable argsort of m * 2**-23 per row, keys at
+    and beyond column n set to 2.0 (epoch_permutations)."""
+    rows, width = m.shape
+    k = min(k, width)
+    col = jax.lax.broadcasted_iota(jnp.uint32, (rows, width), 1)
+    real = col < jnp.asarray(n).astype(jnp.uint32)
+    if width <= PACKED_SORT_MAX_WIDTH:
+        index_bits = max(1, (width - 1).bit_length())
+        m = jnp.where(real, m, jnp.uint32((1 << 23) - 1))
+        packed = jax.lax.sort((m << index_bits) | col, dimension=1)[:, :k]
+        return (packed & jnp.uint32((1 << index_bits) - 1)).astype(jnp.int32)
+    u = jnp.where(real, m.astype(jnp.float32) * jnp.float32(2.0 ** -23), 2.0)   # = uniform's u
+    if k < width and jax.default_backend() == "cpu":
+        return jax.lax.top_k(-u, k)[1].astype(jnp.int32)
+    return jnp.argsort(u, axis=1)[:, :k].astype(jnp.int32)
 
 
 def client_batches(key, lo, n, *, num_steps: int, batch_size: int, passes: int, width: int,
@@ -101,7 +124,8 @@ def client_batches(key, lo, n, *, num_steps: int, batch_size: int, passes: int, 
     if shuffle == "replacement":
         local = jax.random.randint(key, pos.shape, 0, n_safe)
     else:
-        perms = epoch_permutations(key, n, passes=passes, width=width)
+        perms = epoch_permutations(key, n, passes=passes, width=width,
+                                   positions=num_steps * batch_size)
         epoch = jnp.minimum(pos // n_safe, passes - 1)
         local = perms[epoch, pos % n_safe]
     return (lo + local).astype(jnp.int32)

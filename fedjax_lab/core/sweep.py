@@ -134,6 +134,7 @@ class Program:
     traced: tuple              # names whose values are a leading [runs] array
     kinds: tuple               # ((name, kind), ...) of every name in static and traced
     setup: Setup = Setup()
+    runs_as_map: bool = False  # runs as a lax.map, not a vmap (sweep_rounds; set by `sweep`)
 
     def build(self, values: dict):
         kinds = dict(self.kinds)
@@ -158,13 +159,42 @@ def sweep_init(program: Program, values, data, k_init):
 def sweep_rounds(program: Program, values, state, data, adapt_data, k_rounds, first_round,
                  length: int):
     """Rounds first_round + 1 ... first_round + length of every run, then the driver's evaluation
-    sums; per-round metrics [runs, length], sums [runs, clients]."""
+    sums; per-round metrics [runs, length], sums [runs, clients].
+
+    The runs are a vmap (one batched op per layer for all runs x clients), except for programs
+    whose local training runs its clients as a lax.map (core/local.py: large models on one CPU
+    device, where XLA:CPU's batched matmuls and convolutions run far below its plain ones):
+    vmapping runs there would batch every client's ops over the runs inside that map (the MLP
+    sweep 0.86x, the CNN's 0.29x as fast per run as sequential fl.run's), so the runs are a
+    lax.map too (`program.runs_as_map`): each client step unbatched, as in fl.run."""
     def one(v, state, key):
         alg = program.build(v)
         body = lambda s, r: alg.round(s, data, jax.random.fold_in(key, r))
         state, per_round = jax.lax.scan(body, state, first_round + 1 + jnp.arange(length))
         return state, per_round, evaluation_sums(alg, state, data, adapt_data)
+    if program.runs_as_map:
+        return jax.lax.map(lambda a: one(*a), (values, state, k_rounds))
     return jax.vmap(one)(values, state, k_rounds)
+
+
+_CLIENTS_MAPPED: dict = {}
+
+
+def clients_mapped(program: Program, values: dict, data) -> bool:
+    """Whether one run of `program` (its float `values` as Python numbers) trains its clients as a
+    lax.map (core/local.py's "auto" rule, or clients="map"): one abstract trace of a round,
+    counted by local.clients_as_map, cached per (program, data shapes)."""
+    from fedjax_lab.core import local
+    shapes = tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(data) if hasattr(x, "shape"))
+    cache_key = (program, jax.tree.structure(data), shapes)
+    if cache_key not in _CLIENTS_MAPPED:
+        before = getattr(local.clients_as_map, "traced", 0)
+        alg = program.build(values)
+        key = jax.random.key(0)
+        state = jax.eval_shape(lambda k: alg.init(k, data), key)
+        jax.eval_shape(lambda st, k: alg.round(st, data, k), state, key)
+        _CLIENTS_MAPPED[cache_key] = getattr(local.clients_as_map, "traced", 0) > before
+    return _CLIENTS_MAPPED[cache_key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +317,9 @@ def sweep(factory, data, *, grid: dict, seeds=(0,), rounds: int, eval_every: int
     programs, chosen = [], None
     for gi, (static_key, members) in enumerate(groups.items()):
         program = Program(static=_items({**fixed, **dict(static_key)}), traced=tuple(traced), **base)
+        point = runs[members[0]][0]
+        if clients_mapped(program, {n: float(point[n]) for n in traced}, data):
+            program = dataclasses.replace(program, runs_as_map=True)
         programs.append(dict(static_key))
         k = runs_per_chunk
         if k is None and memory_budget is not None:
