@@ -1,6 +1,6 @@
 """fedjax_lab: a vectorized federated-learning simulator in JAX. Every client is a row."""
 from fedjax_lab import algorithms, data, models
-from fedjax_lab import aggregators, attacks
+from fedjax_lab import aggregators, attacks, leaderboard
 from fedjax_lab.core import uplink
 from fedjax_lab.core.driver import run
 from fedjax_lab.core.hypergrad import hypergrad
@@ -10,5 +10,5 @@ from fedjax_lab.core.types import Algorithm, Model
 from fedjax_lab.registry import register
 
 __version__ = "0.1.0"
-__all__ = ["algorithms", "aggregators", "attacks", "data", "models", "uplink", "run", "sweep",
+__all__ = ["algorithms", "aggregators", "attacks", "leaderboard", "data", "models", "uplink", "run", "sweep",
            "hypergrad", "register", "Algorithm", "Model", "Setup", "Cohort", "LocalWork", "Optimizer"]

@@ -437,8 +437,34 @@ def cmd_reproduce(argv):
     return reproduce(argv)
 
 
+def cmd_leaderboard(argv):
+    """`fedjax-lab leaderboard`: every personalization method with its defaults (leaderboard.py)."""
+    from fedjax_lab import leaderboard as lb
+    p = argparse.ArgumentParser(prog="fedjax-lab leaderboard", description=lb.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--datasets", default="digits,mnist1d", help="comma-separated dataset names")
+    p.add_argument("--splits", default="shards=2;dirichlet=0.1",
+                   help="semicolon-separated partitions (dataset spec options)")
+    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    p.add_argument("--rounds", type=int, default=60)
+    p.add_argument("--clients-per-round", type=int, default=10)
+    p.add_argument("--finetune-steps", type=int, default=20)
+    p.add_argument("--methods", default=None, help="comma-separated names (default: every "
+                   "personalization method registered); the baselines always run")
+    p.add_argument("--out", default="runs/leaderboard")
+    a = p.parse_args(argv)
+    entries = lb.leaderboard(
+        datasets=a.datasets.split(","), splits=a.splits.split(";"), clients=a.clients,
+        seeds=[int(s) for s in a.seeds.split(",")], rounds=a.rounds,
+        clients_per_round=a.clients_per_round, finetune_steps=a.finetune_steps,
+        methods=None if a.methods is None else a.methods.split(","), out=a.out)
+    print(lb.table(entries))
+    print(f"wrote {a.out}/leaderboard.md, leaderboard.json, leaderboard.png")
+
+
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "data": cmd_data, "plot": cmd_plot,
-            "reproduce": cmd_reproduce}
+            "reproduce": cmd_reproduce, "leaderboard": cmd_leaderboard}
 
 
 def load_plugins(argv):
