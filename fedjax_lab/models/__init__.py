@@ -18,6 +18,7 @@ from fedjax_lab.models.base import from_linen
 from fedjax_lab.models.cnn import cnn, cnn_bn, cnn_cifar
 from fedjax_lab.models.gkt import gkt_pair
 from fedjax_lab.models.linear import logistic, mlp, mlp_bn
+from fedjax_lab.models.nnx import from_import_path, from_nnx
 from fedjax_lab.models.quadratic import quadratic, quadratic_clients
 from fedjax_lab.models.resnet import resnet, resnet8
 from fedjax_lab.models.rnn import char_gru, char_lstm, char_rnn
@@ -48,11 +49,22 @@ def get(name: str, num_classes: int, sample_or_shape=None, **options) -> Model:
     sample_or_shape: an array of examples with a leading batch axis (e.g. `data.x[:1]`) or the
     shape of one example (e.g. `(28, 28, 1)`); when given, the model is checked against it.
     options: the factory's keyword options (e.g. `dropout=0.5`, `depth=20`).
+    name may also be a Python import path "package.module:attr" to the user's own factory or
+    nnx/linen module class (models.nnx.from_import_path).
     Raises ValueError naming the argument: unknown name or option, wrong input rank or dtype, or
     inputs the architecture cannot take (e.g. images too small for VALID convolutions).
     """
+    if name not in MODELS and ":" in name:     # "package.module:attr", a user's own model
+        spec = None if sample_or_shape is None else _example_spec(name, sample_or_shape)
+        sample = (None if spec is None else sample_or_shape if hasattr(sample_or_shape, "shape")
+                  else np.zeros((1,) + spec[1], spec[2]))
+        model = from_import_path(name, num_classes, sample, **options)
+        if spec is not None:
+            _check_inputs(name, model, num_classes, spec)
+        return model
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {sorted(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; valid models: {sorted(MODELS)} or a "
+                         f"'package.module:attr' factory")
     factory = MODELS[name][0]
     valid = [p.name for p in list(inspect.signature(factory).parameters.values())[1:]
              if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
@@ -107,5 +119,5 @@ def _check_inputs(name, model, num_classes, spec):
                          f"shape {out.shape[1:]}, expected ({num_classes},) logits")
 
 
-__all__ = ["quadratic", "quadratic_clients", "from_linen", "get", "MODELS", "logistic", "mlp", "cnn", "cnn_cifar", "resnet",
+__all__ = ["quadratic", "quadratic_clients", "from_linen", "from_nnx", "get", "MODELS", "logistic", "mlp", "cnn", "cnn_cifar", "resnet",
            "resnet8", "char_rnn", "char_lstm", "char_gru"]
