@@ -88,16 +88,17 @@ def run_method(name: str, data, *, seeds, rounds: int, clients_per_round: int,
         fixed["lam"] = 0.0
     result = sweep(factory, data, grid={}, seeds=list(seeds), rounds=rounds, eval_every=rounds,
                    fixed=fixed, model=model, progress=False)
+    alg = factory(model, setup=Setup.of(clients_per_round=fixed["clients_per_round"]))
+    finetuned = jax.jit(lambda params, d, key: adapted_sums(
+        model, alg.setup.client_opt.build(), params, d, key, steps=finetune_steps,
+        batch_size=alg.setup.work.batch_size))
     acc, p10, total = [], [], []
     for seed, r in zip(seeds, result.runs):
         h = r.history[-1]
         total.append(h.get("total_bytes_up", 0.0) + h.get("total_bytes_down", 0.0))
         if name == "fedavg_ft":
-            alg = factory(model, setup=Setup.of(**fixed))
-            s = alg.setup
-            sums = adapted_sums(model, s.client_opt.build(), alg.global_params(r.state), data,
-                                jax.random.fold_in(jax.random.key(seed), 0xF7),
-                                steps=finetune_steps, batch_size=s.work.batch_size)
+            sums = finetuned(alg.global_params(r.state), data,
+                             jax.random.fold_in(jax.random.key(seed), 0xF7))
             h = summarize("test_finetuned", *sums)
             metric, a, q = ("test_finetuned", h["test_finetuned_accuracy_client_mean"],
                             h["test_finetuned_accuracy_p10"])
