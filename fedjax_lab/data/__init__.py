@@ -16,8 +16,14 @@ def load_tfds(name, **kwargs):
     return _load_tfds(name, **kwargs)
 
 
+def load_hf(dataset, **kwargs):
+    """A Hugging Face dataset partitioned by a column or a Flower Datasets partitioner (data.hf)."""
+    from fedjax_lab.data.hf import load_hf as _load_hf
+    return _load_hf(dataset, **kwargs)
+
+
 DATASETS = {name: desc for name, (_, desc) in LOADERS.items()}
 
 __all__ = ["FederatedArrays", "federated_arrays", "from_client_lists", "split_clients", "synthetic",
            "partition", "DATASETS", "load", "parse_spec", "load_tfds", "load_leaf", "load_sqlite",
-           "load_npz", "save_npz", "digits", "mnist1d", "federate"]
+           "load_npz", "save_npz", "load_hf", "digits", "mnist1d", "federate"]

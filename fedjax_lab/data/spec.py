@@ -142,6 +142,11 @@ def _npz(args, kwargs, seed):
     return _natural(load_npz, "npz", args, kwargs, seed, names)
 
 
+def _hf(args, kwargs, seed):
+    from fedjax_lab.data.hf import load_hf_spec
+    return load_hf_spec(args, kwargs, seed)
+
+
 _PART = "partition: iid | dirichlet=a | shards=k | power_law=s; clients=N; test=partition|holdout"
 
 LOADERS = {
@@ -161,6 +166,8 @@ LOADERS = {
     "leaf": (_leaf, "LEAF JSON dir (FEMNIST, Shakespeare, Sent140, CelebA, Synthetic): `leaf:/path`"),
     "sqlite": (_sqlite, "FedJAX SQLite (EMNIST, Shakespeare, Stack Overflow): `sqlite:/path/x_train.sqlite`"),
     "npz": (_npz, ".npz of x, y, client_id (optional *_test): `npz:/path/data.npz`"),
+    "hf": (_hf, "Hugging Face dataset dir (save_to_disk), Flower Datasets' partitioners: "
+                "`hf:/path,label=label,features=img,dirichlet=0.3,clients=100` or `natural=writer_id`"),
 }
 
 
