@@ -30,7 +30,8 @@ from fedjax_lab.extend import (Cohort, Optimizer, Setup, defaults, mean_loss, re
                                server_averaging, tree_add, tree_scale, tree_sub, tree_vdot,
                                tree_zeros_like, validate)
 
-SCAFFOLD = Setup(cohort=Cohort(weighting="uniform"), client_opt=Optimizer("sgd", lr=0.01),
+# client lr 0.05: 20 local steps then drift on a two-class split (experiments/reproduce/scaffold.py)
+SCAFFOLD = Setup(cohort=Cohort(weighting="uniform"), client_opt=Optimizer("sgd", lr=0.05),
                  server_opt=Optimizer("sgd", lr=1.0))
 
 
