@@ -4,6 +4,7 @@ module (and the ImportError without it); callbacks closed when a run fails; bad 
 import csv
 import json
 import math
+import os
 import sys
 import types
 
@@ -134,6 +135,47 @@ def test_non_numeric_and_non_finite_values_are_left_out_of_tensorboard(tmp_path)
     acc = ea.EventAccumulator(str(tmp_path))
     acc.Reload()
     assert acc.Tags()["scalars"] == ["a"]
+
+
+def wandb_records(run_file):
+    """The records of a .wandb transaction log, read by wandb's own reader (wandb-core's
+    `wandb leet inspect --json`: one JSON record per line)."""
+    import subprocess
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "wandb"), "leet",
+                          "inspect", "--json", str(run_file)], capture_output=True, text=True,
+                         timeout=120, check=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def test_real_wandb_offline_run_files_hold_every_metric_and_the_config(tmp_path, tiny_data,
+                                                                       monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="the `wandb` extra is not installed")
+    for var, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+                       "WANDB_CONSOLE": "off", "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+                       "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+                       "WANDB_DATA_DIR": str(tmp_path / "data")}.items():
+        monkeypatch.setenv(var, value)
+    try:
+        res = run(counting_algorithm(), tiny_data, rounds=6, key=0, eval_every=2, progress=False,
+                  out=str(tmp_path / "run"), extra_config={"note": "offline", "lr": 0.125},
+                  callbacks=[L.WandbLogger("fedjax-lab-test", name="counting")])
+    finally:
+        wandb.teardown()                                   # stop the wandb-core service
+    run_file, = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(run_file)
+    (meta,) = [r["run"] for r in records if r["type"] == "run"]
+    assert meta["project"] == "fedjax-lab-test" and meta["display_name"] == "counting"
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    logged_config = {k: v for k, v in meta["config"]["update"].items() if k != "_wandb"}
+    assert logged_config == config and logged_config["lr"] == 0.125 and config["rounds"] == 6
+    history = [r["history"] for r in records if r["type"] == "history"]
+    assert [h["step"]["num"] for h in history] == [r["round"] for r in res.history] == [2, 4, 6]
+    for h, rec in zip(history, res.history):
+        metrics = {k: v for k, v in h["item"].items() if not k.startswith("_")}
+        assert set(metrics) == set(rec) - {"round"}
+        for k, v in metrics.items():
+            assert v == pytest.approx(rec[k], rel=1e-7), k
+    assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [0]
 
 
 def test_wandb_logger_without_wandb(monkeypatch):

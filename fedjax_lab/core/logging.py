@@ -166,13 +166,19 @@ class TensorBoardLogger:
 class WandbLogger:
     """Log every record to Weights & Biases (`wandb.init(project=..., config=the run's config,
     **init_kwargs)` at the start, `run.log(record, step=round)`, `run.finish()` at the end), or to
-    a run you pass in (`run=`, left open). Needs `pip install wandb`."""
+    a run you pass in (`run=`, left open). Needs the `wandb` extra (`pip install wandb`).
+
+    With no network, `WANDB_MODE=offline` (or `mode="offline"`; `dir=` or WANDB_DIR for where)
+    writes the run to `wandb/offline-run-*/run-*.wandb`, for `wandb sync` later or for reading
+    with `wandb leet inspect --json` (tests/test_logging.py reads every metric and the config back
+    from it with the real package)."""
 
     def __init__(self, project: Optional[str] = None, *, run=None, **init_kwargs):
         try:
             import wandb
         except ImportError as e:
-            raise ImportError("WandbLogger needs Weights & Biases: pip install wandb") from e
+            raise ImportError("WandbLogger needs Weights & Biases: pip install wandb (the extra: "
+                              "pip install 'fedjax_lab[wandb]')") from e
         self._wandb = wandb
         self._init = dict(init_kwargs, project=project)
         self.run = run
