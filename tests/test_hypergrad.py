@@ -11,6 +11,7 @@ import pytest
 
 from fedjax_lab import Setup, algorithms, hypergrad, models, run
 from fedjax_lab.core.hypergrad import memory_bytes
+from tests.conftest import count_compiles
 
 FLAT = dict(clients_per_round=3, local_steps=3, batch_size=4, stragglers=0.4)
 MODEL = models.logistic(3)
@@ -150,3 +151,144 @@ def test_a_hyperparameter_needed_as_a_number_is_refused(tiny_data):
         one = from_client_lists([np.zeros((2, 4), np.float32)], [np.zeros(2, int)], num_classes=3)
         hypergrad(algorithms.fedprox, tiny_data, model=MODEL, wrt={"mu": 0.1}, rounds=1, key=0,
                   setup=Setup.of(**FLAT), validation=one)
+
+
+# ---------------------------------------------------------------------------------------------
+# Over the registry: every algorithm's hypergradient equals central differences, or it refuses.
+
+def float_hyperparameters(factory) -> dict:
+    """{name: default} of the float hyperparameters a sweep may trace: the factory's own float
+    keywords with a non-zero default (a relative step around 0 is no step) and the client /
+    server learning rates of the Setup fields it uses."""
+    import inspect
+    from fedjax_lab.core.setup import Setup as S
+    from fedjax_lab.core.sweep import valid_names
+    names = valid_names(factory)
+    out = {}
+    for p in inspect.signature(factory).parameters.values():
+        if names.get(p.name, (None, None))[1] is float and isinstance(p.default, float) \
+                and not isinstance(p.default, bool) and p.default != 0:
+            out[p.name] = p.default
+    flat = S().over(getattr(factory, "defaults", S())).describe()
+    for name in ("client_lr", "server_lr"):
+        if name in names and name in flat:
+            out[name] = float(flat[name])
+    return out
+
+
+def hypergrad_registry_data():
+    """6 clients of 6..20 examples, 4 features, 3 classes, with test splits (tiny shapes)."""
+    from fedjax_lab.data import from_client_lists
+    rng = np.random.default_rng(1)
+    sizes = [6, 9, 20, 7, 12, 10]
+    w = rng.normal(size=(4, 3))
+    xs = [rng.normal(size=(n, 4)).astype(np.float32) + 0.3 * k for k, n in enumerate(sizes)]
+    ys = [np.argmax(x @ w + rng.normal(size=(len(x), 3)), 1) for x in xs]
+    txs = [rng.normal(size=(4, 4)).astype(np.float32) for _ in sizes]
+    tys = [np.argmax(x @ w, 1) for x in txs]
+    return from_client_lists(xs, ys, test_xs=txs, test_ys=tys, num_classes=3)
+
+
+def registry_setup(factory) -> Setup:
+    """A few clients, a few small steps: the shared values the factory uses, nothing else."""
+    uses = getattr(factory, "uses", frozenset({"cohort", "work"}))
+    flat = {}
+    if "cohort" in uses:
+        flat["clients_per_round"] = 3
+    if "work" in uses:
+        flat.update(local_steps=5, batch_size=4)
+    return Setup.of(**flat)
+
+
+def check_against_finite_differences(name, data, *, rounds=2, rel_step=1e-2, only=None,
+                                     fixed=None):
+    """(checked {hp: (hypergrad, central difference, its uncertainty)}, refused {hp: message}) of
+    algorithm `name` with its default hyperparameters and default model: for each float
+    hyperparameter h (or those in `only`), fl.hypergrad either raises a ValueError naming the
+    algorithm and h, or returns dL/dh. The central difference D(e) = (L(h + e) - L(h - e)) / 2e,
+    L the same program's value (the driver's test_loss, or test_personal_loss, after `rounds`
+    rounds), is taken at e = rel_step * h and e / 2 and extrapolated, (4 D(e/2) - D(e)) / 3
+    (Richardson: the O(e^2) error cancels; at 5% steps FedMeta's Adam made it 8%); its
+    uncertainty, float32 rounding of L and what truncation is left, is |D(e) - D(e/2)| / 3.
+    fixed: {name: value} of other hyperparameters changed from their defaults."""
+    from fedjax_lab.algorithms import ALGORITHMS
+    factory = ALGORITHMS[name][0]
+    args = dict(rounds=rounds, key=0, setup=registry_setup(factory), fixed=fixed)
+    checked, refused = {}, {}
+    for h, v in float_hyperparameters(factory).items():
+        if only is not None and h not in only or h in (fixed or {}):
+            continue
+        try:
+            res = hypergrad(factory, data, wrt={h: v}, **args)
+        except ValueError as e:
+            assert name in str(e) and h in str(e), f"{name}/{h}: the refusal must name both: {e}"
+            refused[h] = str(e)
+            continue
+        value = lambda x: hypergrad(factory, data, wrt={h: x}, **args).value
+        d1, d2 = [(value(v + e) - value(v - e)) / (2 * e) for e in (rel_step * v, rel_step * v / 2)]
+        checked[h] = (res.grads[h], (4 * d2 - d1) / 3, abs(d1 - d2) / 3)
+    return checked, refused
+
+
+def assert_hypergrads_match(name, checked, rtol=0.02):
+    """Each hypergradient within rtol of its central difference, beyond the difference's own
+    uncertainty; a derivative lost in float32 rounding (uncertainty over a quarter of it) is
+    reported, and at least one must be measurable."""
+    measurable = {h: c for h, c in checked.items() if c[2] <= 0.25 * abs(c[1])}
+    for h, (g, fd, u) in checked.items():
+        assert abs(g - fd) <= rtol * abs(fd) + 2 * u, \
+            f"{name}: dL/d{h} = {g:.6g} from fl.hypergrad, {fd:.6g} by central differences " \
+            f"(uncertainty {u:.2g}): expected agreement to {rtol:.0%}"
+    assert not checked or measurable, f"{name}: no derivative above float32 noise: {checked}"
+
+
+@pytest.fixture(scope="module")
+def registry_data():
+    return hypergrad_registry_data()
+
+
+def test_fedmeta_maml_inner_lr_matches_finite_differences(registry_data):
+    """MAML differentiates through its inner loop, so dL/d alpha is the true derivative (two
+    rounds of one inner step: -0.05217 vs -0.05217 extrapolated from central differences; the
+    defaults' 3 steps, in the slow registry sweep: -0.1732 vs -0.1732)."""
+    checked, refused = check_against_finite_differences("fedmeta_maml", registry_data,
+                                                        only={"inner_lr"}, rounds=2,
+                                                        fixed={"inner_steps": 1})
+    assert not refused and set(checked) == {"inner_lr"}
+    g, fd, uncertainty = checked["inner_lr"]
+    assert abs(fd) > 1e-2 and uncertainty < 0.05 * abs(fd)    # a derivative there to match
+    assert_hypergrads_match("fedmeta_maml", checked)
+
+
+@pytest.mark.parametrize("name, hp", [("perfedavg_hf", "inner_lr"), ("perfedavg_fo", "client_lr"),
+                                      ("fedmeta_fomaml", "inner_lr"), ("signsgd", "client_lr")])
+def test_a_stop_gradient_on_the_path_is_refused_before_compiling(name, hp, registry_data):
+    """perfedavg_hf's dL/d inner_lr came out exactly 0 (finite differences: +0.15) and FOMAML's
+    biased (-0.0115 vs -0.0108): the stop_gradient lies on the path, so they are refused, naming
+    the algorithm and the hyperparameter, before anything is traced."""
+    from fedjax_lab.algorithms import ALGORITHMS
+    factory = ALGORITHMS[name][0]
+    with count_compiles() as compiles:
+        with pytest.raises(ValueError, match=rf"wrt: {name} cannot be differentiated with respect "
+                                             rf"to '{hp}': .*stop_gradient|sign"):
+            hypergrad(factory, registry_data, wrt={hp: 0.1}, rounds=1, key=0,
+                      setup=registry_setup(factory))
+    assert compiles == []
+
+
+def test_a_hyperparameter_traced_where_a_number_is_needed_names_the_algorithm(registry_data):
+    from fedjax_lab.algorithms import fedmeta_maml
+    with pytest.raises(ValueError, match=r"wrt: \['support_fraction'\]: fedmeta_maml needs one of "
+                                         r"them as a Python number"):
+        hypergrad(fedmeta_maml, registry_data, wrt={"support_fraction": 0.3}, rounds=1, key=0,
+                  setup=registry_setup(fedmeta_maml))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(__import__("fedjax_lab.algorithms").algorithms.ALGORITHMS))
+def test_every_registered_hypergradient_is_right_or_refused(name, registry_data):
+    """For every registered algorithm with its defaults and default model, each float
+    hyperparameter's fl.hypergrad equals central finite differences to 2%, or is refused with a
+    ValueError naming the algorithm and the hyperparameter."""
+    checked, refused = check_against_finite_differences(name, registry_data)
+    assert_hypergrads_match(name, checked)

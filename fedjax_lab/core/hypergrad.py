@@ -27,6 +27,16 @@ Memory (remat). Reverse mode keeps what the backward pass needs:
     too (two-level checkpointing): memory O((R / k + k) * |state| + round), k ~ sqrt(R) gives
     O(sqrt(R) * |state|), at about two extra forward passes.
 Measured growth with R is in experiments/tune_by_hypergrad.py --memory (README).
+
+Right or refused. Where a stop_gradient or a step with no useful derivative lies on the path from
+a hyperparameter to the loss, reverse mode returns 0 or a biased value, not dL/dh: Per-FedAvg's
+direction enters local training through a stop_gradient surrogate, FOMAML stops the gradient of
+its inner steps, signSGD votes with sign(), FetchSGD and local top-k select coordinates. An
+algorithm declares such names (`setup.defaults(no_hypergrad={name or "*": why})`;
+`NOT_DIFFERENTIABLE` for the rest) and `hypergrad` raises a ValueError naming the algorithm and the hyperparameter before tracing. A
+name the algorithm needs as a Python number (a shape, a branch) is refused when it is traced.
+Every accepted (algorithm, hyperparameter) is checked against central finite differences in
+tests/test_hypergrad.py.
 """
 from __future__ import annotations
 
@@ -97,18 +107,20 @@ def _value_and_grad(program: Program, values, data, validation, key, *, rounds: 
     return jax.value_and_grad(objective)(values)
 
 
-def hypergrad(factory, data, *, wrt: dict, rounds: int, key, model: Model,
+def hypergrad(factory, data, *, wrt: dict, rounds: int, key, model: Optional[Model] = None,
               fixed: Optional[dict] = None, setup: Setup = Setup(), validation=None,
               personal: Optional[bool] = None, remat: Union[str, int] = "round") -> Hypergrad:
     """dL_val/dh after `rounds` rounds of `factory` (module docstring). wrt: {name: value} of the
     float hyperparameters to differentiate; fixed: {name: value} of others (any kind); validation:
     a FederatedArrays split with the training data's clients (default data.test); personal: score
-    client_params (default: alg.personalized); remat: "round", "none" or a segment length."""
+    client_params (default: alg.personalized); remat: "round", "none" or a segment length;
+    model: None runs the algorithm's default model (`setup.default_model(factory)`)."""
     validate.positive("rounds", rounds, integer=True)
     if not isinstance(wrt, dict) or not wrt:
         raise ValueError(f"wrt must be a non-empty dict {{name: float}}, got {wrt!r}")
     fixed = dict(fixed or {})
     kinds = check_names(factory, list(wrt) + list(fixed), what="wrt")
+    refuse_not_differentiable(factory, wrt)
     both = sorted(set(wrt) & set(fixed))
     if both:
         raise ValueError(f"fixed: {both} also in wrt")
@@ -128,6 +140,10 @@ def hypergrad(factory, data, *, wrt: dict, rounds: int, key, model: Model,
         raise ValueError(f"validation must have the training data's {data.num_clients} clients, "
                          f"got {validation.num_clients}")
     model = fixed.pop("model", model)
+    if model is None:
+        from fedjax_lab import models
+        from fedjax_lab.core.setup import default_model
+        model = models.get(default_model(factory), data.num_classes, data.x[:1])
     program = Program(factory=factory, model=model,
                       static=tuple(sorted(fixed.items())), traced=tuple(sorted(wrt)),
                       kinds=tuple(sorted((k, v[0]) for k, v in kinds.items())), setup=setup)
@@ -142,11 +158,45 @@ def hypergrad(factory, data, *, wrt: dict, rounds: int, key, model: Model,
         value, grads = _value_and_grad(program, values, data, validation, _as_key(key)[0],
                                        rounds=rounds, remat=remat, personal=personal)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerBoolConversionError,
-            jax.errors.TracerIntegerConversionError) as e:
+            jax.errors.TracerIntegerConversionError, ValueError, TypeError) as e:
+        # The values were checked as Python numbers above (program.build), so an error now comes
+        # from tracing: the algorithm uses one of them where only a concrete number will do.
         raise ValueError(f"wrt: {sorted(wrt)}: {alg.name} needs one of them as a Python number "
-                         f"(it cannot be differentiated): {type(e).__name__}") from e
+                         f"(it cannot be differentiated): {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
     return Hypergrad(value=float(value), grads={k: float(g) for k, g in grads.items()},
                      personal=personal)
+
+
+# Algorithms whose files declare nothing (`setup.defaults(no_hypergrad=...)`) but whose update
+# crosses a step without a useful derivative on the way from every hyperparameter to the loss.
+SIGN_VOTE = ("the clients' updates reach the server through sign(), whose derivative is 0 "
+             "wherever it exists, so dL/dh would drop every path through the clients")
+TOP_K = ("the update reaches the model through a top-k selection, which jumps when the "
+         "selected coordinates change, so reverse mode sees only the fixed selection's branch")
+NOT_DIFFERENTIABLE = {"signsgd": {"*": SIGN_VOTE}, "noisy_signsgd": {"*": SIGN_VOTE},
+                      "fetchsgd": {"*": TOP_K}, "local_topk": {"*": TOP_K}}
+
+
+def not_differentiable(factory) -> dict:
+    """{name or "*": why} of the hyperparameters `fl.hypergrad` refuses for `factory`."""
+    func = getattr(factory, "func", factory)
+    declared = getattr(factory, "no_hypergrad", None) or getattr(func, "no_hypergrad", None) or {}
+    return {**NOT_DIFFERENTIABLE.get(getattr(func, "__name__", ""), {}), **declared}
+
+
+def refuse_not_differentiable(factory, wrt):
+    """ValueError naming the algorithm and the hyperparameter when a name of `wrt` is one whose
+    hypergradient the algorithm declares wrong (a stop_gradient or a zero-derivative step on the
+    path): refused before anything is traced or compiled."""
+    table = not_differentiable(factory)
+    fname = getattr(getattr(factory, "func", factory), "__name__", "the algorithm")
+    for name in sorted(wrt):
+        why = table.get(name, table.get("*"))
+        if why is not None:
+            raise ValueError(f"wrt: {fname} cannot be differentiated with respect to {name!r}: "
+                             f"{why}; the hypergradient would be 0 or biased, not dL/d{name}. "
+                             f"Use finite differences of fl.sweep runs instead")
 
 
 def memory_bytes(factory, data, *, wrt: dict, rounds: int, model: Model, remat="round",
@@ -154,6 +204,7 @@ def memory_bytes(factory, data, *, wrt: dict, rounds: int, model: Model, remat="
     """XLA's temp memory (bytes) of the compiled hypergradient program (for the R scaling)."""
     fixed = dict(fixed or {})
     kinds = check_names(factory, list(wrt) + list(fixed), what="wrt")
+    refuse_not_differentiable(factory, wrt)
     program = Program(factory=factory, model=model, static=tuple(sorted(fixed.items())),
                       traced=tuple(sorted(wrt)),
                       kinds=tuple(sorted((k, v[0]) for k, v in kinds.items())), setup=setup)
