@@ -22,7 +22,9 @@ which matters when EMNIST is mixed or compared with MNIST, and for looking at th
 
 No internet: a dataset that is not prepared under `data_dir` raises `DatasetNotPrepared` saying how
 to prepare it on a machine with internet (`tfds build NAME --file_format=array_record`) and where to
-copy it; we never attempt a download unless `download=True`. A prepared copy that cannot be read
+copy it; we never attempt a download unless `download=True`. Images you already hold as arrays
+become such a prepared copy with `save_tfds(name, {"train": (x, y), "test": (x, y)}, data_dir)`
+(TFDS's own builder writing ArrayRecord, no TensorFlow, no network). A prepared copy that cannot be read
 (unparsable dataset_info.json, damaged or missing shards) raises ValueError naming its folder.
 """
 from __future__ import annotations
@@ -200,3 +202,67 @@ def _normalize(x, x_test, how):
         x = (x - mean) / std
         x_test = None if x_test is None else (x_test - mean) / std
     return x, x_test
+
+
+def save_tfds(name: str, splits: dict, data_dir: str) -> str:
+    """Write arrays as the prepared TFDS dataset `name` (one of DATASETS) under `data_dir`, in
+    ArrayRecord format, with no TensorFlow and no network: the dataset's own TFDS builder, whose
+    examples come from `splits` instead of its download ({"train": (x, y), "test": (x, y)}, x
+    uint8 [n, H, W, C] in the builder's image shape, y integer labels as `load_tfds` returns them).
+    Images are PNG-encoded with PIL (TFDS's own encoder needs TensorFlow). The result is read like
+    a copy prepared by `tfds build NAME --file_format=array_record`: `load_tfds(name,
+    data_dir=...)`, `load("NAME:...,data_dir=...")`. EMNIST images are stored transposed and
+    EMNIST letters labelled 1..26, as TFDS stores them (load_tfds undoes both). Other features of
+    the builder (CIFAR's "id", CIFAR-100's "coarse_label") get placeholders ("SPLIT_i", 0).
+    Returns the dataset's folder (data_dir/NAME/VERSION)."""
+    import io
+
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    key = name.lower().replace("-", "_")
+    if key.startswith("emnist_"):
+        key = "emnist/" + key[len("emnist_"):]
+    if key not in DATASETS:
+        raise ValueError(f"unknown TFDS dataset {name!r}; valid: {sorted(DATASETS)}")
+    tfds_name, label_key, _ = DATASETS[key]
+    base, _, config = tfds_name.partition("/")
+    arrays = {}
+    for split, (x, y) in splits.items():
+        x, y = np.asarray(x), np.asarray(y).astype(np.int64)
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"splits[{split!r}]: expected uint8 images [n, H, W, C] and n labels, "
+                             f"got x {x.dtype} {x.shape} and y {y.shape}")
+        if base == "emnist":
+            x = np.swapaxes(x, 1, 2)
+        if tfds_name == "emnist/letters":
+            y = y + 1
+        arrays[split] = (x, y)
+
+    def png(image):
+        buf = io.BytesIO()
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+        return buf.getvalue()
+
+    class FromArrays(tfds.builder_cls(base), skip_registration=True):
+        code_path = None      # no checksums file to look up (that lookup imports importlib_resources)
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(split) for split in arrays}
+
+        def _generate_examples(self, split):
+            x, y = arrays[split]
+            features = self.info.features
+            for i in range(y.shape[0]):
+                ex = {"image": png(x[i]), label_key: int(y[i])}
+                for k, feature in features.items():
+                    if k not in ex:
+                        ex[k] = (f"{split}_{i}" if isinstance(feature, tfds.features.Text) else 0)
+                yield i, ex
+
+    FromArrays.name = base        # files land where the registered builder looks for them
+    builder = FromArrays(data_dir=os.path.expanduser(str(data_dir)), config=config or None,
+                         file_format="array_record")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return str(builder.data_dir)
