@@ -1,4 +1,4 @@
-"""DP-FedAvg (core/privacy.py): the clipping bound and the noise's std on stacked updates; one round
+"""DP-FedAvg (aggregators/privacy.py): the clipping bound and the noise's std on stacked updates; one round
 against a per-client numpy loop (fixed clipping through the Setup's aggregator, adaptive clipping);
 epsilon equal to dp-accounting's own value (RDP without replacement, RDP and PLD Poisson) and in
 metrics.jsonl; bad input; accuracy falling as z grows (slow)."""
@@ -15,7 +15,8 @@ import pytest
 from fedjax_lab import Cohort, LocalWork, Optimizer, Setup, aggregators, models, run
 from fedjax_lab import data as D
 from fedjax_lab.algorithms import ditto, fedavg
-from fedjax_lab.core import driver, privacy
+from fedjax_lab.aggregators import privacy
+from fedjax_lab.core import driver
 from fedjax_lab.core.rounds import participate
 from tests.reference import softmax_grads
 

@@ -25,7 +25,7 @@ import numpy as np
 
 import fedjax_lab as fl
 from fedjax_lab.algorithms import fedavg
-from fedjax_lab.core import privacy
+from fedjax_lab.aggregators import privacy
 from fedjax_lab.reproduce import finish, output_paths, protocol_parser
 
 CLAIM = ("DP-FedAvg (clip each client's update to S, add N(0, (z S)^2) to the sum): accuracy falls "

@@ -14,45 +14,12 @@ options of NAME's factory as `--aggregator-OPTION`. The plain functions live in 
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
-from typing import Callable
 
 from fedjax_lab.aggregators import coordinate, geometric
+from fedjax_lab.aggregators.base import Aggregator
+from fedjax_lab.aggregators.privacy import dp_mean as private_mean
 from fedjax_lab.core import validate, values
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Aggregator:
-    """`aggregate(updates, weights)` with the options it was built with (`options`, by name).
-
-    Two variants, both called by the round skeleton through `apply`: a class with `needs_key`
-    True takes the round key, aggregate(updates, weights, key) (DP's server noise,
-    core/privacy.py); `has_aux=True` returns (update, aux), aux a dict of scalars that the
-    skeleton adds to the round's metrics (adaptive clipping's next clip norm); agg(updates,
-    weights[, key]) is the update alone."""
-    name: str
-    aggregate: Callable          # (updates [C, ...], weights [C]) -> update
-    check: Callable[[int], None] = lambda clients_per_round: None
-    options: tuple = ()          # ((option, value), ...) as passed to the factory
-    has_aux: bool = False        # aggregate returns (update, aux dict)
-    needs_key = False            # aggregate takes the round key too (a class attribute)
-
-    def __call__(self, updates, weights, key=None):
-        return self.apply(updates, weights, key)[0]
-
-    def apply(self, updates, weights, key=None):
-        """(update, aux): aux is {} unless has_aux."""
-        if self.needs_key and key is None:
-            raise ValueError(f"aggregator {self.name!r} draws its noise from the round key: call "
-                             "it as agg(updates, weights, key) (the round skeleton does)")
-        out = self.aggregate(updates, weights, key) if self.needs_key \
-            else self.aggregate(updates, weights)
-        return out if self.has_aux else (out, {})
-
-    def describe(self, prefix=None) -> dict:
-        return {"aggregator": self.name,
-                **{f"aggregator_{k}": values.json_value(v) for k, v in self.options}}
 
 
 def mean() -> Aggregator:
@@ -125,8 +92,7 @@ AGGREGATORS = {
 def dp_mean(noise_multiplier: float = 1.0, clip_norm: float = 1.0, expected_clients: int = 0,
             delta: float = 1e-5, sampling: str = "without_replacement", accountant: str = "rdp"):
     """DP-FedAvg (McMahan et al. 2018): (sum_k clip_S(u_k) + N(0, (z S)^2 I)) / m, m the expected
-    cohort size (0: the cohort's C); epsilon(delta) by dp-accounting (core/privacy.py)."""
-    from fedjax_lab.core.privacy import dp_mean as private_mean
+    cohort size (0: the cohort's C); epsilon(delta) by dp-accounting (aggregators/privacy.py)."""
     return private_mean(noise_multiplier, clip_norm, expected_clients, delta, sampling, accountant)
 
 

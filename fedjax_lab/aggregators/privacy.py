@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_lab.aggregators import Aggregator
+from fedjax_lab.aggregators.base import Aggregator
 from fedjax_lab.core import validate, values
 
 NOISE_STREAM = 0xD1F   # fold_in constant: the server noise on the sum
@@ -119,6 +119,10 @@ class DPMean(Aggregator):
     def denominator(self, num_rows: int) -> int:
         return self.expected_clients or num_rows
 
+    def make_accountant(self, alg, data):
+        """The driver's accountant for `alg` (accountant_for): epsilon(delta) after each round."""
+        return accountant_for(alg, data)
+
 
 def dp_mean(noise_multiplier: float = 1.0, clip_norm: float = 1.0, expected_clients: int = 0,
             delta: float = 1e-5, sampling: str = "without_replacement", accountant: str = "rdp"
@@ -126,7 +130,7 @@ def dp_mean(noise_multiplier: float = 1.0, clip_norm: float = 1.0, expected_clie
     """DP-FedAvg (McMahan et al. 2018): (sum_k clip_S(Delta_k) + N(0, (z S)^2)) / m, m = the
     expected cohort size (`expected_clients`, 0: the cohort's C). `delta`, `sampling`
     ("without_replacement" or "poisson") and `accountant` ("rdp" or "pld") say how the driver
-    reports epsilon(delta). See core/privacy.py."""
+    reports epsilon(delta). See aggregators/privacy.py."""
     validate.non_negative("noise_multiplier", noise_multiplier)
     validate.positive("clip_norm", clip_norm)
     if not (isinstance(expected_clients, int) and not isinstance(expected_clients, bool)

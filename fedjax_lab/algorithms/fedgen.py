@@ -72,7 +72,7 @@ from fedjax_lab.core import comm, validate
 from fedjax_lab.core.client_state import RowRound, row_algorithm
 from fedjax_lab.core.evaluate import client_params_of_global
 from fedjax_lab.core.local import local_train
-from fedjax_lab.core.privacy import DPMean
+from fedjax_lab.aggregators.privacy import DPMean
 from fedjax_lab.core.rounds import ServerState, sample_ids
 from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config,
                                    defaults, resolve)

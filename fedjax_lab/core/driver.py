@@ -82,8 +82,8 @@ def run(alg: Algorithm, data, *, rounds: int, key, eval_every: int = 10, out: Op
     record -> None or an object with on_eval(record) and optional on_start(config, history) (the
     config and, on resume, the restored records) and close(); closed when the run ends or fails.
     accountant: privacy accounting added to every record, a callable rounds -> {name: float} or an
-    object with such a `metrics` method (core.privacy.Accountant: epsilon and delta). None: the
-    algorithm's own if it aggregates with aggregators.dp_mean (core/privacy.py), else none;
+    object with such a `metrics` method (aggregators.privacy.Accountant: epsilon and delta). None: the
+    algorithm's own if it aggregates with aggregators.dp_mean (aggregators/privacy.py), else none;
     False: none.
     """
     validate.positive("rounds", rounds, integer=True)
@@ -199,8 +199,10 @@ def _accountant(alg, data, accountant):
     if accountant is False:
         return None
     if accountant is None:
-        from fedjax_lab.core import privacy
-        acc = privacy.accountant_for(alg, data)
+        # the aggregator knows its own privacy accounting (aggregators/privacy.py: DPMean)
+        make = getattr(getattr(getattr(alg, "setup", None), "aggregator", None),
+                       "make_accountant", None)
+        acc = None if make is None else make(alg, data)
         return None if acc is None else acc.metrics
     fn = getattr(accountant, "metrics", accountant)
     if not callable(fn):
