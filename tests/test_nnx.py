@@ -187,16 +187,35 @@ def test_a_factory_inits_by_key_and_import_paths_build_models(digits):
     assert set(fac.init(None, digits.x[:1])) == {"params", "batch_stats"}
     lin = fl.models.get("tests.test_nnx:LinenMLP", 10, digits.x[:1])
     assert lin.apply(lin.init(jax.random.key(0), digits.x[:1]), digits.x[:3]).shape == (3, 10)
-    # every algorithm takes them: one FedAvg round on the factory-built nnx BatchNorm model
-    alg = fl.algorithms.fedavg(fac, setup=fl.Setup.of(**SETUP))
-    state, metrics = jax.jit(alg.round)(alg.init(jax.random.key(0), digits), digits,
-                                        jax.random.key(1))
-    assert np.isfinite(float(metrics["local_loss"]))
+    assert lin.init(jax.random.key(0), digits.x[:1])["Dense_0"]["kernel"].shape == (64, 10)
 
     with pytest.raises(ValueError, match="cannot import 'Nope' from 'tests.test_nnx'"):
         fl.models.get("tests.test_nnx:Nope", 10, digits.x[:1])
     with pytest.raises(ValueError, match="maps examples of shape"):
         fl.models.get("tests.test_nnx:bad_factory", 10, digits.x[:1])
+
+
+def test_the_driver_runs_an_nnx_model_twice(digits):
+    """The driver donates the state it is handed: init must give fresh buffers every time."""
+    fac = fl.models.get("tests.test_nnx:nnx_bn_factory", 10, digits.x[:1])
+    alg = fl.algorithms.fedbn(fac, setup=fl.Setup.of(**SETUP))
+    runs = [fl.run(alg, digits, rounds=2, key=0, eval_every=2, progress=False) for _ in range(2)]
+    assert runs[0].history == runs[1].history and np.isfinite(runs[0].history[-1]["train_loss"])
+
+
+@pytest.mark.slow
+def test_driver_checkpoints_and_resumes_an_nnx_model(digits, tmp_path):
+    """Checkpoints of params whose keys include nnx.List's integer indices, resumed exactly."""
+    fac = fl.models.get("tests.test_nnx:nnx_bn_factory", 10, digits.x[:1])
+    alg = fl.algorithms.fedbn(fac, setup=fl.Setup.of(**SETUP))
+    kw = dict(key=0, eval_every=2, progress=False)
+    fl.run(alg, digits, rounds=2, out=str(tmp_path), checkpoint_every=2, **kw)
+    resumed = fl.run(alg, digits, rounds=4, out=str(tmp_path), checkpoint_every=2, resume=True, **kw)
+    fresh = fl.run(alg, digits, rounds=4, **kw)
+    assert resumed.history == fresh.history
+    ids = jnp.arange(digits.num_clients)
+    chex.assert_trees_all_equal(alg.client_params(resumed.state, ids),
+                                alg.client_params(fresh.state, ids))
 
 
 def bad_factory(num_classes, sample_x):

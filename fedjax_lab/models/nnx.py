@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Callable, Union
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_lab.core.types import Model
@@ -73,8 +74,8 @@ def from_nnx(module: Union[nnx.Module, Callable[[nnx.Rngs], nnx.Module]],
         return m
 
     def init(key, sample_x=None):
-        if make is None:
-            return initial
+        if make is None:   # fresh buffers: the driver donates the state it is handed
+            return jax.tree.map(jnp.copy, initial)
         _, p, s, _ = nnx.split(make(nnx.Rngs(key)), nnx.Param, nnx.BatchStat, ...)
         return _values(p, s, stateful)
 
