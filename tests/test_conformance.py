@@ -12,14 +12,14 @@ logistic model, is checked for:
 
 A new algorithm gets all of them by registering in ALGORITHMS and adding its reference. The work
 per algorithm is shared: one `fl.run` program (rounds of one, eval_every=1) serves the reference,
-determinism, resume, config and accounting checks, so an algorithm costs about four compilations.
-Under xdist every algorithm's checks are one group (tests/conftest.py), so the cache below is hit.
+determinism, resume, config and accounting checks (`case`, cached per algorithm), and the vmap
+check is one more program; the CLI re-run compiles its own. Under `make test` (xdist loadgroup)
+every algorithm's checks are one group (tests/conftest.py), so they share that cache.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
