@@ -28,6 +28,7 @@ from fedjax_lab.algorithms.lg_fedavg import lg_fedavg
 from fedjax_lab.algorithms.fedbabu import fedbabu
 from fedjax_lab.algorithms.fedrep import fedrep
 from fedjax_lab.algorithms.apfl import apfl
+from fedjax_lab.algorithms.pfedme import pfedme
 from fedjax_lab.registry import ALGORITHMS, register
 
 ALGORITHMS.update({
@@ -68,11 +69,12 @@ ALGORITHMS.update({
     "fedbabu": (fedbabu, "FedBABU (Oh et al. 2022): head frozen at its random init, body trained and averaged; head fine-tuned for evaluation"),
     "fedrep": (fedrep, "FedRep (Collins et al. 2021): per round head steps (body fixed) then body steps (head fixed); body averaged, head per client"),
     "apfl": (apfl, "APFL (Deng et al. 2020): personalized alpha_i v_i + (1 - alpha_i) w, alpha_i learned by its gradient; alpha = 0 is FedAvg"),
+    "pfedme": (pfedme, "pFedMe (T. Dinh et al. 2020): personalized theta_i on f_i + lam/2||theta - w_i||^2 (Moreau envelope), server (1 - beta) w + beta mean w_i"),
 })
 
 __all__ = ["fedavg", "fedopt", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ditto",
            "fedamp", "heurfedamp", "perfedavg_fo", "perfedavg_hf", "fedmeta_maml", "fedmeta_fomaml",
            "fedmeta_metasgd", "pfedhn", "pfedhn_pc", "fedproto", "fedgkt", "fedgen",
            "scaffold", "fednova", "feddyn", "fedbn", "moon", "qffl", "fedper", "lg_fedavg", "fedbabu",
-           "fedrep", "apfl",
+           "fedrep", "apfl", "pfedme",
            "ALGORITHMS", "register"]
