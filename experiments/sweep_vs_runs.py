@@ -17,7 +17,8 @@ The runs are FedProx (mu in {0, 0.01, 0.1, 1}, the first min(R, 4) of them) x R 
 Timing. Execution per run and round is (T(r2 rounds) - T(r1 rounds)) / (r2 - r1) / R of the whole
 `fl.sweep` call and of the R `fl.run` calls, warm (nothing to compile), so that compilation and
 the per-call fixed costs cancel, as in issue 28; "end to end" is the ratio of the warm r2-round
-calls, fixed costs included. Each side is first called once cold, and compilation is reported
+calls, fixed costs included; "CPU-time ratio" the same differences in process CPU time
+(`time.process_time`, all threads), less sensitive to other processes' load than wall time. Each side is first called once cold, and compilation is reported
 apart as cold minus warm (the sweep: one program per R; the runs: one program per mu value, shared
 by all R of a workload, so 0 once compiled). The sides alternate within every repeat, and which
 goes first alternates too, so that the machine's load hits both alike; medians over repeats (at
@@ -93,7 +94,7 @@ def measure(name: str, R: int, repeats: int, memory_budget=None, max_seconds=240
         algs[mu] = algorithms.fedprox(model, mu=mu, setup=setup)
 
     def runs(rounds):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         loss = []
         for mu in mus:
             for s in seeds:
@@ -101,41 +102,46 @@ def measure(name: str, R: int, repeats: int, memory_budget=None, max_seconds=240
                              progress=False)
                 loss.append(res.history[-1]["train_loss"])
         jax.block_until_ready(jax.tree.leaves(res.state))
-        return time.perf_counter() - t, loss
+        return (time.perf_counter() - t, time.process_time() - c), loss
 
     def swept(rounds):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         res = fl.sweep(algorithms.fedprox, data, model=model, setup=setup, grid={"mu": mus},
                        seeds=seeds, rounds=rounds, eval_every=every, progress=False,
                        memory_budget=memory_budget)
         jax.block_until_ready(jax.tree.leaves(res.runs[-1].state))
-        return time.perf_counter() - t, [r.history[-1]["train_loss"] for r in res.runs], res
+        return ((time.perf_counter() - t, time.process_time() - c),
+                [r.history[-1]["train_loss"] for r in res.runs], res)
 
-    cold_runs, loss_r = runs(r1)
-    cold_sweep, loss_s, res = swept(r1)
+    (cold_runs, _), loss_r = runs(r1)
+    (cold_sweep, _), loss_s, res = swept(r1)
     times = {k: [] for k in ("runs_r1", "runs_r2", "sweep_r1", "sweep_r2")}
+    cpu = {k: [] for k in times}
     start = time.perf_counter()
     for rep in range(repeats):               # alternate the order of the sides
         calls = [("sweep", swept), ("runs", runs)]
         for side, fn in (calls if rep % 2 == 0 else calls[::-1]):
-            times[f"{side}_r1"].append(fn(r1)[0])
-            times[f"{side}_r2"].append(fn(r2)[0])
+            for r, length in (("r1", r1), ("r2", r2)):
+                wall, used = fn(length)[0]
+                times[f"{side}_{r}"].append(wall)
+                cpu[f"{side}_{r}"].append(used)
         if rep >= 2 and time.perf_counter() - start > max_seconds:
             break
     med = lambda xs: float(statistics.median(xs))
-    per_round = {side: med([b - a for a, b in zip(times[f"{side}_r1"], times[f"{side}_r2"])])
-                 / (r2 - r1) / R for side in ("runs", "sweep")}
+    diff = lambda d, side: med([b - a for a, b in zip(d[f"{side}_r1"], d[f"{side}_r2"])])
+    per_round = {side: diff(times, side) / (r2 - r1) / R for side in ("runs", "sweep")}
     return dict(workload=name, runs=R, rounds=(r1, r2), eval_every=every,
                 repeats=len(times["runs_r1"]), runs_per_chunk=res.runs_per_chunk,
                 runs_as_map=_runs_as_map(model, data, setup),
                 sweep_ms=1e3 * per_round["sweep"], runs_ms=1e3 * per_round["runs"],
                 ratio=per_round["runs"] / per_round["sweep"],
+                cpu_ratio=diff(cpu, "runs") / diff(cpu, "sweep"),
                 e2e_ratio=med(times["runs_r2"]) / med(times["sweep_r2"]),
                 compile_sweep_s=cold_sweep - med(times["sweep_r1"]),
                 compile_runs_s=cold_runs - med(times["runs_r1"]), new_run_programs=len(new_programs),
                 max_rel_loss_diff=float(np.max(np.abs(np.array(loss_r) - np.array(loss_s))
                                                / np.abs(np.array(loss_r)))),
-                times_s=times, load_avg_1min=round(os.getloadavg()[0], 2))
+                times_s=times, cpu_s=cpu, load_avg_1min=round(os.getloadavg()[0], 2))
 
 
 def _runs_as_map(model, data, setup) -> bool:
@@ -149,12 +155,12 @@ def _runs_as_map(model, data, setup) -> bool:
 
 def table(rows) -> str:
     out = ["| workload | runs | sweep ms / run / round | sequential ms / run / round | ratio | "
-           "end to end | compile: sweep / runs (new programs) | repeats | max rel. loss diff |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "CPU-time ratio | end to end | compile: sweep / runs (new programs) | repeats | "
+           "max rel. loss diff |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in rows:
         out.append(f"| {x['workload']}{' (runs mapped)' if x['runs_as_map'] else ''} | "
                    f"{x['runs']} | {x['sweep_ms']:.2f} | {x['runs_ms']:.2f} | "
-                   f"**{x['ratio']:.2f}x** | {x['e2e_ratio']:.2f}x | {x['compile_sweep_s']:.1f} s /"
+                   f"**{x['ratio']:.2f}x** | {x['cpu_ratio']:.2f}x | {x['e2e_ratio']:.2f}x | {x['compile_sweep_s']:.1f} s /"
                    f" {x['compile_runs_s']:.1f} s ({x['new_run_programs']}) | {x['repeats']} | "
                    f"{x['max_rel_loss_diff']:.0e} |")
     return "\n".join(out)
@@ -182,7 +188,8 @@ def main(argv=None) -> dict:
     for name in args.workloads:
         for R in args.runs:
             rows.append(measure(name, R, args.repeats, args.memory_budget, args.max_seconds))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "times_s"}), flush=True)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("times_s", "cpu_s")}),
+                  flush=True)
     print(f"\nFedProx sweeps on {env['backend']} ({env['device']}), per run and round: medians "
           "over warm repeats of T(r2) - T(r1), sides alternating:\n" + table(rows), flush=True)
     os.makedirs(args.out, exist_ok=True)

@@ -54,10 +54,12 @@ def test_logistic_sweep_vmaps_runs_and_sorts_only_what_they_read():
     width, passes = data.max_client_size, math.ceil(S * B / data.min_client_size)
     assert width > 512 and passes > 1                           # the wide path, several passes
     setup = Setup.of(clients_per_round=C, local_steps=S, batch_size=B, stragglers=0.5)
+    for many in (runs, 2 * sw.RUNS_PER_BLOCK_CPU + 3):          # one vmap; vmapped blocks
+        program, jaxpr = _round_jaxpr(models.logistic(10), data, setup, many)
+        assert not program.runs_as_map
+        assert not [e for e in _eqns(jaxpr, {"scan", "while"}, [])
+                    if e.params.get("length") == many], "a sequential loop over the runs"
     program, jaxpr = _round_jaxpr(models.logistic(10), data, setup, runs)
-    assert not program.runs_as_map
-    assert not [e for e in _eqns(jaxpr, {"scan", "while"}, [])
-                if e.params.get("length") == runs], "a sequential loop over the runs"
     sorted_keys = sum(math.prod(e.invars[0].aval.shape)
                       for e in _eqns(jaxpr, {"sort", "top_k"}, []))
     # what the batches read: pass 0 at full width, later passes only their first S * B keys; plus

@@ -155,6 +155,9 @@ def sweep_init(program: Program, values, data, k_init):
     return jax.vmap(lambda v, k: program.build(v).init(k, data))(values, k_init)
 
 
+RUNS_PER_BLOCK_CPU = 16
+
+
 @functools.partial(jax.jit, static_argnames=("program", "length"), donate_argnames=("state",))
 def sweep_rounds(program: Program, values, state, data, adapt_data, k_rounds, first_round,
                  length: int):
@@ -166,14 +169,25 @@ def sweep_rounds(program: Program, values, state, data, adapt_data, k_rounds, fi
     device, where XLA:CPU's batched matmuls and convolutions run far below its plain ones):
     vmapping runs there would batch every client's ops over the runs inside that map (the MLP
     sweep 0.86x, the CNN's 0.29x as fast per run as sequential fl.run's), so the runs are a
-    lax.map too (`program.runs_as_map`): each client step unbatched, as in fl.run."""
+    lax.map too (`program.runs_as_map`): each client step unbatched, as in fl.run. On CPU the
+    vmap takes at most RUNS_PER_BLOCK_CPU runs at a time (a lax.map over vmapped blocks): past
+    that, the stacked arrays outgrow the caches and every op slows down per run (logistic FedProx,
+    48 runs, ms per run and 10 rounds: one vmap 30.5; blocks of 4, 8, 12, 16, 24: 20.2, 13.8,
+    12.7, 10.7, 12.4; experiments/PERF.md)."""
     def one(v, state, key):
         alg = program.build(v)
         body = lambda s, r: alg.round(s, data, jax.random.fold_in(key, r))
         state, per_round = jax.lax.scan(body, state, first_round + 1 + jnp.arange(length))
         return state, per_round, evaluation_sums(alg, state, data, adapt_data)
+    runs = k_rounds.shape[0]
+    if runs == 1:                            # fl.run's program, no batching, no loop
+        out = one(*jax.tree.map(lambda a: a[0], (values, state, k_rounds)))
+        return jax.tree.map(lambda a: a[None], out)
     if program.runs_as_map:
         return jax.lax.map(lambda a: one(*a), (values, state, k_rounds))
+    if jax.default_backend() == "cpu" and runs > RUNS_PER_BLOCK_CPU:
+        return jax.lax.map(lambda a: one(*a), (values, state, k_rounds),
+                           batch_size=RUNS_PER_BLOCK_CPU)
     return jax.vmap(one)(values, state, k_rounds)
 
 
