@@ -1,7 +1,7 @@
 """fedjax_lab: a vectorized federated-learning simulator in JAX. Every client is a row."""
-from fedjax_lab import algorithms, data, models
-from fedjax_lab import aggregators, attacks, leaderboard
-from fedjax_lab.core import uplink
+# the shared values' packages first: each registers its kind with core.setup (core imports none of them)
+from fedjax_lab import aggregators, attacks, uplink
+from fedjax_lab import algorithms, data, leaderboard, models
 from fedjax_lab.core.driver import run
 from fedjax_lab.core.hypergrad import hypergrad
 from fedjax_lab.core.sweep import sweep

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtri
 
 from fedjax_lab.core import validate
+from fedjax_lab.core.setup import ValueKind, register_value_kind
 
 ATTACKS = {
     "none": "no attack",
@@ -212,3 +213,6 @@ class Adversary:
 __all__ = ["Adversary", "ATTACKS", "UPDATE_ATTACKS", "check_attack", "malicious_clients", "sample_attackers",
            "sign_flip", "gaussian", "random_update", "scaled", "alie", "alie_z", "apply_attack",
            "flip_labels"]
+
+
+register_value_kind("attack", ValueKind(Adversary, Adversary, flags=True))

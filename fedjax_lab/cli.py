@@ -81,7 +81,7 @@ def _options(factory, prefix):
 def setup_params(factory, aggregator=None, uplink=None):
     """[(name, type, default)] of the shared values' flags, with the algorithm's defaults."""
     from fedjax_lab import aggregators
-    from fedjax_lab.core import uplink as uplinks
+    from fedjax_lab import uplink as uplinks
     from fedjax_lab.core.setup import ALL_FIELDS, Setup, setup_flags
     uses = getattr(factory, "uses", ALL_FIELDS)
     resolved = Setup().over(getattr(factory, "defaults", Setup()))

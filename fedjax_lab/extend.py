@@ -30,8 +30,12 @@ The hooks (each optional):
                                           weights p_k, num_steps, new_rows) to the direction that
                                           the server optimizer takes (w <- ServerOpt(w, -direction))
     send_extra                            the extra state goes down with w_t (bytes counted)
-    start(w_t, row) -> w                  where a client starts and what it deploys (FedBN's own
-                                          BatchNorm layers): the algorithm is then personalized
+    start(w_t, row) -> w                  where a client starts and what it deploys: the
+                                          algorithm is then personalized
+    local_split(params) -> (shared, local)  a part of the model kept on each client (FedBN's
+                                          BatchNorm layers, FedPer's head): start, message, rows
+                                          and the server's direction follow from it
+    client_tx(tx) -> tx                   wraps the client optimizer (FedRep's phases)
 
 A round of one's own is built from the same pieces: `participate`, `local_train`,
 `client_weights`, `server_update`, `RowRound` + `row_algorithm` (docs: fedjax_lab/docs/
@@ -47,7 +51,7 @@ from fedjax_lab.core.rounds import (ServerState, client_weights, init_server, pa
 from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config, defaults,
                                    resolve)
 from fedjax_lab.core.skeleton import (ClientBatches, ClientContext, Exchange, ServerRound,
-                                      client_keys, mean_loss, server_averaging)
+                                      client_keys, mean_loss, merge_trees, server_averaging)
 from fedjax_lab.core.tree import (flatten, tree_add, tree_broadcast, tree_num_params, tree_put,
                                   tree_scale, tree_sq_norm, tree_sub, tree_take, tree_vdot,
                                   tree_weighted_mean, tree_where, tree_zeros_like)
@@ -58,7 +62,7 @@ __all__ = [
     "local_train", "ServerState", "client_weights", "init_server", "participate", "sample_ids",
     "server_update", "weighted_mean_scalar", "Cohort", "LocalWork", "Optimizer", "Setup",
     "algorithm_config", "defaults", "resolve", "ClientBatches", "ClientContext", "Exchange",
-    "ServerRound", "client_keys", "mean_loss", "server_averaging", "flatten", "tree_add",
+    "ServerRound", "client_keys", "mean_loss", "merge_trees", "server_averaging", "flatten", "tree_add",
     "tree_broadcast", "tree_num_params", "tree_put", "tree_scale", "tree_sq_norm", "tree_sub",
     "tree_take", "tree_vdot", "tree_weighted_mean", "tree_where", "tree_zeros_like", "Algorithm",
     "Model", "batch_loss",

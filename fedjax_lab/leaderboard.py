@@ -46,7 +46,8 @@ class Entry:
 
 
 def personalization_methods(data, registry=None) -> list:
-    """The registered names whose default build deploys per-client models or adapts."""
+    """The registered names whose default build deploys per-client models, adapts, or
+    evaluates clients with models of their own (FedProto)."""
     from fedjax_lab import models
     from fedjax_lab.core.setup import default_model
     from fedjax_lab.registry import ALGORITHMS
@@ -56,7 +57,8 @@ def personalization_methods(data, registry=None) -> list:
             alg = factory(models.get(default_model(factory), data.num_classes, data.x[:1]))
         except Exception:            # a method that needs more than its defaults is reported apart
             continue
-        if alg.personalized or getattr(alg, "adapt", None) is not None:
+        if (alg.personalized or getattr(alg, "adapt", None) is not None
+                or getattr(alg, "evaluate_sums", None) is not None):   # FedProto's own models
             out.append(name)
     return out
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from fedjax_lab import compression as cz
 from fedjax_lab.core import comm, validate, values
+from fedjax_lab.core.setup import ValueKind, register_value_kind
 from fedjax_lab.core.tree import flatten
 
 NOISE_STREAM = 0x401   # fold_in constant: the noise's random stream, apart from the attack's
@@ -145,3 +146,6 @@ def get(name_or_uplink, **opts) -> Uplink:
         return UPLINKS[parts[0]](**opts)
     mine = lambda i: {k[len(f"{i}_"):]: v for k, v in opts.items() if k.startswith(f"{i}_")}
     return chain(*(UPLINKS[p](**mine(i)) for i, p in enumerate(parts)))
+
+
+register_value_kind("uplink", ValueKind(Uplink, identity, get))

@@ -11,7 +11,7 @@ from fedjax_lab import Setup, aggregators, models
 from fedjax_lab.algorithms import ALGORITHMS
 from fedjax_lab.algorithms.fetchsgd import fetchsgd
 from fedjax_lab.algorithms.local_topk import local_topk
-from fedjax_lab.core import uplink
+from fedjax_lab import uplink
 from fedjax_lab.core.rounds import participate
 from fedjax_lab.core.setup import Cohort, LocalWork, Optimizer
 from fedjax_lab.core.tree import flatten

@@ -65,5 +65,5 @@ def test_finetuning_starts_from_the_global_model(board):
 def test_personalization_methods_are_found_from_the_registry():
     data = fl.data.load(SPEC, seed=0)
     names = lb.personalization_methods(data)
-    assert {"ditto", "pfedhn", "fedmeta_maml", "perfedavg_fo", "fedbn"} <= set(names)
+    assert {"ditto", "pfedhn", "fedmeta_maml", "perfedavg_fo", "fedbn", "fedproto"} <= set(names)
     assert "fedavg" not in names and "scaffold" not in names

@@ -10,7 +10,7 @@ from scipy.stats import norm
 from fedjax_lab import Setup, algorithms, attacks, models
 from fedjax_lab.algorithms.robust_median import mediansgd, signsgd
 from fedjax_lab.core.rounds import participate
-from fedjax_lab.core.uplink import NOISE_STREAM, perturb
+from fedjax_lab.uplink import NOISE_STREAM, perturb
 from tests.references.robust_median import _documented_noise, _reference_round  # noqa: F401
 
 

@@ -20,6 +20,7 @@ from fedjax_lab.aggregators import coordinate, geometric
 from fedjax_lab.aggregators.base import Aggregator
 from fedjax_lab.aggregators.privacy import dp_mean as private_mean
 from fedjax_lab.core import validate, values
+from fedjax_lab.core.setup import ValueKind, register_value_kind
 
 
 def mean() -> Aggregator:
@@ -125,3 +126,6 @@ def get(name_or_agg, **opts) -> Aggregator:
 
 __all__ = ["AGGREGATORS", "Aggregator", "get", "options", "mean", "median", "trimmed_mean", "sign",
            "geometric_median", "krum", "multi_krum", "norm_clip", "coordinate", "geometric"]
+
+
+register_value_kind("aggregator", ValueKind(Aggregator, mean, get))

@@ -23,11 +23,9 @@ The mechanism needs clients whose inputs differ: `--dataset digits:iid,clients=2
 """
 from __future__ import annotations
 
-import jax
 from flax import traverse_util
 
-from fedjax_lab.extend import (LocalWork, Optimizer, Setup, defaults, dense_bytes,
-                               server_averaging, tree_sub, tree_zeros_like, validate)
+from fedjax_lab.extend import LocalWork, Optimizer, Setup, defaults, server_averaging, validate
 
 # The settings of experiments/reproduce/fedbn.py (digits with 4 input domains, mlp_bn)
 FEDBN = Setup(work=LocalWork(local_steps=10, batch_size=16), client_opt=Optimizer("sgd", lr=0.05))
@@ -43,11 +41,6 @@ def batch_norm_split(params):
     return pick(lambda p: not local(p)), pick(local)
 
 
-def merge(shared, local):
-    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(shared),
-                                         **traverse_util.flatten_dict(local)})
-
-
 @defaults(FEDBN, model="mlp_bn")
 def fedbn(model, *, local_bn: bool = True, setup: Setup = Setup()):
     """FedBN (module docstring); local_bn=False is FedAvg with shared BatchNorm layers."""
@@ -57,13 +50,4 @@ def fedbn(model, *, local_bn: bool = True, setup: Setup = Setup()):
                          f"'cnn_bn'; got {model.name!r}")
     if not local_bn:
         return server_averaging(model, setup, fedbn, local_bn=False)
-    shared = lambda w: batch_norm_split(w)[0]
-    local = lambda w: batch_norm_split(w)[1]
-    return server_averaging(
-        model, setup, fedbn, local_bn=True,
-        start=lambda w_t, b_k: merge(shared(w_t), b_k),
-        message=lambda res, ctx: shared(tree_sub(res.params, ctx.w_t)),
-        init_row=local, new_row=lambda res, ctx: local(res.params),
-        server_rule=lambda ex, extra, n: (merge(ex.direction, tree_zeros_like(
-            jax.tree.map(lambda r: r[0], ex.new_rows))), extra),
-        down_bytes=lambda w_t, data: dense_bytes(shared(w_t)))
+    return server_averaging(model, setup, fedbn, local_bn=True, local_split=batch_norm_split)

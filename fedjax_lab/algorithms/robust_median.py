@@ -25,7 +25,7 @@ and the horizon T; sigma and delta are hyperparameters, and the server optimizer
 `lr_schedule="inv_sqrt"` is the decay delta_t = delta / sqrt(t + 1)).
 
 The round skeleton (core/skeleton.py) with: the client's gradient as the message, the uplink
-`noise(noise, sigma)` (+ `sign()` for signSGD, core/uplink.py), the aggregator `sign()` (majority
+`noise(noise, sigma)` (+ `sign()` for signSGD, uplink.py), the aggregator `sign()` (majority
 vote), `mean()` (mean vote) or `median()`, and server SGD descending on the aggregate (delta =
 server_lr: 1e-3 for signSGD, 0.1 for medianSGD). Any other aggregator, attack or server optimizer
 of the `Setup` composes (signSGD with `aggregator="trimmed_mean"` is a trimmed mean of the signs).
@@ -61,7 +61,8 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab import aggregators
-from fedjax_lab.core import comm, uplink, validate
+from fedjax_lab import uplink
+from fedjax_lab.core import comm, validate
 from fedjax_lab.core.local import local_train
 from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config,
                                    defaults, resolve)

@@ -155,6 +155,36 @@ class Optimizer:
                 for flag, field, _, _ in flags if field in keep}
 
 
+@dataclasses.dataclass(frozen=True)
+class ValueKind:
+    """A kind of shared value defined above core (aggregators/, attacks.py, uplink.py): its type,
+    its default value, how to build one by name (`get(name, **options)`: the CLI's --aggregator
+    NAME) and whether its dataclass fields are flags (attacks.Adversary)."""
+    type: type
+    default: Any
+    get: Any = None
+    flags: bool = False
+
+
+VALUE_KINDS: dict = {}   # Setup field -> ValueKind, filled by the packages that define them
+
+
+def register_value_kind(field: str, kind: ValueKind) -> None:
+    """Called by aggregators/, attacks.py and uplink.py when imported, so that core imports no
+    layer above it."""
+    if field not in ("aggregator", "attack", "uplink"):
+        raise ValueError(f"field must be 'aggregator', 'attack' or 'uplink', got {field!r}")
+    VALUE_KINDS[field] = kind
+
+
+def value_kinds() -> dict:
+    missing = {"aggregator", "attack", "uplink"} - set(VALUE_KINDS)
+    if missing:       # fedjax_lab/__init__ imports those packages before anything builds a Setup
+        raise RuntimeError(f"no value kind registered for {sorted(missing)}: import fedjax_lab "
+                           "(its __init__ imports aggregators, attacks and uplink first)")
+    return VALUE_KINDS
+
+
 SETUP_FIELDS = ("cohort", "work", "client_opt", "server_opt", "aggregator", "attack", "uplink")
 PREFIX = {"client_opt": "client", "server_opt": "server"}
 
@@ -172,28 +202,23 @@ class Setup:
     overrides: tuple = ()     # ((flat name, value), ...) from Setup.of, applied by `over`
 
     def __post_init__(self):
-        from fedjax_lab import aggregators, attacks
-        from fedjax_lab.core import uplink
         kinds = dict(cohort=Cohort, work=LocalWork, client_opt=Optimizer, server_opt=Optimizer,
-                     aggregator=aggregators.Aggregator, attack=attacks.Adversary,
-                     uplink=uplink.Uplink)
+                     **{f: k.type for f, k in value_kinds().items()})
         for field, kind in kinds.items():
             v = getattr(self, field)
             if field in ("client_opt", "server_opt") and v is not None:
                 object.__setattr__(self, field, v := Optimizer.of(v))
             if field == "aggregator" and isinstance(v, str):
-                object.__setattr__(self, field, v := aggregators.get(v))
+                object.__setattr__(self, field, v := VALUE_KINDS["aggregator"].get(v))
             if v is not None and not isinstance(v, kind):
                 raise ValueError(f"Setup.{field} must be a {kind.__module__}.{kind.__name__} "
                                  f"(or None for the algorithm's default), got {type(v).__name__}")
 
     def over(self, defaults: "Setup") -> "Setup":
         """This setup with its None fields taken from `defaults`, and the rest defaulted."""
-        from fedjax_lab import aggregators, attacks
-        from fedjax_lab.core import uplink
         base = dict(cohort=Cohort(), work=LocalWork(), client_opt=Optimizer("sgd", lr=0.01),
-                    server_opt=Optimizer("sgd", lr=1.0), aggregator=aggregators.mean(),
-                    attack=attacks.Adversary(), uplink=uplink.identity())
+                    server_opt=Optimizer("sgd", lr=1.0),
+                    **{f: k.default() for f, k in value_kinds().items()})
         pick = lambda f: next(v for v in (getattr(self, f), getattr(defaults, f), base[f])
                               if v is not None)
         resolved = Setup(**{f: pick(f) for f in SETUP_FIELDS})
@@ -230,8 +255,7 @@ class Setup:
         return cls(overrides=tuple(sorted(flat.items())))
 
     def _apply(self, overrides: dict) -> "Setup":
-        from fedjax_lab import aggregators
-        from fedjax_lab.core import uplink
+        aggregators, uplink = VALUE_KINDS["aggregator"], VALUE_KINDS["uplink"]
         out = {f: getattr(self, f) for f in SETUP_FIELDS}
         for f, kind in _value_kinds():
             names = {flag for flag, *_ in values.flag_fields(kind, PREFIX.get(f))}
@@ -263,9 +287,10 @@ def _flag_message(msg: str, kind, prefix) -> str:
 
 
 def _value_kinds():
-    from fedjax_lab import attacks
+    """(field, dataclass) of the values whose fields are flags."""
     return (("cohort", Cohort), ("work", LocalWork), ("client_opt", Optimizer),
-            ("server_opt", Optimizer), ("attack", attacks.Adversary))
+            ("server_opt", Optimizer)) + tuple((f, k.type) for f, k in value_kinds().items()
+                                               if k.flags)
 
 
 def setup_flags(uses=frozenset(SETUP_FIELDS)) -> dict:

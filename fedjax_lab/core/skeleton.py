@@ -4,7 +4,7 @@
 
     ids, batches, stragglers = participate(k_part, data, cohort, work)        (core/rounds.py)
     m_k    = client(w_t, batches_k, key_k)    w_k - w_t after local training (default), or a gradient
-    s_k    = uplink.encode(m_k)               noise, sign, top-k, QSGD ... (core/uplink.py)
+    s_k    = uplink.encode(m_k)               noise, sign, top-k, QSGD ... (uplink.py)
     s_k    = attack.corrupt(s_k)              Byzantine clients send what they like (attacks.py)
     Delta  = aggregator({s_k}, {p_k})         mean, median, trimmed mean, vote ... (aggregators/)
     w_{t+1} = ServerOpt(w_t, -Delta)          (a gradient message: ServerOpt(w_t, Delta))
@@ -32,6 +32,13 @@ metrics and the byte accounting; `fedjax_lab.extend` is the writers' surface):
     start(w_t, row) -> w                  where the client starts and what it deploys (FedBN: w_t
                                           with its own BatchNorm layers); the algorithm is then
                                           personalized: client_params = start(w_t, row_k)
+    local_split(params) -> (shared, local)  a part of the model stays on each client (FedBN's
+                                          BatchNorm layers, FedPer's head, LG-FedAvg's body): the
+                                          skeleton derives start, message, the rows and the
+                                          server's direction (zero on the local part) from it
+    client_tx(tx) -> tx                   the algorithm's own wrap of the client optimizer
+                                          (FedRep's phases, FedBABU's frozen head); config.json
+                                          keeps the setup's optimizer
     init_extra(params) / server_rule(ex, extra, num_clients) -> (direction, extra)
                                           extra server state and the rule from the round's
                                           Exchange to the direction the server optimizer takes
@@ -53,6 +60,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from fedjax_lab.core import comm
 from fedjax_lab.core.client_state import RowRound, row_algorithm
@@ -157,8 +165,12 @@ class ServerRound:
     server_rule: Optional[Callable] = None
     send_extra: bool = False
     start: Optional[Callable] = None
+    local_split: Optional[Callable] = None
+    client_tx: Optional[Callable] = None
 
     def __post_init__(self):
+        if self.local_split is not None:
+            self._derive_from_local_split()
         s = self.setup
         s.aggregator.check(s.cohort.clients_per_round)
         if s.work.client_chunk is not None and (s.aggregator.name != "mean" or s.uplink.name !=
@@ -183,6 +195,29 @@ class ServerRound:
         if self.start is not None and not self.has_rows:
             raise ValueError("start(w_t, row) needs per-client rows (init_row and new_row)")
 
+    def _derive_from_local_split(self):
+        """The hooks of a model split into a shared part and a per-client local part."""
+        given = [h for h in ("start", "message", "init_row", "new_row")
+                 if getattr(self, h) is not None]
+        if given:
+            raise ValueError(f"local_split derives {given}; give local_split or those hooks")
+        shared = lambda w: self.local_split(w)[0]
+        local = lambda w: self.local_split(w)[1]
+        rule = self.server_rule or (lambda ex, extra, n: (ex.direction, extra))
+
+        def server_rule(ex, extra, num_clients):     # the local part's direction is zero
+            direction, extra = rule(ex, extra, num_clients)
+            zeros = jax.tree.map(lambda r: jnp.zeros_like(r[0]), ex.new_rows)
+            return merge_trees(direction, zeros), extra
+        hooks = dict(start=lambda w_t, row: merge_trees(shared(w_t), row),
+                     message=lambda res, ctx: shared(tree_sub(res.params, ctx.w_t)),
+                     init_row=local, new_row=lambda res, ctx: local(res.params),
+                     server_rule=server_rule)
+        if self.down_bytes is None:
+            hooks["down_bytes"] = lambda w_t, data: comm.dense_bytes(shared(w_t))
+        for name, fn in hooks.items():
+            object.__setattr__(self, name, fn)
+
     @property
     def has_rows(self) -> bool:
         return self.init_row is not None
@@ -202,7 +237,8 @@ class ServerRound:
             return out if local_obj is None else out + local_obj(w, ctx)
         extra = None if objective is None and local_obj is None else regularizer
         batch = self.batch_objective
-        train = local_train(self.model, self.setup.client_opt.build("client_optimizer"),
+        tx = self.setup.client_opt.build("client_optimizer")
+        train = local_train(self.model, tx if self.client_tx is None else self.client_tx(tx),
                             extra_loss=extra, extra_batch_loss=None if batch is None else (
                                 lambda w, xb, yb, rng, ctx: batch(w, xb, yb, rng, ctx)))
 
@@ -368,7 +404,7 @@ def server_averaging(model: Model, setup: Setup, factory, *, objective=None,
                      drop_stragglers: bool = True, local_objective=None, batch_objective=None,
                      message=None, init_row=None, new_row=None, init_extra=None, server_rule=None,
                      send_extra: bool = False, start=None, up_bytes=None, down_bytes=None,
-                     **hparams) -> Algorithm:
+                     local_split=None, client_tx=None, **hparams) -> Algorithm:
     """An algorithm built on the skeleton: `setup` resolved over `factory`'s defaults, local
     training on F_k (+ objective(w, w_t)) as the client, the hooks of the module docstring, and
     config.json recorded from the factory's name and its hyperparameters `hparams`.
@@ -379,11 +415,18 @@ def server_averaging(model: Model, setup: Setup, factory, *, objective=None,
                            local_objective=local_objective, batch_objective=batch_objective,
                            message=message, init_row=init_row, new_row=new_row,
                            init_extra=init_extra, server_rule=server_rule, send_extra=send_extra,
-                           start=start, up_bytes=up_bytes, down_bytes=down_bytes)
+                           start=start, up_bytes=up_bytes, down_bytes=down_bytes,
+                           local_split=local_split, client_tx=client_tx)
     name = factory.__name__
     config = algorithm_config(name, model, s, **hparams)
     config["drop_stragglers"] = drop
     return skeleton.algorithm(name, config)
+
+
+def merge_trees(a, b):
+    """The nested-dict params tree holding the leaves of both parts (a local_split's inverse)."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(a),
+                                         **traverse_util.flatten_dict(b)})
 
 
 def pad_rows(rows, size: int):

@@ -1,7 +1,7 @@
 """signSGD with majority vote (Bernstein et al. 2019), medianSGD (Yin et al. 2018) and their noisy
 versions (Chen et al., NeurIPS 2020), from the papers: client k runs local SGD from x_t and sends
 g_k = (x_t - x_k) / eta_c (its accumulated gradient), perturbed as g_k + sigma xi_k (xi ~ N(0, I) or
-U[-1, 1]^d, drawn as core/uplink.py's `perturb` docstring specifies the stream); signSGD sends
+U[-1, 1]^d, drawn as uplink.py's `perturb` docstring specifies the stream); signSGD sends
 sign(g_k + sigma xi_k) and the server steps x_{t+1} = x_t - delta sign(sum_k sign(.)) (majority) or
 - delta mean_k sign(.) (mean vote); medianSGD steps x_{t+1} = x_t - delta median_k(g_k + sigma xi_k)."""
 import jax
@@ -11,7 +11,7 @@ from scipy.stats import norm
 
 from fedjax_lab import attacks
 from fedjax_lab.core.rounds import participate
-from fedjax_lab.core.uplink import NOISE_STREAM
+from fedjax_lab.uplink import NOISE_STREAM
 from tests.references._common import as_logistic, broadcast, softmax_grads
 
 
