@@ -29,6 +29,7 @@ from fedjax_lab.algorithms.fedbabu import fedbabu
 from fedjax_lab.algorithms.fedrep import fedrep
 from fedjax_lab.algorithms.apfl import apfl
 from fedjax_lab.algorithms.pfedme import pfedme
+from fedjax_lab.algorithms.ifca import ifca
 from fedjax_lab.registry import ALGORITHMS, register
 
 ALGORITHMS.update({
@@ -70,11 +71,12 @@ ALGORITHMS.update({
     "fedrep": (fedrep, "FedRep (Collins et al. 2021): per round head steps (body fixed) then body steps (head fixed); body averaged, head per client"),
     "apfl": (apfl, "APFL (Deng et al. 2020): personalized alpha_i v_i + (1 - alpha_i) w, alpha_i learned by its gradient; alpha = 0 is FedAvg"),
     "pfedme": (pfedme, "pFedMe (T. Dinh et al. 2020): personalized theta_i on f_i + lam/2||theta - w_i||^2 (Moreau envelope), server (1 - beta) w + beta mean w_i"),
+    "ifca": (ifca, "IFCA (Ghosh et al. 2020): k cluster models, each client trains the one of lowest loss, averages within clusters"),
 })
 
 __all__ = ["fedavg", "fedopt", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "ditto",
            "fedamp", "heurfedamp", "perfedavg_fo", "perfedavg_hf", "fedmeta_maml", "fedmeta_fomaml",
            "fedmeta_metasgd", "pfedhn", "pfedhn_pc", "fedproto", "fedgkt", "fedgen",
            "scaffold", "fednova", "feddyn", "fedbn", "moon", "qffl", "fedper", "lg_fedavg", "fedbabu",
-           "fedrep", "apfl", "pfedme",
+           "fedrep", "apfl", "pfedme", "ifca",
            "ALGORITHMS", "register"]
