@@ -149,6 +149,9 @@ def hypergrad(factory, data, *, wrt: dict, rounds: int, key, model: Optional[Mod
                       kinds=tuple(sorted((k, v[0]) for k, v in kinds.items())), setup=setup)
     alg = program.build({k: float(v) for k, v in wrt.items()})    # validates the values
     alg.check(data)
+    if getattr(alg, "evaluate_sums", None) is not None:     # core/hetero: one model per group
+        raise ValueError(f"wrt: {sorted(wrt)}: {alg.name} scores clients of different "
+                         "architectures (evaluate_sums); fl.hypergrad needs one model to score")
     if personal is None:
         personal = bool(alg.personalized)
     if not personal and alg.global_params is None:
