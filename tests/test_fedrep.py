@@ -62,7 +62,7 @@ def test_joint_training_is_fedper_bit_for_bit_and_the_phases_differ(shards):
     setup = fl.Setup.of(clients_per_round=4, local_steps=4, batch_size=5, client_lr=0.1)
     out = []
     for alg in (fedrep(small(shards), head_steps=2, alternating=False, setup=setup),
-                fedper(small(shards), setup=setup), fedrep(small(shards), head_steps=2, setup=setup)):
+                fedper(small(shards), setup=setup), fedrep(small(shards), setup=setup)):
         state, fn = alg.init(jax.random.key(0), shards), jax.jit(alg.round)
         for r in range(3):
             state = fn(state, shards, jax.random.key(r))[0]
@@ -92,5 +92,7 @@ def test_bad_input():
         fedrep(fl.models.mlp(10), head_steps=1.5)
     with pytest.raises(ValueError, match="head_steps=5 leaves no body step"):
         fedrep(fl.models.mlp(10), head_steps=5, setup=fl.Setup.of(local_steps=5))
+    with pytest.raises(ValueError, match="head_steps must be given"):
+        fedrep(fl.models.mlp(10), setup=fl.Setup.of(epochs=2))
     with pytest.raises(ValueError, match="alternating must be one of"):
         fedrep(fl.models.mlp(10), alternating="no")

@@ -55,7 +55,11 @@ def project_alpha(tx: optax.GradientTransformation) -> optax.GradientTransformat
     return optax.GradientTransformation(tx.init, update)
 
 
-@defaults(Setup())
+NO_HYPERGRAD = {"*": "v_bar mixes stop_gradient(w) (so that w's step is grad f(w) alone), which "
+                     "cuts the derivative of v's and alpha's steps with respect to w"}
+
+
+@defaults(Setup(), no_hypergrad=NO_HYPERGRAD)
 def apfl(model, *, alpha: float = 0.5, adaptive_alpha: bool = True, setup: Setup = Setup()):
     """APFL (module docstring); alpha: every alpha_i's initial (adaptive_alpha=False: fixed) value."""
     validate.fraction("alpha", alpha)

@@ -12,18 +12,19 @@ row). Round t, sampled client k:
 Both phases run inside one local training: the client optimizer is the setup's, gated by phase
 (an optax transformation counting the client's real steps: the first `head_steps` update the head
 only, the rest the body only; each phase keeps its own optimizer state). So LocalWork's
-local_steps S is the round's total, tau_h = head_steps and tau = S - head_steps (in epochs mode,
-the first head_steps of the client's steps; a straggler with fewer steps than head_steps trains
-its head only). `alternating=False` trains head and body jointly at every step: FedPer exactly
+local_steps S is the round's total, tau_h = head_steps (default S // 2) and tau = S - head_steps
+(in epochs mode, where head_steps must be given, the first head_steps of the client's steps; a
+straggler with fewer steps than head_steps trains its head only). `alternating=False` trains head and body jointly at every step: FedPer exactly
 (the ablation).
 
 Paper vs. code (lgcollins/FedRep, models/Update.py): the code runs local_ep epochs of which the
 first local_ep - local_rep_ep update the head (10 head epochs, 1 body epoch by default); here
-steps instead of epochs, defaults 10 head steps of the setup's 20.
+steps instead of epochs, by default half of the round's steps on each part (`head_steps=10` with
+`local_steps=11` is the code's 10:1).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -59,18 +60,25 @@ def head_then_body(tx: optax.GradientTransformation, head: str,
 
 
 @defaults(Setup(), model="mlp")
-def fedrep(model, *, head_steps: int = 10, alternating: bool = True, setup: Setup = Setup()):
-    """FedRep (module docstring): head_steps steps on the head, then the rest of the round's
-    local steps on the body; alternating=False is FedPer."""
-    validate.positive("head_steps", head_steps, integer=True)
+def fedrep(model, *, head_steps: Optional[int] = None, alternating: bool = True,
+           setup: Setup = Setup()):
+    """FedRep (module docstring): head_steps steps on the head (None: half of local_steps,
+    rounded down), then the rest of the round's local steps on the body; alternating=False is
+    FedPer."""
+    if head_steps is not None:
+        validate.positive("head_steps", head_steps, integer=True)
     validate.one_of("alternating", alternating, {True, False})
     head = head_name(model)
     s = resolve(setup, fedrep)
-    if s.work.epochs is None and head_steps >= s.work.local_steps:
+    if s.work.epochs is not None and head_steps is None:
+        raise ValueError(f"head_steps must be given (a number of steps) in epochs mode "
+                         f"(epochs={s.work.epochs}), got None")
+    if s.work.epochs is None and head_steps is not None and head_steps >= s.work.local_steps:
         raise ValueError(f"head_steps={head_steps} leaves no body step: it must be < local_steps="
                          f"{s.work.local_steps} (the round's total)")
+    tau_h = s.work.local_steps // 2 if head_steps is None else head_steps
     own = dict(head_steps=head_steps, alternating=alternating)
     if not alternating:
         return partial_sharing(model, s, fedrep, local="head", **own)
     return partial_sharing(model, s, fedrep, local="head",
-                           client_tx=lambda tx: head_then_body(tx, head, head_steps), **own)
+                           client_tx=lambda tx: head_then_body(tx, head, tau_h), **own)

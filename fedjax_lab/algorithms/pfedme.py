@@ -36,7 +36,11 @@ from fedjax_lab.extend import (RowRound, ServerRound, Setup, algorithm_config, b
                                tree_scale, tree_sq_norm, tree_sub, tree_where, validate)
 
 
-@defaults(Setup())
+NO_HYPERGRAD = {"*": "theta~ (the inner GD's solution) enters the envelope step through a "
+                     "stop_gradient, so every path to the trained model is cut at it"}
+
+
+@defaults(Setup(), no_hypergrad=NO_HYPERGRAD)
 def pfedme(model, *, lam: float = 15.0, inner_steps: int = 5, personal_lr: float = 0.05,
            beta: float = 1.0, setup: Setup = Setup()):
     """pFedMe (module docstring): lam, personal_lr and beta may be traced."""
