@@ -209,7 +209,8 @@ def check_against_finite_differences(name, data, *, rounds=2, rel_step=1e-2, onl
     L the same program's value (the driver's test_loss, or test_personal_loss, after `rounds`
     rounds), is taken at e = rel_step * h and e / 2 and extrapolated, (4 D(e/2) - D(e)) / 3
     (Richardson: the O(e^2) error cancels; at 5% steps FedMeta's Adam made it 8%); its
-    uncertainty, float32 rounding of L and what truncation is left, is |D(e) - D(e/2)| / 3.
+    uncertainty, float32 rounding of L and what truncation is left, is |D(e) - D(e/2)| / 3, and
+    at least one float32 ulp of L over e / 2 (FedProx's mu at 0.01 moves L by less).
     fixed: {name: value} of other hyperparameters changed from their defaults."""
     from fedjax_lab.algorithms import ALGORITHMS
     factory = ALGORITHMS[name][0]
@@ -226,7 +227,8 @@ def check_against_finite_differences(name, data, *, rounds=2, rel_step=1e-2, onl
             continue
         value = lambda x: hypergrad(factory, data, wrt={h: x}, **args).value
         d1, d2 = [(value(v + e) - value(v - e)) / (2 * e) for e in (rel_step * v, rel_step * v / 2)]
-        checked[h] = (res.grads[h], (4 * d2 - d1) / 3, abs(d1 - d2) / 3)
+        quantum = float(np.spacing(np.float32(res.value))) / (rel_step * v)   # one float32 ulp of L
+        checked[h] = (res.grads[h], (4 * d2 - d1) / 3, max(abs(d1 - d2) / 3, quantum))
     return checked, refused
 
 
@@ -273,6 +275,25 @@ def test_a_stop_gradient_on_the_path_is_refused_before_compiling(name, hp, regis
                                              rf"to '{hp}': .*stop_gradient|sign"):
             hypergrad(factory, registry_data, wrt={hp: 0.1}, rounds=1, key=0,
                       setup=registry_setup(factory))
+    assert compiles == []
+
+
+@pytest.mark.parametrize("name, flat, match", [
+    ("fedavg", dict(aggregator="median"), "fedavg aggregates with 'median'"),
+    ("mediansgd", {}, "mediansgd aggregates with 'median'"),
+    ("fedavg", dict(uplink="top_k", uplink_k=5), "fedavg sends through the 'top_k' uplink")])
+def test_a_non_smooth_aggregator_or_uplink_is_refused_before_compiling(name, flat, match,
+                                                                      registry_data):
+    """medianSGD's client_lr: -0.0191 from reverse mode vs -0.0157 by central differences (the
+    median's client switches inside the step); any algorithm with such an aggregator or uplink
+    is refused."""
+    from fedjax_lab.algorithms import ALGORITHMS
+    setup = Setup.of(clients_per_round=3, **flat)
+    ALGORITHMS[name][0](MODEL, setup=setup)       # building may compile tiny constants once
+    with count_compiles() as compiles:
+        with pytest.raises(ValueError, match=rf"wrt: \['client_lr'\]: {match}"):
+            hypergrad(ALGORITHMS[name][0], registry_data, wrt={"client_lr": 0.1}, rounds=1, key=0,
+                      setup=setup)
     assert compiles == []
 
 

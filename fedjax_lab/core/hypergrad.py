@@ -31,9 +31,11 @@ Measured growth with R is in experiments/tune_by_hypergrad.py --memory (README).
 Right or refused. Where a stop_gradient or a step with no useful derivative lies on the path from
 a hyperparameter to the loss, reverse mode returns 0 or a biased value, not dL/dh: Per-FedAvg's
 direction enters local training through a stop_gradient surrogate, FOMAML stops the gradient of
-its inner steps, signSGD votes with sign(), FetchSGD and local top-k select coordinates. An
-algorithm declares such names (`setup.defaults(no_hypergrad={name or "*": why})`;
-`NOT_DIFFERENTIABLE` for the rest) and `hypergrad` raises a ValueError naming the algorithm and the hyperparameter before tracing. A
+its inner steps, signSGD votes with sign(), FetchSGD and local top-k select coordinates, a median
+or Krum aggregator selects clients, a sign / top-k / QSGD uplink jumps. An algorithm declares such
+names (`setup.defaults(no_hypergrad={name or "*": why})`; `NOT_DIFFERENTIABLE` for the files
+that do not; the Setup's aggregator and uplink are checked on the built algorithm) and
+`hypergrad` raises a ValueError naming the algorithm and the hyperparameter before tracing. A
 name the algorithm needs as a Python number (a shape, a branch) is refused when it is traced.
 Every accepted (algorithm, hyperparameter) is checked against central finite differences in
 tests/test_hypergrad.py.
@@ -148,6 +150,7 @@ def hypergrad(factory, data, *, wrt: dict, rounds: int, key, model: Optional[Mod
                       static=tuple(sorted(fixed.items())), traced=tuple(sorted(wrt)),
                       kinds=tuple(sorted((k, v[0]) for k, v in kinds.items())), setup=setup)
     alg = program.build({k: float(v) for k, v in wrt.items()})    # validates the values
+    refuse_non_smooth_setup(alg, wrt)
     alg.check(data)
     if getattr(alg, "evaluate_sums", None) is not None:     # core/hetero: one model per group
         raise ValueError(f"wrt: {sorted(wrt)}: {alg.name} scores clients of different "
@@ -200,6 +203,38 @@ def refuse_not_differentiable(factory, wrt):
             raise ValueError(f"wrt: {fname} cannot be differentiated with respect to {name!r}: "
                              f"{why}; the hypergradient would be 0 or biased, not dL/d{name}. "
                              f"Use finite differences of fl.sweep runs instead")
+
+
+# Shared values whose output jumps (or whose derivative is 0) as their inputs move: on the path
+# from every hyperparameter, whichever algorithm uses them. The rest (mean, dp_mean's clipping,
+# norm_clip, identity and noise uplinks) are continuous and differentiable almost everywhere.
+NON_SMOOTH_AGGREGATORS = {
+    "median": "which client's value is each coordinate's median changes along the path",
+    "trimmed_mean": "which clients are trimmed changes along the path",
+    "geometric_median": "its Weiszfeld iterations are not differentiated as the fixed point",
+    "krum": "which client is selected changes along the path",
+    "multi_krum": "which clients are selected changes along the path",
+    "sign": "sign() has derivative 0 wherever it exists"}
+SMOOTH_UPLINKS = frozenset({"identity", "noise"})
+
+
+def refuse_non_smooth_setup(alg, wrt):
+    """ValueError naming the algorithm and `wrt` when its resolved Setup aggregates or sends
+    through a step without a useful derivative (NON_SMOOTH_AGGREGATORS, an uplink other than
+    identity / noise): checked on the built algorithm, before anything is traced."""
+    setup = getattr(alg, "setup", None)
+    agg = getattr(setup, "aggregator", None)
+    if agg is not None and agg.name in NON_SMOOTH_AGGREGATORS:
+        raise ValueError(f"wrt: {sorted(wrt)}: {alg.name} aggregates with {agg.name!r}, which is "
+                         f"not differentiable along the path ({NON_SMOOTH_AGGREGATORS[agg.name]}); "
+                         "the hypergradient would not be dL/dh. Use finite differences of "
+                         "fl.sweep runs, or a mean aggregator")
+    up = getattr(setup, "uplink", None)
+    if up is not None and getattr(up, "name", "identity") not in SMOOTH_UPLINKS:
+        raise ValueError(f"wrt: {sorted(wrt)}: {alg.name} sends through the {up.name!r} uplink, "
+                         "which jumps as the update moves (sign, top-k, quantization); the "
+                         "hypergradient would not be dL/dh. Use finite differences of fl.sweep "
+                         "runs instead")
 
 
 def memory_bytes(factory, data, *, wrt: dict, rounds: int, model: Model, remat="round",
