@@ -20,6 +20,10 @@ update in the row of its cluster, m_i = e_{j^_i} (x) (theta~_i - theta_{j^_i}), 
 aggregate of the m_i divided by that of the e_j is the per-cluster average above (for a linear
 aggregator, the mean). `num_clusters=1` is FedAvg bit for bit (the ablation).
 
+Default model: the zoo's mlp (the paper's MNIST experiments train a fully connected network; with
+logistic regression and k = 2 on 2-label digits clients, no planted groups, the clusters' models
+trail FedAvg's: 0.858 vs 0.867 after 60 rounds; the mlp, 0.911).
+
 Paper vs. code (jichan3751/ifca): the code estimates the cluster on the client's whole train set
 and for its MNIST/CIFAR experiments averages within clusters by the number of clients (our
 `weighting="uniform"`); the default here weights by n_k, as FedAvg does.
@@ -36,7 +40,7 @@ from fedjax_lab.extend import (ClientBatches, ClientContext, RowRound, ServerRou
                                mean_loss, resolve, row_algorithm, tree_sub, validate)
 
 
-@defaults(Setup())
+@defaults(Setup(), model="mlp")
 def ifca(model, *, num_clusters: int = 2, setup: Setup = Setup()):
     """IFCA (module docstring) with k = num_clusters cluster models."""
     validate.positive("num_clusters", num_clusters, integer=True)
