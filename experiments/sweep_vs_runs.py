@@ -18,7 +18,8 @@ Timing. Execution per run and round is (T(r2 rounds) - T(r1 rounds)) / (r2 - r1)
 `fl.sweep` call and of the R `fl.run` calls, warm (nothing to compile), so that compilation and
 the per-call fixed costs cancel, as in issue 28; "end to end" is the ratio of the warm r2-round
 calls, fixed costs included; "CPU-time ratio" the same differences in process CPU time
-(`time.process_time`, all threads), less sensitive to other processes' load than wall time. Each side is first called once cold, and compilation is reported
+(`time.process_time`, all threads), less sensitive to other processes' load than wall time.
+Each side is first called once cold, and compilation is reported
 apart as cold minus warm (the sweep: one program per R; the runs: one program per mu value, shared
 by all R of a workload, so 0 once compiled). The sides alternate within every repeat, and which
 goes first alternates too, so that the machine's load hits both alike; medians over repeats (at
@@ -48,7 +49,7 @@ WORKLOADS = ("logistic", "mlp", "cnn")
 
 
 def workload(name: str):
-    """(model factory, data, setup, (r1, r2) rounds, eval_every) of a workload (module docstring)."""
+    """(model factory, data, setup, (r1, r2) rounds, eval_every) of a workload (module doc)."""
     from fedjax_lab import Setup, models
     from fedjax_lab.data import synthetic
     from experiments.bench_round import make_data
@@ -138,7 +139,8 @@ def measure(name: str, R: int, repeats: int, memory_budget=None, max_seconds=240
                 cpu_ratio=diff(cpu, "runs") / diff(cpu, "sweep"),
                 e2e_ratio=med(times["runs_r2"]) / med(times["sweep_r2"]),
                 compile_sweep_s=cold_sweep - med(times["sweep_r1"]),
-                compile_runs_s=cold_runs - med(times["runs_r1"]), new_run_programs=len(new_programs),
+                compile_runs_s=cold_runs - med(times["runs_r1"]),
+                new_run_programs=len(new_programs),
                 max_rel_loss_diff=float(np.max(np.abs(np.array(loss_r) - np.array(loss_s))
                                                / np.abs(np.array(loss_r)))),
                 times_s=times, cpu_s=cpu, load_avg_1min=round(os.getloadavg()[0], 2))
@@ -158,9 +160,11 @@ def table(rows) -> str:
            "CPU-time ratio | end to end | compile: sweep / runs (new programs) | repeats | "
            "max rel. loss diff |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in rows:
-        out.append(f"| {x['workload']}{' (runs mapped)' if x['runs_as_map'] else ''} | "
+        mapped = " (runs mapped)" if x["runs_as_map"] and x["runs"] > 1 else ""
+        out.append(f"| {x['workload']}{mapped} | "
                    f"{x['runs']} | {x['sweep_ms']:.2f} | {x['runs_ms']:.2f} | "
-                   f"**{x['ratio']:.2f}x** | {x['cpu_ratio']:.2f}x | {x['e2e_ratio']:.2f}x | {x['compile_sweep_s']:.1f} s /"
+                   f"**{x['ratio']:.2f}x** | {x['cpu_ratio']:.2f}x | {x['e2e_ratio']:.2f}x | "
+                   f"{x['compile_sweep_s']:.1f} s /"
                    f" {x['compile_runs_s']:.1f} s ({x['new_run_programs']}) | {x['repeats']} | "
                    f"{x['max_rel_loss_diff']:.0e} |")
     return "\n".join(out)
