@@ -42,8 +42,8 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lab.extend import (RowRound, Setup, batch_loss, client_keys, defaults, local_train,
-                               row_algorithm, server_averaging, tree_where,
-                               weighted_mean_scalar, validate)
+                               row_algorithm, server_averaging, weighted_mean_scalar,
+                               validate)
 
 
 def project_alpha(tx: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -61,7 +61,8 @@ NO_HYPERGRAD = {"*": "v_bar mixes stop_gradient(w) (so that w's step is grad f(w
 
 @defaults(Setup(), no_hypergrad=NO_HYPERGRAD)
 def apfl(model, *, alpha: float = 0.5, adaptive_alpha: bool = True, setup: Setup = Setup()):
-    """APFL (module docstring); alpha: every alpha_i's initial (adaptive_alpha=False: fixed) value."""
+    """APFL (module docstring); alpha: every alpha_i's initial value (adaptive_alpha=False:
+    its fixed value)."""
     validate.fraction("alpha", alpha)
     validate.one_of("adaptive_alpha", adaptive_alpha, {True, False})
     base = server_averaging(model, setup, apfl, alpha=alpha, adaptive_alpha=adaptive_alpha)

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from fedjax_lab.algorithms._split import head_name, merge, part, train_only, with_client_optimizer
+from fedjax_lab.algorithms._split import head_name, part, train_only
 from fedjax_lab.core.meta import MetaAlgorithm, finetune
-from fedjax_lab.extend import (Setup, dense_bytes, defaults, resolve, server_averaging, tree_sub,
-                               tree_zeros_like, validate)
+from fedjax_lab.extend import (Setup, dense_bytes, defaults, merge_trees, resolve, server_averaging,
+                               tree_sub, tree_zeros_like, validate)
 
 
 @defaults(Setup(), model="mlp")
@@ -44,11 +44,11 @@ def fedbabu(model, *, finetune_steps: int = 10, finetune_part: str = "head",
     own = dict(finetune_steps=finetune_steps, finetune_part=finetune_part, freeze_head=freeze_head)
     if freeze_head:
         body = lambda w: part(w, head, "body")
-        alg = with_client_optimizer(
-            model, s, fedbabu, lambda tx: train_only(tx, head, "body"),
+        alg = server_averaging(
+            model, s, fedbabu, client_tx=lambda tx: train_only(tx, head, "body"),
             message=lambda res, ctx: body(tree_sub(res.params, ctx.w_t)),
             init_extra=lambda w: tree_zeros_like(part(w, head, "head")),
-            server_rule=lambda ex, zero_head, n: (merge(ex.direction, zero_head), zero_head),
+            server_rule=lambda ex, zero_head, n: (merge_trees(ex.direction, zero_head), zero_head),
             down_bytes=lambda w_t, data: dense_bytes(body(w_t)), **own)
     else:
         alg = server_averaging(model, s, fedbabu, **own)

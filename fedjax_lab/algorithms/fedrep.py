@@ -14,8 +14,9 @@ Both phases run inside one local training: the client optimizer is the setup's, 
 only, the rest the body only; each phase keeps its own optimizer state). So LocalWork's
 local_steps S is the round's total, tau_h = head_steps (default S // 2) and tau = S - head_steps
 (in epochs mode, where head_steps must be given, the first head_steps of the client's steps; a
-straggler with fewer steps than head_steps trains its head only). `alternating=False` trains head and body jointly at every step: FedPer exactly
-(the ablation).
+straggler with fewer steps than head_steps trains its head only). `alternating=False` trains
+head and body jointly at every step: FedPer exactly (the ablation). The client optimizer's
+wrap is the skeleton's `client_tx` hook, the head as a row its `local_split`.
 
 Paper vs. code (lgcollins/FedRep, models/Update.py): the code runs local_ep epochs of which the
 first local_ep - local_rep_ep update the head (10 head epochs, 1 body epoch by default); here
@@ -30,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab.algorithms._split import head_name, partial_sharing, train_only
-from fedjax_lab.extend import Setup, defaults, resolve, tree_where, validate
+from fedjax_lab.algorithms._split import head_name, keep_on_client, train_only
+from fedjax_lab.extend import Setup, defaults, resolve, server_averaging, tree_where, validate
 
 
 class PhaseState(NamedTuple):
@@ -78,7 +79,8 @@ def fedrep(model, *, head_steps: Optional[int] = None, alternating: bool = True,
                          f"{s.work.local_steps} (the round's total)")
     tau_h = s.work.local_steps // 2 if head_steps is None else head_steps
     own = dict(head_steps=head_steps, alternating=alternating)
+    local_split = keep_on_client(model, "head")
     if not alternating:
-        return partial_sharing(model, s, fedrep, local="head", **own)
-    return partial_sharing(model, s, fedrep, local="head",
-                           client_tx=lambda tx: head_then_body(tx, head, tau_h), **own)
+        return server_averaging(model, s, fedrep, local_split=local_split, **own)
+    return server_averaging(model, s, fedrep, local_split=local_split,
+                            client_tx=lambda tx: head_then_body(tx, head, tau_h), **own)

@@ -6,7 +6,7 @@ The mirror of FedPer: each client k keeps its local representation (the body, `f
 theta_k^l, a row) and all clients share the global model on top of it (the head, theta^g):
 
     client k:  (theta_k^l, theta_k^g) <- local SGD on F_k from (theta_k^l, theta^g_t)   both train
-    server:    theta^g_{t+1} = sum_k n_k theta_k^g / sum_k n_k                   only theta^g is sent
+    server:    theta^g_{t+1} = sum_k n_k theta_k^g / sum_k n_k                only theta^g is sent
     deploy:    client k uses (theta_k^l, theta^g_t)                 (client_params: personalized)
 
 Only the head travels (its bytes up and down), which is the paper's communication claim.
@@ -20,7 +20,7 @@ model's head (algorithms/_split.py). All clients start from one random model, as
 """
 from __future__ import annotations
 
-from fedjax_lab.algorithms._split import head_name, partial_sharing
+from fedjax_lab.algorithms._split import keep_on_client
 from fedjax_lab.extend import Setup, defaults, server_averaging, validate
 
 
@@ -29,7 +29,8 @@ def lg_fedavg(model, *, local_representation: bool = True, setup: Setup = Setup(
     """LG-FedAvg (module docstring): the head averaged, the body a per-client row;
     local_representation=False is FedAvg."""
     validate.one_of("local_representation", local_representation, {True, False})
-    head_name(model)
+    local_split = keep_on_client(model, "body")
     if not local_representation:
         return server_averaging(model, setup, lg_fedavg, local_representation=False)
-    return partial_sharing(model, setup, lg_fedavg, local="body", local_representation=True)
+    return server_averaging(model, setup, lg_fedavg, local_representation=True,
+                            local_split=local_split)

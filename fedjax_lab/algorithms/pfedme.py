@@ -7,7 +7,7 @@ takes R local steps r = 0..R-1, each on one batch D_{i,r}:
 
     theta~_i <- K steps of GD on f_i(theta; D_{i,r}) + lam/2 ||theta - w_{i,r}||^2, from w_{i,r}
                 (step size personal_lr)
-    w_{i,r+1} = w_{i,r} - eta lam (w_{i,r} - theta~_i)                 eta: the client optimizer's lr
+    w_{i,r+1} = w_{i,r} - eta lam (w_{i,r} - theta~_i)              eta: the client optimizer's lr
     server:     w^{t+1} = (1 - beta) w^t + beta sum_i p_i w_{i,R}      (beta = 1: plain averaging)
 
 lam (w_{i,r} - theta~_i) is the gradient of the Moreau envelope at w_{i,r}, so the w step is local
@@ -31,9 +31,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fedjax_lab.extend import (RowRound, ServerRound, Setup, algorithm_config, batch_loss,
-                               client_keys, defaults, local_train, resolve, row_algorithm,
-                               tree_scale, tree_sq_norm, tree_sub, tree_where, validate)
+from fedjax_lab.extend import (RowRound, ServerRound, Setup, algorithm_config, batch_loss, defaults,
+                               local_train, resolve, row_algorithm, tree_scale, tree_sq_norm,
+                               tree_sub, tree_where, validate)
 
 
 NO_HYPERGRAD = {"*": "theta~ (the inner GD's solution) enters the envelope step through a "

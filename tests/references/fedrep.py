@@ -1,7 +1,8 @@
 """FedRep (Collins et al., ICML 2021, Algorithm 1) on the zoo's MLP, client by client: client k
 starts from (phi^t, h_k), takes head_steps (None: local_steps // 2) plain SGD steps on its head
 "out" (body fixed), then its remaining real steps on the body (the new head fixed), keeps its
-head and sends the body's update; the server averages it by n_k (tests/references/fedper.py's round with a phase rule)."""
+head and sends the body's update; the server averages it by n_k (tests/references/fedper.py's
+round with a phase rule)."""
 from tests.references.fedper import HEAD, deployed, partial_round, split
 
 import jax

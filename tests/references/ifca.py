@@ -29,8 +29,8 @@ def ifca_round(alg, data, thetas, rows, key):
         steps = np.nonzero(part["mask"][c])[0]
         if steps.size == 0:
             continue
-        losses = [np.mean([mean_ce(W, b, x[part["idx"][c, s]], y[part["idx"][c, s]]) for s in steps])
-                  for W, b in thetas]
+        batches = [(x[part["idx"][c, s]], y[part["idx"][c, s]]) for s in steps]
+        losses = [np.mean([mean_ce(W, b, xb, yb) for xb, yb in batches]) for W, b in thetas]
         j = int(np.argmin(losses))
         rows[i] = j
         W, b = local_sgd(*thetas[j], x, y, part["idx"][c], part["mask"][c], c_opt.lr)
@@ -51,7 +51,8 @@ def clusters_of(state):
 
 
 def deployed(thetas, rows):
-    return as_logistic(np.stack([thetas[j][0] for j in rows]), np.stack([thetas[j][1] for j in rows]))
+    return as_logistic(np.stack([thetas[j][0] for j in rows]),
+                       np.stack([thetas[j][1] for j in rows]))
 
 
 def ifca(alg, data, state, key):

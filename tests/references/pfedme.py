@@ -2,7 +2,8 @@
 numpy, client by client: at every real local step, theta starts from w and takes K gradient steps
 theta <- theta - personal_lr (grad f(theta; batch) + lam (theta - w)); then w <- w - eta lam
 (w - theta). theta of the last real step is the client's row. Server: w + server_lr * beta *
-(p-weighted mean of w_i - w), p_k = n_k (or 1), 0 for dropped stragglers and clients without steps."""
+(p-weighted mean of w_i - w), p_k = n_k (or 1), 0 for dropped stragglers and clients without
+steps."""
 import numpy as np
 
 from tests.references._common import as_logistic, logistic, participation, softmax_grads
