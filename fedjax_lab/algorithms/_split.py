@@ -1,4 +1,4 @@
-"""Which parameters are a model's head: the body / head split the personalization canon shares or keeps.
+"""Which parameters are a model's head: the body / head split the personalization canon uses.
 
 The zoo's models split as apply == head o features (core/types.Model); the head is one top-level
 module of the params tree, named per model here (the one table of it):
