@@ -31,7 +31,7 @@ RUN_FLAGS = {"dataset", "model", "rounds", "seed", "data_seed", "eval_every", "c
              "resume", "out", "no_progress", "config"}
 NOT_FLAGS = {"model", "setup", "name"}
 # What a run's own config.json holds beyond flags: checked (algorithm) or recomputed (the rest).
-CONFIG_ONLY = {"algorithm", "key", "data", "command", "dataset_options"}
+CONFIG_ONLY = {"algorithm", "key", "data", "command", "dataset_options", "derived"}
 # Flags of earlier releases, and what they are now.
 RENAMED = {
     "--trim-beta": "--aggregator trimmed_mean --aggregator-beta B",

@@ -13,8 +13,9 @@ logistic model, is checked for:
 A new algorithm gets all of them by registering in ALGORITHMS and adding its reference. The work
 per algorithm is shared: one `fl.run` program (rounds of one, eval_every=1) serves the reference,
 determinism, resume, config and accounting checks (`case`, cached per algorithm), and the vmap
-check is one more program; the CLI re-run compiles its own. Under `make test` (xdist loadgroup)
-every algorithm's checks are one group (tests/conftest.py), so they share that cache.
+check is one more program; the CLI re-run compiles its own. tests/conftest.py orders the items
+algorithm by algorithm, so under `make test` (xdist worksteal) one worker mostly runs an algorithm's
+checks and shares that cache.
 """
 from __future__ import annotations
 
@@ -43,20 +44,11 @@ ROUNDS = 2
 # engineers adding algorithms landed theirs; every one of the 39 names had one by 20:30 UTC).
 MISSING_REFERENCE_IS_XFAIL = False
 
-# Library bugs this suite found (issue 24), reported, not fixed here (the files belong to others):
-# a strict xfail, so that the fix turns the check green and this entry must go.
-KNOWN_BUGS = {
-    ("resume", "pfedhn"): "pFedHN's state holds a zero-size array (server.embed_dim), which orbax "
-                          "refuses to checkpoint: fl.run(checkpoint_every=...) raises",
-    ("resume", "pfedhn_pc"): "pFedHN's state holds a zero-size array (server.embed_dim), which "
-                             "orbax refuses to checkpoint: fl.run(checkpoint_every=...) raises",
-    ("config", "fedgkt"): "config.json holds 'server_model', which `fedjax-lab run --config` "
-                          "rejects as an unknown key",
-    ("config", "fedgen"): "config.json holds 'generator', which `fedjax-lab run --config` rejects "
-                          "as an unknown key",
-    ("config", "fedproto"): "config.json holds 'all_clients' and 'models', which `fedjax-lab run "
-                            "--config` rejects as unknown keys",
-}
+# Library bugs this suite finds, as {(check, name): reason}: a strict xfail, so that the fix turns the
+# check green and its entry must go. Empty: the five it found (pFedHN's zero-size state arrays that
+# orbax would not checkpoint; record-only keys in FedGKT's, FedGen's and FedProto's config.json,
+# now under "derived") are fixed.
+KNOWN_BUGS: dict = {}
 
 
 def known_bug(check, name):

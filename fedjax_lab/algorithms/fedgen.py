@@ -279,11 +279,11 @@ def fedgen(model: Model, *, generator: Optional[Generator] = None, use_generator
                    generator_batch_size=generator_batch_size, eta=eta, noise=noise,
                    generator_loss=generator_loss, label_sampling=label_sampling,
                    latent_beta=latent_beta, schedule=schedule,
-                   generator_weight_decay=generator_weight_decay, share=share,
-                   generator=None if generator is None else
-                   f"generator(latent_dim={generator.latent_dim}, noise_dim={generator.noise_dim}, "
-                   f"hidden={generator.hidden})")
-    config = algorithm_config("fedgen", model, s, **hparams)
+                   generator_weight_decay=generator_weight_decay, share=share)
+    derived = None if generator is None else dict(generator=(
+        f"generator(latent_dim={generator.latent_dim}, noise_dim={generator.noise_dim}, "
+        f"hidden={generator.hidden})"))
+    config = algorithm_config("fedgen", model, s, derived=derived, **hparams)
     config["drop_stragglers"] = drop
 
     if share == "model":

@@ -178,7 +178,8 @@ def _build(model, factory, setup, pc: bool, *, embed_dim, hidden, n_hidden, embe
         return hn, merge, head_of
 
     dim = lambda n: embed_dim or int(1 + n / 4)
-    # the inputs' shape rides in the state as a zero-size array, static under jit
+    # the inputs' shape rides in the state as one zero example, static under jit (a zero-size array
+    # would be smaller, but orbax refuses to checkpoint one)
     lay = lambda server, d: layout(tuple(server["x_like"].shape[1:]), server["x_like"].dtype, d)
 
     def check(data):
@@ -193,10 +194,10 @@ def _build(model, factory, setup, pc: bool, *, embed_dim, hidden, n_hidden, embe
     def init_server(key, data):
         check(data)
         k_phi, k_embed, k_model = jax.random.split(key, 3)
-        server = {"x_like": jnp.zeros((0,) + data.x.shape[1:], data.x.dtype),
+        server = {"x_like": jnp.zeros((1,) + data.x.shape[1:], data.x.dtype),
                   "embed_key": jax.random.key_data(k_embed), "round": jnp.zeros((), jnp.int32)}
         hn, _, head_of = lay(server, dim(data.num_clients))
-        server.update(phi=hn.init(k_phi), embed_dim=jnp.zeros((0, hn.embed_dim)))
+        server.update(phi=hn.init(k_phi), embed0=jnp.zeros((hn.embed_dim,), jnp.float32))
         server["opt"] = server_tx.init(server["phi"])
         if pc:
             server["head0"] = head_of(model.init(k_model, data.x[:1]))
@@ -214,7 +215,7 @@ def _build(model, factory, setup, pc: bool, *, embed_dim, hidden, n_hidden, embe
         return ClientRows(server=server, rows=jax.vmap(lambda e_: row_of(server, e_, jnp.bool_(False)))(e))
 
     def fresh_row(server):
-        return row_of(server, jnp.zeros((server["embed_dim"].shape[1],), jnp.float32), jnp.bool_(True))
+        return row_of(server, jnp.zeros_like(server["embed0"]), jnp.bool_(True))
 
     def generate(phi, hn, e):
         return jax.vmap(hn.apply, in_axes=(None, 0))(phi, e)

@@ -370,9 +370,15 @@ def _field_of(flat_name: str) -> str:
     return "uplink"
 
 
-def algorithm_config(name: str, model, setup: Setup, uses=ALL_FIELDS, **hparams) -> dict:
-    """config.json of an algorithm: its name, model, own hyperparameters and its values' fields."""
+def algorithm_config(name: str, model, setup: Setup, uses=ALL_FIELDS, derived=None,
+                     **hparams) -> dict:
+    """config.json of an algorithm: its name, model, own hyperparameters and its values' fields.
+    `derived`: what the run also records but no flag sets (FedGKT's server model, which follows
+    from --model; FedProto's group models): kept under "derived", which `run --config` skips."""
     flat = {k: v for f in SETUP_FIELDS if f in uses and getattr(setup, f) is not None
             for k, v in values.describe(getattr(setup, f), PREFIX.get(f)).items()}
-    return dict(algorithm=name, model=model.name, **flat,
-                **{k: values.json_value(v) for k, v in hparams.items()})
+    config = dict(algorithm=name, model=model.name, **flat,
+                  **{k: values.json_value(v) for k, v in hparams.items()})
+    if derived:
+        config["derived"] = {k: values.json_value(v) for k, v in derived.items()}
+    return config
