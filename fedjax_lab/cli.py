@@ -243,17 +243,23 @@ def _parse(argv, command="run", add=None):
     return factory, parser, args, hparams, flat
 
 
+def build_run(factory, args, hparams, flat):
+    """(algorithm, data) of a parsed `fedjax-lab run` (what `_parse` returns): what it trains."""
+    from fedjax_lab.core.setup import Setup
+    from fedjax_lab.data import load
+    data = load(args.dataset, seed=args.seed if args.data_seed is None else args.data_seed)
+    model = make_model(args.model, data, factory)
+    return factory(model, setup=Setup.of(**flat), **hparams), data
+
+
 def cmd_run(argv):
     factory, _, args, hparams, flat = _parse(argv, "run")
 
     import fedjax_lab
-    from fedjax_lab.core.setup import Setup, default_model
+    from fedjax_lab.core.setup import default_model
     model_name = args.model or default_model(factory)
-    from fedjax_lab.data import load
     try:
-        data = load(args.dataset, seed=args.seed if args.data_seed is None else args.data_seed)
-        model = make_model(args.model, data, factory)
-        alg = factory(model, setup=Setup.of(**flat), **hparams)
+        alg, data = build_run(factory, args, hparams, flat)
         extra = {} if args.data_seed is None else {"data_seed": args.data_seed}
         result = fedjax_lab.run(
             alg, data, rounds=args.rounds, key=args.seed, eval_every=args.eval_every, out=args.out,

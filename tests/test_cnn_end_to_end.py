@@ -42,6 +42,7 @@ def test_cli_runs_fedavg_with_the_cnn_on_mock_mnist(tmp_path):
     assert rows[0]["train_loss"] != rows[1]["train_loss"]   # the global model moved
 
 
+@pytest.mark.optimized
 def test_cli_fedavg_cnn_learns_real_digits(tmp_path):
     out = str(tmp_path / "digits")
     cli.main(["run", "fedavg", "--dataset", "digits:iid,clients=10", "--model", "cnn",

@@ -5,6 +5,8 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -28,7 +30,20 @@ def restore(mgr: ocp.CheckpointManager, step: int, like):
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     got = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                     meta=ocp.args.JsonRestore()))
-    return got["state"], got["meta"]
+    return jax.tree.map(_as_placed_like, got["state"], like), got["meta"]
+
+
+def _as_placed_like(x, like):
+    """A restored leaf placed as `like` was. Orbax puts every array on its device explicitly
+    (committed), and a committed argument is another jit cache entry than init's uncommitted one:
+    without this, the first resumed chunk compiled the round and evaluation programs again."""
+    if not (isinstance(x, jax.Array) and isinstance(like, jax.Array)) or like.committed \
+            or like.aval.weak_type or len(x.sharding.device_set) != 1:
+        return x
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(np.asarray(jax.random.key_data(x)),
+                                        impl=jax.random.key_impl(x))
+    return jnp.asarray(np.asarray(x))
 
 
 def config_diff(saved: dict, now: dict, *, ignore=("rounds", "command")) -> list[str]:
