@@ -89,12 +89,7 @@ def apfl(model, *, alpha: float = 0.5, adaptive_alpha: bool = True, setup: Setup
                            extra_batch_loss=lambda p, xb, yb, rng, anchor: f(p["w"], xb, yb, rng))
 
     def step(server, rows, ids, data, key):
-        k_part, k_train = jax.random.split(key)
-        part = rnd.participate(k_part, data, ids=ids)
-        num = ids.shape[0]
-        pad = part.ids.shape[0] - num          # a client mesh pads the round with step-less dummies
-        rows = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), rows)
-        data = s.attack.poison(data)
+        part, rows, data, (k_train,) = rnd.begin_rows(key, data, ids, rows)
         start = {"w": server.params, "v": rows["v"], "alpha": rows["alpha"]}
         res = jax.vmap(personal, in_axes=({"w": None, "v": 0, "alpha": 0}, None, None, 0, 0, 0))(
             start, data.x, data.y, part.batches.idx, part.batches.step_mask,
@@ -105,7 +100,7 @@ def apfl(model, *, alpha: float = 0.5, adaptive_alpha: bool = True, setup: Setup
         new_rows = {"v": res.params["v"], "alpha": res.params["alpha"]}
         metrics.update(personal_loss=weighted_mean_scalar(res.loss, real),
                        mean_alpha=weighted_mean_scalar(new_rows["alpha"], real))
-        return server, jax.tree.map(lambda x: x[:num], new_rows), metrics
+        return server, rnd.end_rows(new_rows, ids), metrics
 
     def deploy(server, rows):
         a = rows["alpha"]

@@ -123,13 +123,7 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
         return pb.idx, pb.step_mask & (jnp.arange(personal_steps)[None, :] < p_steps[:, None])
 
     def step(server, v, ids, data, key):
-        k_part, k_train, k_pers = jax.random.split(key, 3)
-        part = rnd.participate(k_part, data, ids=ids)
-        num = ids.shape[0]
-        if part.ids.shape[0] != num:     # a client mesh pads the round with step-less dummies
-            v = jax.tree.map(lambda x: jnp.concatenate(
-                [x, jnp.repeat(x[:1], part.ids.shape[0] - num, axis=0)]), v)
-        data = s.attack.poison(data)
+        part, v, data, (k_train, k_pers) = rnd.begin_rows(key, data, ids, v, streams=3)
         w_t = server.params
         # v_k: steps on h_k(v; w_t) = F_k(v) + lam/2 ||v - w_t||^2 from the client's own v_k
         prox = proximal_term(lam)
@@ -141,7 +135,7 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
         real = part.valid.astype(jnp.float32)
         metrics.update(personal_loss=weighted_mean_scalar(pres.loss, real),
                        personal_objective=weighted_mean_scalar(pres.objective, real))
-        return server, jax.tree.map(lambda x: x[:num], pres.params), metrics
+        return server, rnd.end_rows(pres.params, ids), metrics
 
     spec = RowRound(init_server=rnd.init, init_row=lambda server: server.params,
                     sample=lambda data, key: sample_ids(jax.random.split(key, 3)[0], data,

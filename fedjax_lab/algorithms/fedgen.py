@@ -303,17 +303,12 @@ def fedgen(model: Model, *, generator: Optional[Generator] = None, use_generator
         return jax.tree.map(lambda h, r, g: jnp.broadcast_to(g, r.shape) if h else r, mask, rows, w)
 
     def row_step(state, rows, ids, data, key):
-        k_part, k_train = jax.random.split(key)
-        part = rnd.participate(k_part, data, ids=ids)
-        num = ids.shape[0]
-        if part.ids.shape[0] != num:     # a client mesh pads the round with step-less dummies
-            rows = jax.tree.map(lambda x: jnp.concatenate(
-                [x, jnp.repeat(x[:1], part.ids.shape[0] - num, axis=0)]), rows)
+        part, rows, data, (k_train,) = rnd.begin_rows(key, data, ids, rows)
         mask = head_leaves(model, state.server.params, state.latent_dim)
         w_start = merge(mask, rows, state.server.params)
-        new, trained, metrics = step(state, s.attack.poison(data), part, k_train=k_train, key=key,
+        new, trained, metrics = step(state, data, part, k_train=k_train, key=key,
                                      w_start=w_start, head_only=mask)
-        return new, jax.tree.map(lambda x: x[:num], trained), metrics
+        return new, rnd.end_rows(trained, ids), metrics
 
     def personal(server, rows):
         w = server.server.params

@@ -74,12 +74,7 @@ def ifca(model, *, num_clusters: int = 2, setup: Setup = Setup()):
         return init_server(rnd.server_tx, params)
 
     def step(server, rows, ids, data, key):
-        k_part, k_train = jax.random.split(key)
-        part = rnd.participate(k_part, data, ids=ids)
-        num = ids.shape[0]
-        pad = part.ids.shape[0] - num          # a client mesh pads the round with step-less dummies
-        rows = jnp.concatenate([rows, jnp.repeat(rows[:1], pad, axis=0)])
-        data = s.attack.poison(data)
+        part, rows, data, (k_train,) = rnd.begin_rows(key, data, ids, rows)
         thetas = server.params
 
         def estimate(idx, mask):
@@ -94,7 +89,7 @@ def ifca(model, *, num_clusters: int = 2, setup: Setup = Setup()):
         new_rows = jnp.where(trained, j_hat.astype(rows.dtype), rows)
         sizes = jnp.sum(jax.nn.one_hot(j_hat, k) * trained[:, None], axis=0)
         metrics.update(largest_cluster_share=jnp.max(sizes) / jnp.maximum(jnp.sum(sizes), 1))
-        return server, new_rows[:num], metrics
+        return server, rnd.end_rows(new_rows, ids), metrics
 
     spec = RowRound(init_server=init_state, init_row=lambda server: jnp.zeros((), jnp.int32),
                     sample=rnd.sample, step=step,

@@ -79,16 +79,11 @@ def pfedme(model, *, lam: float = 15.0, inner_steps: int = 5, personal_lr: float
                       server_rule=lambda ex, extra, n: (tree_scale(ex.direction, beta), extra))
 
     def step(server, rows, ids, data, key):
-        k_part, k_train = jax.random.split(key)
-        part = rnd.participate(k_part, data, ids=ids)
-        num = ids.shape[0]
-        pad = part.ids.shape[0] - num          # a client mesh pads the round with step-less dummies
-        rows = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), rows)
-        server, metrics, ex = rnd.step_with_exchange(server, s.attack.poison(data), part,
-                                                     k_train=k_train, key=key)
+        part, rows, data, (k_train,) = rnd.begin_rows(key, data, ids, rows)
+        server, metrics, ex = rnd.step_with_exchange(server, data, part, k_train=k_train, key=key)
         trained = part.batches.num_steps > 0
         new_rows = jax.vmap(tree_where)(trained, ex.messages[1], rows)
-        return server, jax.tree.map(lambda x: x[:num], new_rows), metrics
+        return server, rnd.end_rows(new_rows, ids), metrics
 
     spec = RowRound(init_server=rnd.init, init_row=lambda server: server.params,
                     sample=rnd.sample, step=step, params=lambda server, rows: rows)

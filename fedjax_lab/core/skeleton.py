@@ -369,15 +369,28 @@ class ServerRound:
         computes them ahead)."""
         return sample_ids(jax.random.split(key)[0], data, self.setup.cohort)
 
-    def row_step(self, server, rows, ids, data, key):
-        """A round over the sampled clients' rows [C, ...] (RowRound.step): the mesh's padding
-        of the cohort is added to the rows and cut from the new rows here."""
-        k_part, k_train = jax.random.split(key)
+    def begin_rows(self, key, data, ids, rows, streams: int = 2):
+        """The start of a round over the sampled clients' rows [C, ...], written once for row_step
+        and for the algorithms with their own client step: (part, rows, data, keys) with the
+        round key split into `streams` keys, the first drawing the cohort of the clients `ids`
+        (streams=2: the split that `round` and `sample` make) and keys the others; the rows
+        padded to the cohort (a client mesh pads it with step-less dummies; `end_rows` cuts
+        them off the new rows); the data as the attack poisons it."""
+        k_part, *keys = jax.random.split(key, streams)
         part = self.participate(k_part, data, ids=ids)
-        rows = pad_rows(rows, part.ids.shape[0])
-        server, metrics, ex = self.step_with_exchange(
-            server, self.setup.attack.poison(data), part, k_train=k_train, key=key, rows=rows)
-        return server, jax.tree.map(lambda x: x[:ids.shape[0]], ex.new_rows), metrics
+        return part, pad_rows(rows, part.ids.shape[0]), self.setup.attack.poison(data), keys
+
+    @staticmethod
+    def end_rows(rows, ids):
+        """The new rows of the clients `ids`, without the mesh's padding (begin_rows)."""
+        return jax.tree.map(lambda x: x[:ids.shape[0]], rows)
+
+    def row_step(self, server, rows, ids, data, key):
+        """A round over the sampled clients' rows [C, ...] (RowRound.step)."""
+        part, rows, data, (k_train,) = self.begin_rows(key, data, ids, rows)
+        server, metrics, ex = self.step_with_exchange(server, data, part, k_train=k_train,
+                                                      key=key, rows=rows)
+        return server, self.end_rows(ex.new_rows, ids), metrics
 
     def algorithm(self, name: str, config: dict) -> Algorithm:
         global_params = lambda s: s.params
