@@ -72,7 +72,7 @@ from fedjax_lab.core.batching import draw_batches
 from fedjax_lab.core.client_state import RowAlgorithm, RowRound, row_algorithm
 from fedjax_lab.core.local import local_train
 from fedjax_lab.core.rounds import sample_ids, weighted_mean_scalar
-from fedjax_lab.core.setup import Optimizer, Setup, algorithm_config, defaults
+from fedjax_lab.core.setup import Optimizer, Setup, algorithm_config, defaults, with_drop
 from fedjax_lab.core.skeleton import ServerRound, client_keys
 from fedjax_lab.core.types import Model
 
@@ -105,7 +105,7 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
             f"{'gives server_round=None' if takes_setup else 'takes no setup='}); expected a "
             f"factory(model, setup=...) whose algorithm has a core.skeleton.ServerRound as "
             f"server_round, such as {', '.join(_qualifying(model))}")
-    s = rnd.setup
+    s = with_drop(rnd.setup, rnd.drop_stragglers)
     if personal_steps is not None and s.work.epochs is not None:
         raise ValueError("personal_steps must be None (reuse the global batches) when "
                          f"epochs is set, got personal_steps={personal_steps}")
@@ -143,7 +143,6 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
                     step=step, params=lambda server, rows: rows)
     config = algorithm_config("ditto", model, s, lam=lam, personal_lr=personal_lr,
                               personal_steps=personal_steps, global_solver=solver_name)
-    config["drop_stragglers"] = rnd.drop_stragglers
     alg = row_algorithm(spec, name="ditto", model=model, global_params=lambda st: st.params,
                         check=rnd.check, config=config)
     return dataclasses.replace(alg, setup=s)

@@ -135,7 +135,7 @@ def fedgen(model: Model, *, generator: Optional[Generator] = None, use_generator
     validate.one_of("label_sampling", label_sampling, {"prior", "uniform"})
     validate.one_of("schedule", schedule, {"constant", "code"})
     validate.one_of("share", share, {"model", "predictor"})
-    s = resolve(setup, fedgen)
+    s = resolve(setup, fedgen, drop_stragglers=True)
     if s.work.client_chunk is not None:
         raise ValueError(f"client_chunk must be None for fedgen (its generator is trained on every "
                          f"sampled client's head), got client_chunk={s.work.client_chunk}")
@@ -147,7 +147,7 @@ def fedgen(model: Model, *, generator: Optional[Generator] = None, use_generator
     if share == "predictor" and (s.uplink.name != "identity" or s.attack.attack != "none"):
         raise ValueError(f"share='predictor' sends the head only; it takes uplink 'identity' and no "
                          f"attack, got uplink {s.uplink.name!r}, attack {s.attack.attack!r}")
-    drop = True if s.work.drop_stragglers is None else s.work.drop_stragglers
+    drop = s.work.drop_stragglers
     rnd = ServerRound(model, s, drop_stragglers=drop)
     client_tx = s.client_opt.build("client_optimizer")
     decay = optax.exponential_decay(generator_lr, generator_steps, 0.98, staircase=True) \
@@ -284,7 +284,6 @@ def fedgen(model: Model, *, generator: Optional[Generator] = None, use_generator
         f"generator(latent_dim={generator.latent_dim}, noise_dim={generator.noise_dim}, "
         f"hidden={generator.hidden})"))
     config = algorithm_config("fedgen", model, s, derived=derived, **hparams)
-    config["drop_stragglers"] = drop
 
     if share == "model":
         def round_(state, data, key):

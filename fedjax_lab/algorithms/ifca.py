@@ -45,7 +45,7 @@ def ifca(model, *, num_clusters: int = 2, setup: Setup = Setup()):
     """IFCA (module docstring) with k = num_clusters cluster models."""
     validate.positive("num_clusters", num_clusters, integer=True)
     k = num_clusters
-    s = resolve(setup, ifca)
+    s = resolve(setup, ifca, drop_stragglers=True)
     train = local_train(model, s.client_opt.build("client_optimizer"))
 
     def client(start, x, y, idx, step_mask, key):
@@ -63,8 +63,7 @@ def ifca(model, *, num_clusters: int = 2, setup: Setup = Setup()):
 
     one_model = lambda w_t, data: dense_bytes(jax.tree.map(lambda a: a[0], w_t))
     rnd = ServerRound(model, s, client=client, server_rule=per_cluster,
-                      drop_stragglers=True if s.work.drop_stragglers is None
-                      else s.work.drop_stragglers,
+                      drop_stragglers=s.work.drop_stragglers,
                       up_bytes=one_model)
 
     def init_state(key, data):
@@ -95,6 +94,5 @@ def ifca(model, *, num_clusters: int = 2, setup: Setup = Setup()):
                     sample=rnd.sample, step=step,
                     params=lambda server, rows: jax.tree.map(lambda a: a[rows], server.params))
     config = algorithm_config("ifca", model, s, num_clusters=num_clusters)
-    config["drop_stragglers"] = rnd.drop_stragglers
     alg = row_algorithm(spec, name="ifca", model=model, check=rnd.check, config=config)
     return dataclasses.replace(alg, setup=s)

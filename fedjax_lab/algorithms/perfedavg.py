@@ -140,8 +140,8 @@ def _per_fedavg(model, setup, factory, *, inner_lr, hessian, hvp_delta, adapt_st
     validate.positive("adapt_steps", adapt_steps, integer=True)
     if adapt_batch_size is not None:
         validate.positive("adapt_batch_size", adapt_batch_size, integer=True)
-    s = resolve(setup, factory)
-    drop = True if s.work.drop_stragglers is None else s.work.drop_stragglers
+    s = resolve(setup, factory, drop_stragglers=True)
+    drop = s.work.drop_stragglers
     loss_fn = surrogate_loss(meta_direction(model, inner_lr, hessian=hessian, hvp_delta=hvp_delta))
     train = local_train(model, s.client_opt.build("client_optimizer"), loss_fn=loss_fn)
 
@@ -155,7 +155,6 @@ def _per_fedavg(model, setup, factory, *, inner_lr, hessian, hvp_delta, adapt_st
     if hessian != "none":
         own.update(hessian=hessian, hvp_delta=hvp_delta)
     config = algorithm_config(name, model, s, **own)
-    config["drop_stragglers"] = drop
     alg = rnd.algorithm(name, config)
     params_of = lambda state: state.params
     adapt = meta.gd_adapt(model, inner_lr, steps=adapt_steps, params_of=params_of) \

@@ -48,7 +48,7 @@ def pfedme(model, *, lam: float = 15.0, inner_steps: int = 5, personal_lr: float
     validate.positive("inner_steps", inner_steps, integer=True)
     validate.positive("personal_lr", personal_lr)
     validate.positive("beta", beta)
-    s = resolve(setup, pfedme)
+    s = resolve(setup, pfedme, drop_stragglers=True)
     f = lambda p, xb, yb, rng: batch_loss(model, p, xb, yb, rng, train=True)
 
     def theta_tilde(w, xb, yb, rng):
@@ -74,8 +74,7 @@ def pfedme(model, *, lam: float = 15.0, inner_steps: int = 5, personal_lr: float
         return (tree_sub(res.params, w_t), res.stats), res.loss, res.objective
 
     rnd = ServerRound(model, s, client=client, send=lambda messages: messages[0],
-                      drop_stragglers=True if s.work.drop_stragglers is None
-                      else s.work.drop_stragglers,
+                      drop_stragglers=s.work.drop_stragglers,
                       server_rule=lambda ex, extra, n: (tree_scale(ex.direction, beta), extra))
 
     def step(server, rows, ids, data, key):
@@ -89,7 +88,6 @@ def pfedme(model, *, lam: float = 15.0, inner_steps: int = 5, personal_lr: float
                     sample=rnd.sample, step=step, params=lambda server, rows: rows)
     config = algorithm_config("pfedme", model, s, lam=lam, inner_steps=inner_steps,
                               personal_lr=personal_lr, beta=beta)
-    config["drop_stragglers"] = rnd.drop_stragglers
     alg = row_algorithm(spec, name="pfedme", model=model, global_params=lambda st: st.params,
                         check=rnd.check, config=config)
     return dataclasses.replace(alg, setup=s)

@@ -125,10 +125,9 @@ def _family(model, factory, setup, *, noise, sigma, vote=None) -> Algorithm:
         send, hparams["vote"] = uplink.chain(send, uplink.sign()), vote
         setup = setup if setup.aggregator is not None else \
             dataclasses.replace(setup, aggregator=VOTES[vote]())
-    s = resolve(setup, factory)
-    drop = False if s.work.drop_stragglers is None else s.work.drop_stragglers
-    config = dict(algorithm_config(factory.__name__, model, s, uses=USES, **hparams),
-                  drop_stragglers=drop)
+    s = resolve(setup, factory, drop_stragglers=False)
+    drop = s.work.drop_stragglers
+    config = algorithm_config(factory.__name__, model, s, uses=USES, **hparams)
     down = None if vote is None else _vote_bytes(s)
     s = dataclasses.replace(s, uplink=send, aggregator=s.aggregator if vote is None
                             else _reads_signs(s.aggregator))

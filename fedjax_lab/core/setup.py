@@ -346,8 +346,9 @@ def default_model(factory) -> str:
         or DEFAULT_MODEL
 
 
-def resolve(setup: Setup, factory) -> Setup:
-    """`setup` over the factory's defaults; a value the algorithm has no use for is an error."""
+def resolve(setup: Setup, factory, *, drop_stragglers: Optional[bool] = None) -> Setup:
+    """`setup` over the factory's defaults; a value the algorithm has no use for is an error.
+    `drop_stragglers`: the algorithm's default for LocalWork(drop_stragglers=None) (with_drop)."""
     if not isinstance(setup, Setup):
         raise ValueError(f"setup must be a fedjax_lab.Setup, got {type(setup).__name__}")
     name = getattr(factory, "__name__", "algorithm")
@@ -358,7 +359,16 @@ def resolve(setup: Setup, factory) -> Setup:
     if unused:
         raise ValueError(f"{name} takes no Setup.{', Setup.'.join(unused)}: it uses "
                          f"{', '.join(sorted(uses))}")
-    return setup.over(getattr(factory, "defaults", Setup()))
+    resolved = setup.over(getattr(factory, "defaults", Setup()))
+    return resolved if drop_stragglers is None else with_drop(resolved, drop_stragglers)
+
+
+def with_drop(setup: Setup, default: bool) -> Setup:
+    """`setup` with LocalWork.drop_stragglers decided: the user's choice, else the algorithm's
+    `default`, so that the Setup (and config.json, from it) holds what the round does."""
+    if setup.work.drop_stragglers is not None:
+        return setup
+    return dataclasses.replace(setup, work=dataclasses.replace(setup.work, drop_stragglers=default))
 
 
 def _field_of(flat_name: str) -> str:

@@ -422,18 +422,15 @@ def server_averaging(model: Model, setup: Setup, factory, *, objective=None,
     training on F_k (+ objective(w, w_t)) as the client, the hooks of the module docstring, and
     config.json recorded from the factory's name and its hyperparameters `hparams`.
     `drop_stragglers` is the algorithm's default for LocalWork(drop_stragglers=None)."""
-    s = resolve(setup, factory)
-    drop = drop_stragglers if s.work.drop_stragglers is None else s.work.drop_stragglers
-    skeleton = ServerRound(model, s, objective=objective, drop_stragglers=drop,
+    s = resolve(setup, factory, drop_stragglers=drop_stragglers)
+    skeleton = ServerRound(model, s, objective=objective, drop_stragglers=s.work.drop_stragglers,
                            local_objective=local_objective, batch_objective=batch_objective,
                            message=message, init_row=init_row, new_row=new_row,
                            init_extra=init_extra, server_rule=server_rule, send_extra=send_extra,
                            start=start, up_bytes=up_bytes, down_bytes=down_bytes,
                            local_split=local_split, client_tx=client_tx)
     name = factory.__name__
-    config = algorithm_config(name, model, s, **hparams)
-    config["drop_stragglers"] = drop
-    return skeleton.algorithm(name, config)
+    return skeleton.algorithm(name, algorithm_config(name, model, s, **hparams))
 
 
 def merge_trees(a, b):
