@@ -41,7 +41,15 @@ def batch_norm_split(params):
     return pick(lambda p: not local(p)), pick(local)
 
 
-@defaults(FEDBN, model="mlp_bn")
+# Measured by tests/test_hypergrad.py's registry check (defaults, mlp_bn): fl.hypergrad gave
+# dL/dclient_lr = -3.05 against +6.33 +- 1.65 by central differences, dL/dserver_lr -0.110 against
+# -0.099; the loss is jagged in the learning rates at the finite-difference scale through the
+# BatchNorm statistics. Refused, rather than a value we cannot vouch for, until this is explained.
+NO_HYPERGRAD = {"*": "the hypergradient through BatchNorm's statistics disagrees with central "
+                     "finite differences (client_lr: -3.05 vs +6.33 +- 1.65), unexplained"}
+
+
+@defaults(FEDBN, model="mlp_bn", no_hypergrad=NO_HYPERGRAD)
 def fedbn(model, *, local_bn: bool = True, setup: Setup = Setup()):
     """FedBN (module docstring); local_bn=False is FedAvg with shared BatchNorm layers."""
     validate.one_of("local_bn", local_bn, {True, False})
