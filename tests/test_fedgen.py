@@ -120,13 +120,16 @@ def test_zero_weight_with_the_code_schedule_is_not_off(synth):
     floor = fedgen(m, alpha=0.0, schedule="code", generator_steps=1, setup=setup)
     sa, sf = jax.jit(avg.init)(jax.random.key(0), synth), jax.jit(floor.init)(jax.random.key(0), synth)
     ra, rf = jax.jit(avg.round), jax.jit(floor.round)
-    same = []
+    # two programs: equal to float rounding, not bit for bit, once XLA optimizes (the slow tier
+    # compiles at -O2: round 0 differs by 5.6e-7 relative, round 1 by 2.2e-3 from the floor)
+    gap = []
     for r in range(2):
         sa, _ = ra(sa, synth, jax.random.key(10 + r))
         sf, _ = rf(sf, synth, jax.random.key(10 + r))
-        same.append(all(np.array_equal(a, f) for a, f in zip(jax.tree.leaves(sa.params),
-                                                             jax.tree.leaves(sf.server.params))))
-    assert same == [True, False]
+        gap.append(max(float(np.max(np.abs(a - f) / (np.abs(a) + 1e-3)))
+                       for a, f in zip(map(np.asarray, jax.tree.leaves(sa.params)),
+                                       map(np.asarray, jax.tree.leaves(sf.server.params)))))
+    assert gap[0] < 1e-5 < 1e-4 < gap[1], gap
 
 
 def test_generator_objective_matches_numpy():
