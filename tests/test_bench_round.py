@@ -72,6 +72,36 @@ def test_epoch_permutations_break_ties_like_a_stable_argsort():
                                   _argsort_reference(key, n, passes, width))
 
 
+@pytest.mark.parametrize("width,positions", [(7, 20), (300, 200), (800, 200), (1500, 640)])
+def test_epoch_permutations_read_by_a_client_equal_argsort(width, positions):
+    """positions=S*B (only what a client reads, its random bits computed only there) gives the
+    reached rows' first columns of the full argsort, for typed and raw threefry keys."""
+    for n in sorted({1, 45, width // 3, width}):
+        if n > width:
+            continue
+        passes = -(-positions // n)
+        for key in (jax.random.key(n), jax.random.PRNGKey(n + 1)):
+            got = np.asarray(jax.jit(lambda k: epoch_permutations(
+                k, jnp.int32(n), passes=passes, width=width, positions=positions))(key))
+            want = np.asarray(_argsort_reference(key, n, passes, width))
+            k = min(positions, width)
+            for p in range(passes):
+                if p * n < positions:                     # a pass the stream reaches
+                    cols = min(k, n, positions - p * n)
+                    np.testing.assert_array_equal(got[p, :cols], want[p, :cols],
+                                                  err_msg=f"n={n} pass {p}")
+
+
+def test_threefry2x32_equals_jax_primitive():
+    from jax.extend.random import threefry2x32_p
+    from fedjax_lab.core.batching import threefry2x32
+    words = jax.random.bits(jax.random.key(0), (4, 1000), jnp.uint32)
+    got = jax.jit(threefry2x32)(words[0, 0], words[1, 0], words[2], words[3])
+    want = threefry2x32_p.bind(words[0, 0], words[1, 0], words[2], words[3])
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_clients_map_equals_vmap_with_stragglers_and_extra_loss():
     """local_train(clients="map") (the CPU layout for large models) gives vmap's numbers."""
     import optax

@@ -27,6 +27,7 @@ import math
 import os
 import typing
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,14 +95,6 @@ def params_of(alg, state):
 def _lines(path):
     with open(os.path.join(path, "metrics.jsonl")) as f:
         return f.read().splitlines()
-
-
-def _assert_trees_equal(a, b, what):
-    la, ta = jax.tree.flatten(a)
-    lb, tb = jax.tree.flatten(b)
-    assert ta == tb, f"{what}: tree structures differ: {ta} vs {tb}"
-    for i, (x, y) in enumerate(zip(la, lb)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=f"{what}: leaf {i}")
 
 
 @dataclasses.dataclass
@@ -174,7 +167,7 @@ def test_one_round_equals_its_reference_loop(name, tmp_path_factory):
 @pytest.mark.parametrize("name", NAMES)
 def test_same_key_gives_a_bit_identical_state(name, tmp_path_factory):
     c = case(name, tmp_path_factory)
-    _assert_trees_equal(c.full.state, c.again.state, f"{name}: two runs with key 0")
+    chex.assert_trees_all_equal(c.full.state, c.again.state, custom_message=f"{name}: two runs with key 0")
     assert c.full.history == c.again.history
 
 
@@ -187,7 +180,8 @@ def test_checkpoint_then_resume_equals_the_uninterrupted_run(name, tmp_path_fact
     resumed = fedjax_lab.run(c.alg, tiny_data(), rounds=ROUNDS, resume=True, **common)
     assert [h["round"] for h in resumed.history] == list(range(1, ROUNDS + 1))
     assert _lines(cut) == _lines(os.path.join(c.dir, "full"))
-    _assert_trees_equal(resumed.state, c.full.state, f"{name}: resumed vs uninterrupted state")
+    chex.assert_trees_all_equal(resumed.state, c.full.state,
+                                custom_message=f"{name}: resumed vs uninterrupted state")
 
 
 @pytest.mark.parametrize("name", names_for("config"))
@@ -303,11 +297,10 @@ def test_vmap_over_traced_float_hyperparameters_equals_the_separate_runs(name, t
     batched = program(rows)
     alone = program(jnp.stack([rows[1], rows[1]]))        # the same program: no compilation
     # float tolerance: a batched matmul / convolution may sum in another order
-    close = lambda what: lambda g, w: np.testing.assert_allclose(
-        g, w, rtol=1e-4, atol=1e-5, err_msg=f"{name} {names}: {what}")
-    jax.tree.map(close("defaults vs fl.run"), jax.tree.map(lambda a: a[0], batched), c.one)
-    jax.tree.map(close(f"{rows[1]} vs alone"), jax.tree.map(lambda a: a[1], batched),
-                 jax.tree.map(lambda a: a[0], alone))
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], batched), c.one, rtol=1e-4, atol=1e-5,
+                                custom_message=f"{name} {names}: defaults vs fl.run")
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[1], batched), jax.tree.map(lambda a: a[0], alone),
+                                rtol=1e-4, atol=1e-5, custom_message=f"{name} {names}: {rows[1]} vs alone")
     # the traced values are used: the two rows differ (not each hyperparameter need matter in
     # round 1, e.g. FedProto's lam before any prototype exists; the learning rates do)
     diff = jax.tree.leaves(jax.tree.map(lambda a: float(jnp.abs(a[0] - a[1]).max()), batched))
@@ -334,9 +327,10 @@ BAD = [(name, p, v) for name in NAMES for p, v in _bad_values(name)]
 @pytest.mark.parametrize("name, param, value", BAD, ids=[f"{n}-{p}" for n, p, _ in BAD])
 def test_a_bad_hyperparameter_fails_naming_it_before_compiling(name, param, value):
     data = tiny_data()
+    model = models.get(model_name(name), data.num_classes, data.x[:1])   # may compile its init
     with count_compiles() as compiles:
         with pytest.raises(ValueError, match=param):
-            alg = build(name, **{param: value})
+            alg = ALGORITHMS[name][0](model, setup=Setup.of(**setup_flags(name)), **{param: value})
             alg.check(data)
             alg.init(jax.random.key(0), data)
     assert not compiles, f"{name}: {param}={value!r} compiled {len(compiles)} program(s) first"

@@ -91,21 +91,59 @@ def epoch_permutations(key, n, *, passes: int, width: int, positions: int | None
     per-run cost that a sweep's stacked runs do not make denser (experiments/PERF.md, issue 28).
     """
     k = width if positions is None else max(1, min(int(positions), width))
-    m = jax.random.bits(key, (passes, width), jnp.uint32) >> 9
+    m = lambda p, q, w: _bits(key, (passes, width), p, q, w) >> 9    # rows p..q-1, first w columns
     if k == width or passes == 1:
-        return _first_ranks(m, n, k)
+        return _first_ranks(m(0, passes, width), n, k)
     # pass p >= 1 is reached only when n < positions / p: sort its first w_p columns, w_p the power
     # of two >= ceil(positions / p) (at most k), passes of equal w_p in one sort
     w = {p: min(k, 1 << (-(-int(positions) // p) - 1).bit_length()) for p in range(1, passes)}
-    parts, p = [_first_ranks(m[:1], n, k)], 1
+    parts, p = [_first_ranks(m(0, 1, width), n, k)], 1
     while p < passes:
         q = p
         while q + 1 < passes and w[q + 1] == w[p]:
             q += 1
-        block = _first_ranks(m[p:q + 1, :w[p]], n, k)
+        block = _first_ranks(m(p, q + 1, w[p]), n, k)
         parts.append(jnp.pad(block, ((0, 0), (0, k - block.shape[1]))))
         p = q + 1
     return jnp.concatenate(parts)
+
+
+def _bits(key, shape, p, q, w):
+    """`jax.random.bits(key, shape, uint32)[p:q, :w]` (shape = (passes, width)), computing only those
+    entries. With threefry keys and jax_threefry_partitionable (the default), entry i of the
+    flattened shape is threefry2x32(key, (0, i)) with its two words xor-ed: computed here for the
+    entries needed, unrolled (one elementwise fusion). jax's CPU lowering runs the 20 rounds as a
+    loop of 5 blocks over the whole array, and a permutation reads few of its passes' columns: the
+    random bits of a logistic FedProx sweep round cost ~8x less (experiments/PERF.md, issue 28).
+    Other key kinds: jax.random.bits, sliced."""
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else key
+    impl = str(jax.random.key_impl(key)) if typed else jax.config.jax_default_prng_impl
+    threefry = impl == "threefry2x32"
+    if not (threefry and jax.config.jax_threefry_partitionable) or shape[0] * shape[1] >= 1 << 32:
+        return jax.random.bits(key, shape, jnp.uint32)[p:q, :w]
+    i = (jnp.arange(p, q, dtype=jnp.uint32)[:, None] * jnp.uint32(shape[1])
+         + jnp.arange(w, dtype=jnp.uint32)[None, :])
+    b1, b2 = threefry2x32(data[0], data[1], jnp.zeros_like(i), i)
+    return b1 ^ b2
+
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(k1, k2, x1, x2):
+    """Threefry-2x32 with 20 rounds (Salmon et al., SC 2011), as jax's `threefry2x32_p`: key words
+    (k1, k2), counter words (x1, x2) -> the two output words; unrolled jnp ops that XLA fuses."""
+    rotl = lambda v, d: (v << jnp.uint32(d)) | (v >> jnp.uint32(32 - d))
+    ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
+    x1, x2 = x1 + ks[0], x2 + ks[1]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x1 = x1 + x2
+            x2 = rotl(x2, r) ^ x1
+        x1 = x1 + ks[(i + 1) % 3]
+        x2 = x2 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+    return x1, x2
 
 
 def _first_ranks(m, n, k):
