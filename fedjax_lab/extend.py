@@ -42,28 +42,46 @@ A round of one's own is built from the same pieces: `participate`, `local_train`
 add_an_algorithm.py). Nothing here is new code: it is the public face of `core/`.
 """
 from fedjax_lab.registry import register
-from fedjax_lab.core import validate
+from fedjax_lab.core import comm, hetero, meta, validate, values
+from fedjax_lab.core.batching import Batches, draw_batches
 from fedjax_lab.core.comm import dense_bytes
-from fedjax_lab.core.client_state import ClientRows, RowRound, row_algorithm
+from fedjax_lab.core.client_state import ClientRows, RowAlgorithm, RowRound, row_algorithm
+from fedjax_lab.core.evaluate import client_params_of_global, personal_sums, summarize
+from fedjax_lab.core.hetero import HeteroAlgorithm
 from fedjax_lab.core.local import LocalResult, local_train
+from fedjax_lab.core.meta import (MetaAlgorithm, check_support_fraction, finetune, gd_adapt,
+                                  gd_steps, masked_loss, split_support_query, support_query_rows)
+from fedjax_lab.core.optimizers import schedule
 from fedjax_lab.core.rounds import (ServerState, client_weights, init_server, participate,
                                     sample_ids, server_update, weighted_mean_scalar)
+from fedjax_lab.core.sampling import first_draw
 from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config, defaults,
-                                   resolve)
+                                   resolve, with_drop)
 from fedjax_lab.core.skeleton import (ClientBatches, ClientContext, Exchange, ServerRound,
-                                      client_keys, mean_loss, merge_trees, server_averaging)
+                                      client_keys, local_delta, map_clients, mean_loss,
+                                      merge_trees, server_averaging)
 from fedjax_lab.core.tree import (flatten, tree_add, tree_broadcast, tree_num_params, tree_put,
                                   tree_scale, tree_sq_norm, tree_sub, tree_take, tree_vdot,
                                   tree_weighted_mean, tree_where, tree_zeros_like)
 from fedjax_lab.core.types import Algorithm, Model, batch_loss
 
 __all__ = [
-    "register", "validate", "dense_bytes", "ClientRows", "RowRound", "row_algorithm", "LocalResult",
-    "local_train", "ServerState", "client_weights", "init_server", "participate", "sample_ids",
-    "server_update", "weighted_mean_scalar", "Cohort", "LocalWork", "Optimizer", "Setup",
-    "algorithm_config", "defaults", "resolve", "ClientBatches", "ClientContext", "Exchange",
-    "ServerRound", "client_keys", "mean_loss", "merge_trees", "server_averaging", "flatten", "tree_add",
-    "tree_broadcast", "tree_num_params", "tree_put", "tree_scale", "tree_sq_norm", "tree_sub",
-    "tree_take", "tree_vdot", "tree_weighted_mean", "tree_where", "tree_zeros_like", "Algorithm",
-    "Model", "batch_loss",
+    # the skeleton and its hooks' types
+    "register", "server_averaging", "ServerRound", "Exchange", "ClientContext", "ClientBatches",
+    "LocalResult", "mean_loss", "merge_trees", "local_delta", "map_clients", "client_keys",
+    # setup and config
+    "Cohort", "LocalWork", "Optimizer", "Setup", "algorithm_config", "defaults", "resolve",
+    "with_drop", "validate", "values", "schedule",
+    # round pieces for an algorithm with a round of its own
+    "ServerState", "client_weights", "init_server", "participate", "sample_ids", "first_draw",
+    "server_update", "weighted_mean_scalar", "local_train", "Batches", "draw_batches",
+    "client_params_of_global", "personal_sums", "summarize", "comm", "dense_bytes",
+    # per-client rows, meta-learning, heterogeneous architectures
+    "ClientRows", "RowAlgorithm", "RowRound", "row_algorithm", "meta", "MetaAlgorithm",
+    "check_support_fraction", "finetune", "gd_adapt", "gd_steps", "masked_loss",
+    "split_support_query", "support_query_rows", "hetero", "HeteroAlgorithm",
+    # trees and types
+    "flatten", "tree_add", "tree_broadcast", "tree_num_params", "tree_put", "tree_scale",
+    "tree_sq_norm", "tree_sub", "tree_take", "tree_vdot", "tree_weighted_mean", "tree_where",
+    "tree_zeros_like", "Algorithm", "Model", "batch_loss",
 ]

@@ -56,3 +56,19 @@ def test_register_refuses_bad_names_and_silent_replacement():
         fl.register("x", 3)
     with pytest.raises(SystemExit, match="no such file"):
         cli.main(["list", "--plugin", "/nonexistent/alg.py"])
+
+
+def test_algorithm_files_import_only_the_public_surface():
+    """Every built-in algorithm is written as a user's would be: no import of fedjax_lab.core (its
+    writers' surface is fedjax_lab.extend), so a missing hook shows up as a missing export."""
+    import ast
+    import glob
+    import os
+    offenders = []
+    for path in glob.glob(os.path.join(os.path.dirname(fl.__file__), "algorithms", "*.py")):
+        for node in ast.walk(ast.parse(open(path).read())):
+            mods = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{os.path.basename(path)}:{node.lineno} {m}" for m in mods
+                          if m == "fedjax_lab.core" or m.startswith("fedjax_lab.core.")]
+    assert not offenders, offenders

@@ -67,14 +67,9 @@ import jax.numpy as jnp
 
 from fedjax_lab.algorithms.fedavg import FEDAVG
 from fedjax_lab.algorithms.fedprox import proximal_term
-from fedjax_lab.core import validate
-from fedjax_lab.core.batching import draw_batches
-from fedjax_lab.core.client_state import RowAlgorithm, RowRound, row_algorithm
-from fedjax_lab.core.local import local_train
-from fedjax_lab.core.rounds import sample_ids, weighted_mean_scalar
-from fedjax_lab.core.setup import Optimizer, Setup, algorithm_config, defaults, with_drop
-from fedjax_lab.core.skeleton import ServerRound, client_keys
-from fedjax_lab.core.types import Model
+from fedjax_lab.extend import (Model, Optimizer, RowAlgorithm, RowRound, ServerRound, Setup,
+                               algorithm_config, client_keys, defaults, draw_batches, local_train,
+                               row_algorithm, sample_ids, validate, weighted_mean_scalar, with_drop)
 
 
 @defaults(FEDAVG)

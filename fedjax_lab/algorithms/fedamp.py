@@ -63,16 +63,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fedjax_lab.core import comm, validate, values
-from fedjax_lab.core.client_state import ClientRows, RowAlgorithm
-from fedjax_lab.core.local import local_train
-from fedjax_lab.core.rounds import participate, weighted_mean_scalar
-from fedjax_lab.core.sampling import first_draw
-from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config,
-                                   defaults, resolve)
-from fedjax_lab.core.skeleton import client_keys
-from fedjax_lab.core.tree import flatten, tree_broadcast, tree_put, tree_sq_norm, tree_sub, tree_take
-from fedjax_lab.core.types import Model
+from fedjax_lab.extend import (ClientRows, Cohort, LocalWork, Model, Optimizer, RowAlgorithm, Setup,
+                               algorithm_config, client_keys, comm, defaults, first_draw, flatten,
+                               local_train, participate, resolve, tree_broadcast, tree_put,
+                               tree_sq_norm, tree_sub, tree_take, validate, values,
+                               weighted_mean_scalar)
 
 
 def pairwise_sq_dists(a, b):

@@ -20,9 +20,7 @@ corrupts the attackers' w_k - w_t or their labels, any uplink compresses what is
 """
 from __future__ import annotations
 
-from fedjax_lab.core.setup import Optimizer, Setup, defaults
-from fedjax_lab.core.skeleton import server_averaging
-from fedjax_lab.core.types import Algorithm, Model
+from fedjax_lab.extend import (Algorithm, Model, Optimizer, Setup, defaults, server_averaging)
 
 FEDAVG = Setup(client_opt=Optimizer("sgd", lr=0.01), server_opt=Optimizer("sgd", lr=1.0))
 

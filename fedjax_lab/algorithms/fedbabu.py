@@ -26,9 +26,8 @@ from __future__ import annotations
 import dataclasses
 
 from fedjax_lab.algorithms._split import head_name, part, train_only
-from fedjax_lab.core.meta import MetaAlgorithm, finetune
-from fedjax_lab.extend import (Setup, dense_bytes, defaults, merge_trees, resolve, server_averaging,
-                               tree_sub, tree_zeros_like, validate)
+from fedjax_lab.extend import (MetaAlgorithm, Setup, defaults, dense_bytes, finetune, merge_trees,
+                               resolve, server_averaging, tree_sub, tree_zeros_like, validate)
 
 
 @defaults(Setup(), model="mlp")

@@ -68,17 +68,11 @@ import optax
 from flax import struct
 
 from fedjax_lab.algorithms.fedavg import FEDAVG
-from fedjax_lab.core import comm, validate
-from fedjax_lab.core.client_state import RowRound, row_algorithm
-from fedjax_lab.core.evaluate import client_params_of_global
-from fedjax_lab.core.local import local_train
+from fedjax_lab.extend import (Algorithm, Cohort, LocalWork, Model, Optimizer, RowRound,
+                               ServerRound, ServerState, Setup, algorithm_config,
+                               client_params_of_global, comm, defaults, local_delta, local_train,
+                               resolve, row_algorithm, sample_ids, tree_add, tree_sub, validate)
 from fedjax_lab.aggregators.privacy import DPMean
-from fedjax_lab.core.rounds import ServerState, sample_ids
-from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config,
-                                   defaults, resolve)
-from fedjax_lab.core.skeleton import ServerRound, local_delta
-from fedjax_lab.core.tree import tree_add, tree_sub
-from fedjax_lab.core.types import Algorithm, Model
 from fedjax_lab.models.generator import NOISE_KINDS, Generator, generator as make_generator
 
 GEN_STREAM = 0x6E6   # fold_in constant: the users' generated samples, apart from the model's rng

@@ -72,15 +72,10 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from fedjax_lab.core import validate
-from fedjax_lab.core.client_state import RowAlgorithm, RowRound, row_algorithm
-from fedjax_lab.core.evaluate import personal_sums
-from fedjax_lab.core.local import local_train
-from fedjax_lab.core.rounds import participate, sample_ids, weighted_mean_scalar
-from fedjax_lab.core.setup import LocalWork, Optimizer, Setup, algorithm_config, defaults, resolve
-from fedjax_lab.core.skeleton import client_keys
-from fedjax_lab.core.tree import tree_broadcast, tree_where
-from fedjax_lab.core.types import Model
+from fedjax_lab.extend import (LocalWork, Model, Optimizer, RowAlgorithm, RowRound, Setup,
+                               algorithm_config, client_keys, defaults, local_train, participate,
+                               personal_sums, resolve, row_algorithm, sample_ids, tree_broadcast,
+                               tree_where, validate, weighted_mean_scalar)
 from fedjax_lab.models.gkt import GKTPair, pair
 
 USES = frozenset({"cohort", "work", "client_opt", "server_opt"})

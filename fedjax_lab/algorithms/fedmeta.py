@@ -48,16 +48,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fedjax_lab.core import validate
-from fedjax_lab.core.batching import Batches
-from fedjax_lab.core.evaluate import client_params_of_global
-from fedjax_lab.core.meta import (MetaAlgorithm, split_support_query, check_support_fraction, gd_adapt, gd_steps,
-                                  masked_loss, support_query_rows)
-from fedjax_lab.core.rounds import init_server
-from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config,
-                                   defaults, resolve)
-from fedjax_lab.core.skeleton import ServerRound
-from fedjax_lab.core.types import Model
+from fedjax_lab.extend import (Batches, Cohort, LocalWork, MetaAlgorithm, Model, Optimizer,
+                               ServerRound, Setup, algorithm_config, check_support_fraction,
+                               client_params_of_global, defaults, gd_adapt, gd_steps, init_server,
+                               masked_loss, resolve, split_support_query, support_query_rows,
+                               validate)
 
 USES = frozenset({"cohort", "server_opt", "aggregator", "attack", "uplink"})
 # Server Adam at lr 0.1 with alpha = 0.5 and 3 inner steps: the settings under which FedMeta's claim

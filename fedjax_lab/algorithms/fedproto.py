@@ -81,15 +81,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fedjax_lab.core import hetero, validate
-from fedjax_lab.core.hetero import HeteroAlgorithm
-from fedjax_lab.core.client_state import ClientRows
-from fedjax_lab.core.local import local_train
-from fedjax_lab.core.rounds import participate, sample_ids
-from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config, defaults,
-                                   resolve)
-from fedjax_lab.core.skeleton import client_keys
-from fedjax_lab.core.types import Model
+from fedjax_lab.extend import (ClientRows, Cohort, HeteroAlgorithm, LocalWork, Model, Optimizer,
+                               Setup, algorithm_config, client_keys, defaults, hetero, local_train,
+                               participate, resolve, sample_ids, summarize, validate)
 
 FEDPROTO = Setup(work=LocalWork(batch_size=8, epochs=1),
                  client_opt=Optimizer("sgd", lr=0.01, momentum=0.5))
@@ -315,7 +309,6 @@ def evaluate(alg: HeteroAlgorithm, state, data) -> dict:
     """Host-side metrics of `evaluate_sums`: for each of train/test x personal (own head) / proto
     (nearest global prototype), the core.evaluate summary plus `{name}_accuracy_client_std`
     (per-client accuracy, std over clients; `_client_mean` is its mean)."""
-    from fedjax_lab.core.evaluate import summarize
     sums = jax.device_get(_evaluate(alg, state, data))
     out = {}
     for name, (l, c, n) in sums.items():

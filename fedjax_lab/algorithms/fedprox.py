@@ -25,10 +25,7 @@ The `fedjax-lab` demo uses the paper's sampling and averaging.
 from __future__ import annotations
 
 from fedjax_lab.algorithms.fedavg import FEDAVG, server_averaging
-from fedjax_lab.core import validate
-from fedjax_lab.core.setup import Setup, defaults
-from fedjax_lab.core.tree import tree_sq_norm, tree_sub
-from fedjax_lab.core.types import Algorithm, Model
+from fedjax_lab.extend import (Algorithm, Model, Setup, defaults, tree_sq_norm, tree_sub, validate)
 
 
 def proximal_term(mu):

@@ -74,15 +74,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from fedjax_lab import compression as cz
-from fedjax_lab.core import comm, validate
-from fedjax_lab.core.evaluate import client_params_of_global
-from fedjax_lab.core.optimizers import schedule
-from fedjax_lab.core.rounds import client_weights, participate, weighted_mean_scalar
-from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config,
-                                   defaults, resolve)
-from fedjax_lab.core.skeleton import local_delta, map_clients
-from fedjax_lab.core.tree import flatten
-from fedjax_lab.core.types import Algorithm, Model
+from fedjax_lab.extend import (Algorithm, Cohort, LocalWork, Model, Optimizer, Setup,
+                               algorithm_config, client_params_of_global, client_weights, comm,
+                               defaults, flatten, local_delta, map_clients, participate, resolve,
+                               schedule, validate, weighted_mean_scalar)
 
 
 SCATTER_BUDGET = 1 << 26   # values per batched scatter-add (256 MB of float32) when sketching clients

@@ -36,12 +36,10 @@ from flax import struct
 from fedjax_lab import compression as cz
 from fedjax_lab.algorithms.fetchsgd import (SKETCHED, USES, check_client_opt, client_gradients,
                                             normalized, num_params)
-from fedjax_lab.core import comm, validate
-from fedjax_lab.core.evaluate import client_params_of_global
-from fedjax_lab.core.rounds import client_weights, participate, server_update, weighted_mean_scalar
-from fedjax_lab.core.setup import Setup, algorithm_config, defaults, resolve
-from fedjax_lab.core.tree import flatten, tree_put, tree_scale, tree_take
-from fedjax_lab.core.types import Algorithm, Model
+from fedjax_lab.extend import (Algorithm, Model, Setup, algorithm_config, client_params_of_global,
+                               client_weights, comm, defaults, flatten, participate, resolve,
+                               server_update, tree_put, tree_scale, tree_take, validate,
+                               weighted_mean_scalar)
 
 
 @struct.dataclass

@@ -63,14 +63,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab.core import meta, validate
-from fedjax_lab.core.local import local_train
-from fedjax_lab.core.rounds import participate
-from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config,
-                                   defaults, resolve)
-from fedjax_lab.core.skeleton import ServerRound
-from fedjax_lab.core.tree import tree_add, tree_scale, tree_sub, tree_vdot
-from fedjax_lab.core.types import Model, batch_loss
+from fedjax_lab.extend import (Cohort, LocalWork, Model, Optimizer, ServerRound, Setup,
+                               algorithm_config, batch_loss, defaults, local_train, meta,
+                               participate, resolve, tree_add, tree_scale, tree_sub, tree_vdot,
+                               validate)
 
 # beta = 0.1, tau = 5 steps of batch 10 (three batches each) and alpha = 0.3 (the factories'
 # inner_lr): the settings under which the claim shows at the README's small size

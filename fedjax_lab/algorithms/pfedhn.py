@@ -67,16 +67,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab.core import comm, validate
-from fedjax_lab.core.batching import draw_batches
-from fedjax_lab.core.client_state import ClientRows, RowAlgorithm, RowRound, row_algorithm
-from fedjax_lab.core.local import local_train
-from fedjax_lab.core.rounds import client_weights, participate, sample_ids, weighted_mean_scalar
-from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config, defaults,
-                                   resolve)
-from fedjax_lab.core.skeleton import client_keys
-from fedjax_lab.core.tree import tree_sq_norm, tree_sub
-from fedjax_lab.core.types import Model, batch_loss
+from fedjax_lab.extend import (ClientRows, Cohort, LocalWork, Model, Optimizer, RowAlgorithm,
+                               RowRound, Setup, algorithm_config, batch_loss, client_keys,
+                               client_weights, comm, defaults, draw_batches, local_train,
+                               participate, resolve, row_algorithm, sample_ids, tree_sq_norm,
+                               tree_sub, validate, weighted_mean_scalar)
 from fedjax_lab.models.hypernet import GENERATORS, head_leaves, hypernetwork
 
 

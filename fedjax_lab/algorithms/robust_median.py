@@ -62,13 +62,9 @@ import jax.numpy as jnp
 
 from fedjax_lab import aggregators
 from fedjax_lab import uplink
-from fedjax_lab.core import comm, validate
-from fedjax_lab.core.local import local_train
-from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config,
-                                   defaults, resolve)
-from fedjax_lab.core.skeleton import ServerRound
-from fedjax_lab.core.tree import tree_scale, tree_sub
-from fedjax_lab.core.types import Algorithm, Model, batch_loss
+from fedjax_lab.extend import (Algorithm, Cohort, LocalWork, Model, Optimizer, ServerRound, Setup,
+                               algorithm_config, batch_loss, comm, defaults, local_train, resolve,
+                               tree_scale, tree_sub, validate)
 
 USES = frozenset({"cohort", "work", "client_opt", "server_opt", "aggregator", "attack"})
 _SHARED = dict(cohort=Cohort(clients_per_round=10, sampling="uniform", weighting="uniform"),
