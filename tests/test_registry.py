@@ -18,7 +18,7 @@ from fedjax_lab.extend import Setup, defaults, server_averaging, tree_scale, val
 def shrunk_fedavg(model, *, shrink: float = 0.5, setup: Setup = Setup()):
     """FedAvg whose server step is shrink * Delta."""
     validate.positive("shrink", shrink)
-    return server_averaging(model, setup, shrunk_fedavg, shrink=shrink,
+    return server_averaging(model, setup, shrunk_fedavg,
                             server_rule=lambda ex, extra, n: (tree_scale(ex.direction, shrink), extra))
 
 

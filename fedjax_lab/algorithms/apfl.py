@@ -65,7 +65,7 @@ def apfl(model, *, alpha: float = 0.5, adaptive_alpha: bool = True, setup: Setup
     its fixed value)."""
     validate.fraction("alpha", alpha)
     validate.one_of("adaptive_alpha", adaptive_alpha, {True, False})
-    base = server_averaging(model, setup, apfl, alpha=alpha, adaptive_alpha=adaptive_alpha)
+    base = server_averaging(model, setup, apfl)
     rnd = base.server_round
     s = rnd.setup
     f = lambda p, xb, yb, rng: batch_loss(model, p, xb, yb, rng, train=True)

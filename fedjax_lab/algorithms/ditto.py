@@ -136,8 +136,7 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
                     sample=lambda data, key: sample_ids(jax.random.split(key, 3)[0], data,
                                                         s.cohort),
                     step=step, params=lambda server, rows: rows)
-    config = algorithm_config("ditto", model, s, lam=lam, personal_lr=personal_lr,
-                              personal_steps=personal_steps, global_solver=solver_name)
+    config = algorithm_config("ditto", model, s, global_solver=solver_name)
     alg = row_algorithm(spec, name="ditto", model=model, global_params=lambda st: st.params,
                         check=rnd.check, config=config)
     return dataclasses.replace(alg, setup=s)

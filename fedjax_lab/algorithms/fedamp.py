@@ -188,11 +188,7 @@ def _fedamp(model: Model, factory, setup: Setup, *, lam, alpha_k, sigma, attenti
     cohort, work = s.cohort, s.work
     client_tx = s.client_opt.build("client_optimizer")
     name = factory.__name__
-    own = dict(lam=lam, alpha_k=alpha_k, sigma=sigma, self_weight=self_weight,
-               neighbors=neighbors, start=start, attention_chunk=attention_chunk)
-    if factory is fedamp:                       # heurfedamp has no attention keyword
-        own["attention"] = attention
-    config = algorithm_config(name, model, s, uses=factory.uses, **own)
+    config = algorithm_config(name, model, s, uses=factory.uses)
 
     def check(data):
         s.check(data)

@@ -40,10 +40,11 @@ def fedavg(model: Model, *, setup: Setup = Setup()) -> Algorithm:
 def _with_server(alg_name: str, **server):
     """FedOpt whose default server optimizer is Optimizer(**server)."""
     def factory(model: Model, *, setup: Setup = Setup()) -> Algorithm:
-        return server_averaging(model, setup, factory)
+        return server_averaging(model, setup, built)
     factory.__name__ = factory.__qualname__ = alg_name
     factory.__doc__ = f"{alg_name}: FedOpt with server optimizer {server} by default (module docstring)."
-    return defaults(Setup(client_opt=Optimizer("sgd", lr=0.01), server_opt=Optimizer(**server)))(factory)
+    built = defaults(Setup(client_opt=Optimizer("sgd", lr=0.01), server_opt=Optimizer(**server)))(factory)
+    return built
 
 
 fedavgm = _with_server("fedavgm", name="sgd", lr=1.0, momentum=0.9)

@@ -40,7 +40,6 @@ def fedbabu(model, *, finetune_steps: int = 10, finetune_part: str = "head",
     validate.one_of("freeze_head", freeze_head, {True, False})
     head = head_name(model)
     s = resolve(setup, fedbabu)
-    own = dict(finetune_steps=finetune_steps, finetune_part=finetune_part, freeze_head=freeze_head)
     if freeze_head:
         body = lambda w: part(w, head, "body")
         alg = server_averaging(
@@ -48,9 +47,9 @@ def fedbabu(model, *, finetune_steps: int = 10, finetune_part: str = "head",
             message=lambda res, ctx: body(tree_sub(res.params, ctx.w_t)),
             init_extra=lambda w: tree_zeros_like(part(w, head, "head")),
             server_rule=lambda ex, zero_head, n: (merge_trees(ex.direction, zero_head), zero_head),
-            down_bytes=lambda w_t, data: dense_bytes(body(w_t)), **own)
+            down_bytes=lambda w_t, data: dense_bytes(body(w_t)))
     else:
-        alg = server_averaging(model, s, fedbabu, **own)
+        alg = server_averaging(model, s, fedbabu)
     tx = s.client_opt.build("client_optimizer")
     adapt = finetune(model, train_only(tx, head, "head") if finetune_part == "head" else tx,
                      steps=finetune_steps, batch_size=s.work.batch_size,

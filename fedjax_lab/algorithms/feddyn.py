@@ -59,4 +59,4 @@ def feddyn(model, *, alpha: float = 0.01, setup: Setup = Setup()):
     off = isinstance(alpha, (int, float)) and alpha == 0      # the term is 0: FedAvg's program
     return server_averaging(model, setup, feddyn, local_objective=None if off else local_objective,
                             init_row=tree_zeros_like, new_row=new_row, init_extra=tree_zeros_like,
-                            server_rule=server_rule, alpha=alpha)
+                            server_rule=server_rule)

@@ -268,16 +268,10 @@ def fedgen(model: Model, *, generator: Optional[Generator] = None, use_generator
             metrics.update(gmetrics)
         return state.replace(server=server), trained, metrics
 
-    hparams = dict(use_generator=use_generator, alpha=alpha, gen_batch_size=gen_batch_size,
-                   generator_steps=generator_steps, generator_lr=generator_lr,
-                   generator_batch_size=generator_batch_size, eta=eta, noise=noise,
-                   generator_loss=generator_loss, label_sampling=label_sampling,
-                   latent_beta=latent_beta, schedule=schedule,
-                   generator_weight_decay=generator_weight_decay, share=share)
     derived = None if generator is None else dict(generator=(
         f"generator(latent_dim={generator.latent_dim}, noise_dim={generator.noise_dim}, "
         f"hidden={generator.hidden})"))
-    config = algorithm_config("fedgen", model, s, derived=derived, **hparams)
+    config = algorithm_config("fedgen", model, s, derived=derived)
 
     if share == "model":
         def round_(state, data, key):

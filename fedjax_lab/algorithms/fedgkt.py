@@ -191,10 +191,7 @@ def fedgkt(model: Model, *, server: Optional[Model] = None, alpha: float = 1.0,
                     step=step,
                     params=lambda srv, rows: {"client": rows["params"],
                                               "server": tree_broadcast(srv.params, _rows(rows))})
-    config = algorithm_config("fedgkt", big, s, uses=USES, alpha=alpha, temperature=temperature,
-                              server_epochs=server_epochs, server_batch_size=server_batch_size,
-                              server_distill=server_distill, server_logits=server_logits,
-                              derived=dict(server_model=server.name))
+    config = algorithm_config("fedgkt", big, s, uses=USES, derived=dict(server_model=server.name))
     alg = row_algorithm(spec, name="fedgkt", model=big, check=check, config=config)
     return dataclasses.replace(alg, setup=s)
 

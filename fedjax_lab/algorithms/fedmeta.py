@@ -118,9 +118,7 @@ def _fedmeta(model, factory, setup, *, variant, inner_lr, inner_steps, support_f
         raise ValueError(f"split_seed must be an int, got {split_seed!r}")
     s = resolve(setup, factory)
     name = factory.__name__
-    config = algorithm_config(name, model, s, uses=USES, inner_lr=inner_lr,
-                              inner_steps=inner_steps, support_fraction=support_fraction,
-                              split_seed=split_seed)
+    config = algorithm_config(name, model, s, uses=USES)
     rnd = MetaRound(model, dataclasses.replace(s, work=_NO_WORK),
                     client=meta_client(model, inner_lr=inner_lr, inner_steps=inner_steps,
                                        variant=variant),
@@ -150,15 +148,16 @@ def _variant(variant: str, doc: str):
     def factory(model: Model, *, inner_lr: float = 0.5, inner_steps: int = 3,
                 support_fraction: float = 0.2, split_seed: int = 0,
                 setup: Setup = Setup()) -> MetaAlgorithm:
-        return _fedmeta(model, factory, setup, variant=variant, inner_lr=inner_lr,
+        return _fedmeta(model, built, setup, variant=variant, inner_lr=inner_lr,
                         inner_steps=inner_steps, support_fraction=support_fraction,
                         split_seed=split_seed)
     factory.__name__ = factory.__qualname__ = f"fedmeta_{variant}"
     factory.__doc__ = (f"FedMeta with {doc} (module docstring). inner_lr: alpha (Meta-SGD: its "
                        "initial value), may be traced; inner_steps: GD steps on the support set; "
                        "support_fraction, split_seed: the support / query split (core/meta.py).")
-    return defaults(FEDMETA, uses=USES,
-                    no_hypergrad=FOMAML_NO_HYPERGRAD if variant == "fomaml" else None)(factory)
+    built = defaults(FEDMETA, uses=USES,
+                     no_hypergrad=FOMAML_NO_HYPERGRAD if variant == "fomaml" else None)(factory)
+    return built
 
 
 fedmeta_maml = _variant("maml", "MAML: the second-order meta-gradient through the inner loop")

@@ -80,4 +80,4 @@ def fednova(model, *, mu: float = 0.0, tau_eff: str = "paper", setup: Setup = Se
     prox = None if isinstance(mu, (int, float)) and mu == 0 else (
         lambda w, ctx: 0.5 * mu * tree_sq_norm(tree_sub(w, ctx.w_t)))
     return server_averaging(model, s, fednova, drop_stragglers=False, local_objective=prox,
-                            message=message, server_rule=server_rule, mu=mu, tau_eff=tau_eff)
+                            message=message, server_rule=server_rule)

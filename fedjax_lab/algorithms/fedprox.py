@@ -38,4 +38,4 @@ def fedprox(model: Model, *, mu: float = 0.01, setup: Setup = Setup()) -> Algori
     """FedProx; mu = 0 with stragglers kept is the paper's "FedProx (mu=0)". mu may be traced."""
     validate.non_negative("mu", mu)
     return server_averaging(model, setup, fedprox, objective=proximal_term(mu),
-                            drop_stragglers=False, mu=mu)
+                            drop_stragglers=False)

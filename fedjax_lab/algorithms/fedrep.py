@@ -78,9 +78,8 @@ def fedrep(model, *, head_steps: Optional[int] = None, alternating: bool = True,
         raise ValueError(f"head_steps={head_steps} leaves no body step: it must be < local_steps="
                          f"{s.work.local_steps} (the round's total)")
     tau_h = s.work.local_steps // 2 if head_steps is None else head_steps
-    own = dict(head_steps=head_steps, alternating=alternating)
     local_split = keep_on_client(model, "head")
     if not alternating:
-        return server_averaging(model, s, fedrep, local_split=local_split, **own)
+        return server_averaging(model, s, fedrep, local_split=local_split)
     return server_averaging(model, s, fedrep, local_split=local_split,
-                            client_tx=lambda tx: head_then_body(tx, head, tau_h), **own)
+                            client_tx=lambda tx: head_then_body(tx, head, tau_h))

@@ -161,11 +161,7 @@ def fetchsgd(model: Model, *, k: int = 100, sketch_rows: int = 5, sketch_cols: i
     m = num_candidates or k
     eta_at = schedule(eta, s.server_opt.lr_schedule)
     drop = bool(s.work.drop_stragglers)         # None: keep stragglers' partial gradients
-    config = algorithm_config("fetchsgd", model, s, uses=USES, k=k, sketch_rows=sketch_rows,
-                              sketch_cols=sketch_cols, second_round=second_round,
-                              num_candidates=num_candidates, masking=masking,
-                              momentum_masking=momentum_masking,
-                              per_client_sketch=per_client_sketch)
+    config = algorithm_config("fetchsgd", model, s, uses=USES)
 
     def check(data):
         s.check(data)

@@ -93,6 +93,6 @@ def ifca(model, *, num_clusters: int = 2, setup: Setup = Setup()):
     spec = RowRound(init_server=init_state, init_row=lambda server: jnp.zeros((), jnp.int32),
                     sample=rnd.sample, step=step,
                     params=lambda server, rows: jax.tree.map(lambda a: a[rows], server.params))
-    config = algorithm_config("ifca", model, s, num_clusters=num_clusters)
+    config = algorithm_config("ifca", model, s)
     alg = row_algorithm(spec, name="ifca", model=model, check=rnd.check, config=config)
     return dataclasses.replace(alg, setup=s)

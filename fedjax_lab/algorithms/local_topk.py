@@ -60,7 +60,7 @@ def local_topk(model: Model, *, k: int = 100, error_feedback: bool = True,
     server_tx = s.server_opt.build("server_optimizer")
     drop = bool(s.work.drop_stragglers)         # None: keep stragglers' partial gradients
     name = "local_topk" if error_feedback else "local_topk_no_ef"
-    config = algorithm_config("local_topk", model, s, uses=USES, k=k, error_feedback=error_feedback)
+    config = algorithm_config("local_topk", model, s, uses=USES)
 
     def check(data):
         s.check(data)

@@ -71,6 +71,6 @@ def moon(model, *, mu: float = 1.0, tau: float = 0.5, setup: Setup = Setup()):
         z = model.features(w, xb, train=True, rng=rng)
         return mu * contrastive_loss(z, model.features(ctx.w_t, xb), model.features(ctx.row, xb), tau)
 
-    return server_averaging(model, setup, moon, mu=mu, tau=tau, batch_objective=batch_objective,
+    return server_averaging(model, setup, moon, batch_objective=batch_objective,
                             init_row=lambda params: params,
                             new_row=lambda res, ctx: res.params)

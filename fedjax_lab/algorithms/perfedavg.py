@@ -147,10 +147,7 @@ def _per_fedavg(model, setup, factory, *, inner_lr, hessian, hvp_delta, adapt_st
 
     rnd = PerFedAvgRound(model, s, client=client, drop_stragglers=drop)
     name = factory.__name__
-    own = dict(inner_lr=inner_lr, adapt_steps=adapt_steps, adapt_batch_size=adapt_batch_size)
-    if hessian != "none":
-        own.update(hessian=hessian, hvp_delta=hvp_delta)
-    config = algorithm_config(name, model, s, **own)
+    config = algorithm_config(name, model, s)
     alg = rnd.algorithm(name, config)
     params_of = lambda state: state.params
     adapt = meta.gd_adapt(model, inner_lr, steps=adapt_steps, params_of=params_of) \

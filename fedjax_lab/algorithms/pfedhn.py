@@ -277,10 +277,7 @@ def _build(model, factory, setup, pc: bool, *, embed_dim, hidden, n_hidden, embe
                     sample=lambda data, key: sample_ids(jax.random.split(key, 3)[0], data, cohort),
                     step=step, params=deploy)
     name = factory.__name__
-    config = algorithm_config(name, model, s, uses=USES, embed_dim=embed_dim, hidden=hidden,
-                              n_hidden=n_hidden, embed_lr=embed_lr, clip=clip, server_wd=server_wd,
-                              inner_wd=inner_wd, inner_clip=inner_clip, generator=generator,
-                              chunk=chunk)
+    config = algorithm_config(name, model, s, uses=USES)
     alg = row_algorithm(spec, name=name, model=model, check=check, config=config)
 
     def new_client(*, steps: int = 50, lr: float = 1e-2, batch_size: Optional[int] = None,

@@ -86,8 +86,7 @@ def pfedme(model, *, lam: float = 15.0, inner_steps: int = 5, personal_lr: float
 
     spec = RowRound(init_server=rnd.init, init_row=lambda server: server.params,
                     sample=rnd.sample, step=step, params=lambda server, rows: rows)
-    config = algorithm_config("pfedme", model, s, lam=lam, inner_steps=inner_steps,
-                              personal_lr=personal_lr, beta=beta)
+    config = algorithm_config("pfedme", model, s)
     alg = row_algorithm(spec, name="pfedme", model=model, global_params=lambda st: st.params,
                         check=rnd.check, config=config)
     return dataclasses.replace(alg, setup=s)

@@ -59,5 +59,4 @@ def qffl(model, *, q: float = 1.0, lipschitz: Optional[float] = None, setup: Set
         delta, h = ex.direction                                       # sum_p Delta / sum p, ...
         return tree_scale(delta, -jnp.where(h > 0, 1.0 / jnp.where(h > 0, h, 1.0), 0.0)), extra
 
-    return server_averaging(model, s, qffl, q=q, lipschitz=lipschitz, message=message,
-                            server_rule=server_rule)
+    return server_averaging(model, s, qffl, message=message, server_rule=server_rule)

@@ -115,15 +115,15 @@ def _vote_bytes(s: Setup):
 def _family(model, factory, setup, *, noise, sigma, vote=None) -> Algorithm:
     """The skeleton with gradient messages, perturbed (and signed, given a `vote`) on the uplink;
     the vote picks the default aggregator over factory.defaults; stragglers kept by default."""
-    send, hparams = uplink.noise(noise, sigma), dict(noise=noise, sigma=sigma)
+    send = uplink.noise(noise, sigma)
     if vote is not None:
         validate.one_of("vote", vote, VOTES)
-        send, hparams["vote"] = uplink.chain(send, uplink.sign()), vote
+        send = uplink.chain(send, uplink.sign())
         setup = setup if setup.aggregator is not None else \
             dataclasses.replace(setup, aggregator=VOTES[vote]())
     s = resolve(setup, factory, drop_stragglers=False)
     drop = s.work.drop_stragglers
-    config = algorithm_config(factory.__name__, model, s, uses=USES, **hparams)
+    config = algorithm_config(factory.__name__, model, s, uses=USES)
     down = None if vote is None else _vote_bytes(s)
     s = dataclasses.replace(s, uplink=send, aggregator=s.aggregator if vote is None
                             else _reads_signs(s.aggregator))

@@ -22,7 +22,11 @@ setup from those flat names (the CLI's flags, with `-` for `_`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import inspect
+import types
+import typing
 from typing import Any, Optional
 
 import optax
@@ -332,11 +336,47 @@ def defaults(setup: Setup, uses=ALL_FIELDS, model: Optional[str] = None,
                          f"got {no_hypergrad!r}")
 
     def wrap(factory):
-        factory.defaults, factory.uses = setup, frozenset(uses)
-        factory.default_model = model or DEFAULT_MODEL
-        factory.no_hypergrad = dict(no_hypergrad or {})
-        return factory
+        signature = inspect.signature(factory)
+        recorded = _scalar_params(factory, signature)
+
+        @functools.wraps(factory)
+        def build(*args, **kwargs):
+            alg = factory(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return stamp_config(alg, {k: v for k, v in bound.arguments.items() if k in recorded})
+        build.defaults, build.uses = setup, frozenset(uses)
+        build.default_model = model or DEFAULT_MODEL
+        build.no_hypergrad = dict(no_hypergrad or {})
+        return build
     return wrap
+
+
+def _scalar_params(factory, signature) -> set:
+    """The factory's own keyword arguments that config.json records: those annotated bool, int,
+    float or str (or Optional of one), the ones a flag can set; models and other objects are the
+    algorithm's to describe (under "derived")."""
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:                      # unresolvable annotations: record every argument
+        return {p for p in signature.parameters if p not in ("model", "setup")}
+    scalar = lambda t: t in (bool, int, float, str) or (
+        typing.get_origin(t) in (typing.Union, types.UnionType)
+        and all(a in (bool, int, float, str, type(None)) for a in typing.get_args(t)))
+    return {p for p in signature.parameters if p not in ("model", "setup")
+            and scalar(hints.get(p, float))}
+
+
+def stamp_config(alg, own: dict):
+    """`alg` with its config.json record completed from the factory's call: each of the factory's
+    own arguments (`own`, bound from its signature with the defaults applied) that the algorithm
+    did not record itself. So an algorithm file writes no hyperparameter list: `defaults` stamps
+    them (what an algorithm records under a key of its own, e.g. a model's description, wins)."""
+    config = getattr(alg, "config", None)
+    if not isinstance(config, dict) or "algorithm" not in config:
+        return alg
+    missing = {k: values.json_value(v) for k, v in own.items() if k not in config}
+    return dataclasses.replace(alg, config={**config, **missing}) if missing else alg
 
 
 def default_model(factory) -> str:

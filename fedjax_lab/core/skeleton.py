@@ -420,7 +420,8 @@ def server_averaging(model: Model, setup: Setup, factory, *, objective=None,
                      local_split=None, client_tx=None, **hparams) -> Algorithm:
     """An algorithm built on the skeleton: `setup` resolved over `factory`'s defaults, local
     training on F_k (+ objective(w, w_t)) as the client, the hooks of the module docstring, and
-    config.json recorded from the factory's name and its hyperparameters `hparams`.
+    config.json recorded from the factory's name (and `hparams`, which `defaults` fills from the
+    factory's call: an algorithm need not pass them).
     `drop_stragglers` is the algorithm's default for LocalWork(drop_stragglers=None)."""
     s = resolve(setup, factory, drop_stragglers=drop_stragglers)
     skeleton = ServerRound(model, s, objective=objective, drop_stragglers=s.work.drop_stragglers,

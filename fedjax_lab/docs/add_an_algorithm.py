@@ -68,8 +68,10 @@ which hook was missing.
   uplink) is the `Setup`, never re-listed. `defaults(setup, uses=..., model=...)` attaches the
   algorithm's default Setup, the Setup fields it uses (`resolve` refuses the others, naming them)
   and the model its mechanism needs when the user names none.
-* `server_averaging(model, setup, factory, **hooks, **hyperparameters)` records the factory call
-  in `alg.config` (config.json, checkpoints, resume): pass every hyperparameter by keyword.
+* `defaults` records the call: the returned algorithm's `alg.config` (config.json, checkpoints,
+  resume) gets each of the factory's own bool / int / float / str arguments, bound from its
+  signature with the defaults applied, so the file lists no hyperparameter twice. A model or other
+  object the algorithm takes is its own to describe (`algorithm_config(..., derived=...)`).
 * Validate at once, before anything compiles: a `ValueError` naming the argument and the expected
   value (`fedjax_lab.extend.validate`). SCAFFOLD's option II divides by `K eta_l`, so it refuses
   a client optimizer other than plain SGD.
