@@ -51,7 +51,11 @@ def contrastive_loss(z, z_glob, z_prev, tau):
     return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[:, 0])
 
 
-@defaults(MOON, model="mlp")
+NO_HYPERGRAD = {"*": "the registry check measured dL/dmu 0.00083 by reverse mode against 0.037 +- "
+                     "0.005 by central differences at the defaults, unexplained"}
+
+
+@defaults(MOON, model="mlp", no_hypergrad=NO_HYPERGRAD)
 def moon(model, *, mu: float = 1.0, tau: float = 0.5, setup: Setup = Setup()):
     """MOON (module docstring): local loss CE + mu * l_con; mu = 0 is FedAvg. mu, tau may be
     traced."""
