@@ -113,8 +113,9 @@ def _bits(key, shape, p, q, w):
     entries. With threefry keys and jax_threefry_partitionable (the default), entry i of the
     flattened shape is threefry2x32(key, (0, i)) with its two words xor-ed: computed here for the
     entries needed, unrolled (one elementwise fusion). jax's CPU lowering runs the 20 rounds as a
-    loop of 5 blocks over the whole array, and a permutation reads few of its passes' columns: the
-    random bits of a logistic FedProx sweep round cost ~8x less (experiments/PERF.md, issue 28).
+    loop of 5 blocks over the whole array, and a permutation reads few of its passes' columns
+    (a 12-run logistic FedProx sweep: 105 of its 818 ms of device time per 60 rounds went to those
+    loops; 554 ms in all after; experiments/PERF.md, issue 28).
     Other key kinds: jax.random.bits, sliced."""
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     data = jax.random.key_data(key) if typed else key
