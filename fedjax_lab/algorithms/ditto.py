@@ -100,7 +100,7 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
             f"{'gives server_round=None' if takes_setup else 'takes no setup='}); expected a "
             f"factory(model, setup=...) whose algorithm has a core.skeleton.ServerRound as "
             f"server_round, such as {', '.join(_qualifying(model))}")
-    s = with_drop(rnd.setup, rnd.drop_stragglers)
+    s = with_drop(rnd.setup, rnd.drops_stragglers)
     if personal_steps is not None and s.work.epochs is not None:
         raise ValueError("personal_steps must be None (reuse the global batches) when "
                          f"epochs is set, got personal_steps={personal_steps}")

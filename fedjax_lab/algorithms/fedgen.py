@@ -146,8 +146,7 @@ def fedgen(model: Model, *, generator: Optional[Generator] = None, use_generator
     if share == "predictor" and (s.uplink.name != "identity" or s.attack.attack != "none"):
         raise ValueError(f"share='predictor' sends the head only; it takes uplink 'identity' and no "
                          f"attack, got uplink {s.uplink.name!r}, attack {s.attack.attack!r}")
-    drop = s.work.drop_stragglers
-    rnd = ServerRound(model, s, drop_stragglers=drop)
+    rnd = ServerRound(model, s)
     client_tx = s.client_opt.build("client_optimizer")
     decay = optax.exponential_decay(generator_lr, generator_steps, 0.98, staircase=True) \
         if schedule == "code" else generator_lr

@@ -67,9 +67,7 @@ def ifca(model, *, num_clusters: int = 2, setup: Setup = Setup()):
                             in_rows), extra
 
     one_model = lambda w_t, data: dense_bytes(jax.tree.map(lambda a: a[0], w_t))
-    rnd = ServerRound(model, s, client=client, server_rule=per_cluster,
-                      drop_stragglers=s.work.drop_stragglers,
-                      up_bytes=one_model)
+    rnd = ServerRound(model, s, client=client, server_rule=per_cluster, up_bytes=one_model)
 
     def init_state(key, data):
         rnd.check(data)

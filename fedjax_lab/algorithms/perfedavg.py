@@ -137,7 +137,6 @@ def _per_fedavg(model, setup, factory, *, inner_lr, hessian, hvp_delta, adapt_st
     if adapt_batch_size is not None:
         validate.positive("adapt_batch_size", adapt_batch_size, integer=True)
     s = resolve(setup, factory, drop_stragglers=True)
-    drop = s.work.drop_stragglers
     loss_fn = surrogate_loss(meta_direction(model, inner_lr, hessian=hessian, hvp_delta=hvp_delta))
     train = local_train(model, s.client_opt.build("client_optimizer"), loss_fn=loss_fn)
 
@@ -145,7 +144,7 @@ def _per_fedavg(model, setup, factory, *, inner_lr, hessian, hvp_delta, adapt_st
         res = train(w_t, x, y, idx, step_mask, key)
         return tree_sub(res.params, w_t), res.loss, res.objective
 
-    rnd = PerFedAvgRound(model, s, client=client, drop_stragglers=drop)
+    rnd = PerFedAvgRound(model, s, client=client)
     name = factory.__name__
     config = algorithm_config(name, model, s)
     alg = rnd.algorithm(name, config)

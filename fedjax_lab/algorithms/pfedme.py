@@ -74,7 +74,6 @@ def pfedme(model, *, lam: float = 15.0, inner_steps: int = 5, personal_lr: float
         return (tree_sub(res.params, w_t), res.stats), res.loss, res.objective
 
     rnd = ServerRound(model, s, client=client, send=lambda messages: messages[0],
-                      drop_stragglers=s.work.drop_stragglers,
                       server_rule=lambda ex, extra, n: (tree_scale(ex.direction, beta), extra))
 
     def step(server, rows, ids, data, key):

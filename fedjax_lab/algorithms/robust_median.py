@@ -122,13 +122,12 @@ def _family(model, factory, setup, *, noise, sigma, vote=None) -> Algorithm:
         setup = setup if setup.aggregator is not None else \
             dataclasses.replace(setup, aggregator=VOTES[vote]())
     s = resolve(setup, factory, drop_stragglers=False)
-    drop = s.work.drop_stragglers
     config = algorithm_config(factory.__name__, model, s, uses=USES)
     down = None if vote is None else _vote_bytes(s)
     s = dataclasses.replace(s, uplink=send, aggregator=s.aggregator if vote is None
                             else _reads_signs(s.aggregator))
     return ServerRound(model, s, client=gradient_client(model, s.client_opt),
-                       gradient_message=True, drop_stragglers=drop,
+                       gradient_message=True,
                        down_bytes=down).algorithm(factory.__name__, config)
 
 

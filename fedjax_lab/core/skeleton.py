@@ -152,7 +152,7 @@ class ServerRound:
     objective: Optional[Callable] = None
     client: Optional[Callable] = None
     gradient_message: bool = False
-    drop_stragglers: bool = True
+    drop_stragglers: Optional[bool] = None   # None: the setup's LocalWork.drop_stragglers
     down_bytes: Optional[Callable] = None
     send: Optional[Callable] = None
     up_bytes: Optional[Callable] = None
@@ -252,6 +252,14 @@ class ServerRound:
             return msg, res.loss, res.objective, new
         return client
 
+    @property
+    def drops_stragglers(self) -> bool:
+        """Whether stragglers' partial work is left out of the aggregate: `drop_stragglers` if
+        given, else the setup's LocalWork.drop_stragglers (None there: True)."""
+        if self.drop_stragglers is not None:
+            return self.drop_stragglers
+        return self.setup.work.drop_stragglers is not False
+
     def check(self, data):
         self.setup.check(data)
 
@@ -276,7 +284,7 @@ class ServerRound:
         it `needs_key`). `rows` [C, ...] are the clients' rows (padded like `part`), `extra` the
         server's extra state."""
         s = self.setup
-        p = client_weights(part, s.cohort, drop_stragglers=self.drop_stragglers)
+        p = client_weights(part, s.cohort, drop_stragglers=self.drops_stragglers)
         if s.work.client_chunk is not None:
             if w_start is not None:
                 raise ValueError(f"client_chunk={s.work.client_chunk} starts every client from "
@@ -424,7 +432,7 @@ def server_averaging(model: Model, setup: Setup, factory, *, objective=None,
     factory's call: an algorithm need not pass them).
     `drop_stragglers` is the algorithm's default for LocalWork(drop_stragglers=None)."""
     s = resolve(setup, factory, drop_stragglers=drop_stragglers)
-    skeleton = ServerRound(model, s, objective=objective, drop_stragglers=s.work.drop_stragglers,
+    skeleton = ServerRound(model, s, objective=objective,
                            local_objective=local_objective, batch_objective=batch_objective,
                            message=message, init_row=init_row, new_row=new_row,
                            init_extra=init_extra, server_rule=server_rule, send_extra=send_extra,
