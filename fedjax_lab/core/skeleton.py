@@ -65,7 +65,7 @@ from flax import traverse_util
 from fedjax_lab.core import comm
 from fedjax_lab.core.client_state import RowRound, row_algorithm
 from fedjax_lab.core.evaluate import client_params_of_global
-from fedjax_lab.core.local import LocalResult, local_train, weighted_sum_over_clients
+from fedjax_lab.core.local import local_train, weighted_sum_over_clients
 from fedjax_lab.core.rounds import (client_weights, init_server, participate, sample_ids,
                                     server_update, weighted_mean_scalar)
 from fedjax_lab.core.setup import Setup, algorithm_config, resolve
