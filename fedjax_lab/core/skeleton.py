@@ -372,10 +372,11 @@ class ServerRound:
         part = self.participate(k_part, data)
         return self.step(state, self.setup.attack.poison(data), part, k_train=k_train, key=key)
 
-    def sample(self, data, key):
-        """The round's [C] client ids from its key alone (what `round` samples; a host store
-        computes them ahead)."""
-        return sample_ids(jax.random.split(key)[0], data, self.setup.cohort)
+    def sample(self, data, key, streams: int = 2):
+        """The round's [C] client ids from its key alone (what `round` and `begin_rows(key, ...,
+        streams)` sample; a host store computes them ahead): the cohort of the first of the
+        `streams` keys the round key splits into."""
+        return sample_ids(jax.random.split(key, streams)[0], data, self.setup.cohort)
 
     def begin_rows(self, key, data, ids, rows, streams: int = 2):
         """The start of a round over the sampled clients' rows [C, ...], written once for row_step
