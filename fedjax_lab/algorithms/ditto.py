@@ -68,7 +68,7 @@ import jax.numpy as jnp
 from fedjax_lab.algorithms.fedavg import FEDAVG
 from fedjax_lab.algorithms.fedprox import proximal_term
 from fedjax_lab.extend import (Model, Optimizer, RowAlgorithm, RowRound, ServerRound, Setup,
-                               algorithm_config, client_keys, defaults, draw_batches, local_train,
+                               client_keys, defaults, draw_batches, local_train,
                                row_algorithm, sample_ids, validate, weighted_mean_scalar, with_drop)
 
 
@@ -136,9 +136,8 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
                     sample=lambda data, key: sample_ids(jax.random.split(key, 3)[0], data,
                                                         s.cohort),
                     step=step, params=lambda server, rows: rows)
-    config = algorithm_config("ditto", model, s, global_solver=solver_name)
     alg = row_algorithm(spec, name="ditto", model=model, global_params=lambda st: st.params,
-                        check=rnd.check, config=config)
+                        check=rnd.check, config=dict(global_solver=solver_name))
     return dataclasses.replace(alg, setup=s)
 
 

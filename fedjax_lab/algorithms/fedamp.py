@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab.extend import (ClientRows, Cohort, LocalWork, Model, Optimizer, RowAlgorithm, Setup,
-                               algorithm_config, client_keys, comm, defaults, first_draw, flatten,
+                               client_keys, comm, defaults, first_draw, flatten,
                                local_train, participate, resolve, tree_broadcast, tree_put,
                                tree_sq_norm, tree_sub, tree_take, validate, values,
                                weighted_mean_scalar)
@@ -188,7 +188,6 @@ def _fedamp(model: Model, factory, setup: Setup, *, lam, alpha_k, sigma, attenti
     cohort, work = s.cohort, s.work
     client_tx = s.client_opt.build("client_optimizer")
     name = factory.__name__
-    config = algorithm_config(name, model, s, uses=factory.uses)
 
     def check(data):
         s.check(data)
@@ -259,4 +258,4 @@ def _fedamp(model: Model, factory, setup: Setup, *, lam, alpha_k, sigma, attenti
 
     return RowAlgorithm(name=name, model=model, init=init, round=round,
                         client_params=lambda state, ids: tree_take(state.rows, ids),
-                        personalized=True, check=check, config=config, setup=s)
+                        personalized=True, check=check, setup=s)

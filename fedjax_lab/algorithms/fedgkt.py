@@ -73,7 +73,7 @@ import optax
 from flax import struct
 
 from fedjax_lab.extend import (LocalWork, Model, Optimizer, RowAlgorithm, RowRound, Setup,
-                               algorithm_config, client_keys, defaults, local_train, participate,
+                               client_keys, defaults, local_train, participate,
                                personal_sums, resolve, row_algorithm, sample_ids, tree_broadcast,
                                tree_where, validate, weighted_mean_scalar)
 from fedjax_lab.models.gkt import GKTPair, pair
@@ -191,8 +191,8 @@ def fedgkt(model: Model, *, server: Optional[Model] = None, alpha: float = 1.0,
                     step=step,
                     params=lambda srv, rows: {"client": rows["params"],
                                               "server": tree_broadcast(srv.params, _rows(rows))})
-    config = algorithm_config("fedgkt", big, s, uses=USES, derived=dict(server_model=server.name))
-    alg = row_algorithm(spec, name="fedgkt", model=big, check=check, config=config)
+    alg = row_algorithm(spec, name="fedgkt", model=big, check=check,
+                        config=dict(derived=dict(server_model=server.name)))
     return dataclasses.replace(alg, setup=s)
 
 

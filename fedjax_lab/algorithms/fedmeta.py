@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab.extend import (Batches, Cohort, LocalWork, MetaAlgorithm, Model, Optimizer,
-                               ServerRound, Setup, algorithm_config, check_support_fraction,
+                               ServerRound, Setup, check_support_fraction,
                                client_params_of_global, defaults, gd_adapt, gd_steps, init_server,
                                masked_loss, resolve, split_support_query, support_query_rows,
                                validate)
@@ -118,7 +118,6 @@ def _fedmeta(model, factory, setup, *, variant, inner_lr, inner_steps, support_f
         raise ValueError(f"split_seed must be an int, got {split_seed!r}")
     s = resolve(setup, factory)
     name = factory.__name__
-    config = algorithm_config(name, model, s, uses=USES)
     rnd = MetaRound(model, dataclasses.replace(s, work=_NO_WORK),
                     client=meta_client(model, inner_lr=inner_lr, inner_steps=inner_steps,
                                        variant=variant),
@@ -139,7 +138,7 @@ def _fedmeta(model, factory, setup, *, variant, inner_lr, inner_steps, support_f
                      alpha_of=(lambda st: st.params["alpha"]) if learn_alpha else None)
     return MetaAlgorithm(name=name, init=init, round=rnd.round, model=model,
                          client_params=client_params_of_global(theta_of), global_params=theta_of,
-                         check=rnd.check, config=config, setup=rnd.setup, server_round=rnd,
+                         check=rnd.check, setup=rnd.setup, server_round=rnd,
                          adapt=adapt, adapt_split=lambda data: split_support_query(
                              data, support_fraction, seed=split_seed)[0])
 

@@ -82,7 +82,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from fedjax_lab.extend import (ClientRows, Cohort, HeteroAlgorithm, LocalWork, Model, Optimizer,
-                               Setup, algorithm_config, client_keys, defaults, hetero, local_train,
+                               Setup, client_keys, defaults, hetero, local_train,
                                participate, resolve, sample_ids, summarize, validate)
 
 FEDPROTO = Setup(work=LocalWork(batch_size=8, epochs=1),
@@ -290,12 +290,8 @@ def fedproto(model: Union[Model, Sequence[Model]], *, lam: float = 1.0,
                              "stacked; read state.rows[g] (group g's params) instead")
         return jax.tree.map(lambda r: r[ids], state.rows[0])
 
-    config = algorithm_config("fedproto", arch.models[0], s, uses=fedproto.uses, lam=lam,
-                              aggregation=aggregation, proto_loss=proto_loss,
-                              prototypes=prototypes,
-                              group_of=group_of if isinstance(group_of, str) else list(arch.group_of),
-                              derived=dict(all_clients=all_clients,
-                                           models=[m.name for m in arch.models]))
+    config = dict(group_of=group_of if isinstance(group_of, str) else list(arch.group_of),
+                  derived=dict(all_clients=all_clients, models=[m.name for m in arch.models]))
     return HeteroAlgorithm(name="fedproto", init=init, round=round_, client_params=client_params,
                            model=arch.models[0], global_params=None, personalized=False,
                            check=check, config=config, setup=s, architectures=arch,

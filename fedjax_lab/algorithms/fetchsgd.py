@@ -75,7 +75,7 @@ from flax import struct
 
 from fedjax_lab import compression as cz
 from fedjax_lab.extend import (Algorithm, Cohort, LocalWork, Model, Optimizer, Setup,
-                               algorithm_config, client_params_of_global, client_weights, comm,
+                               client_params_of_global, client_weights, comm,
                                defaults, flatten, local_delta, map_clients, participate, resolve,
                                schedule, validate, weighted_mean_scalar)
 
@@ -161,7 +161,6 @@ def fetchsgd(model: Model, *, k: int = 100, sketch_rows: int = 5, sketch_cols: i
     m = num_candidates or k
     eta_at = schedule(eta, s.server_opt.lr_schedule)
     drop = bool(s.work.drop_stragglers)         # None: keep stragglers' partial gradients
-    config = algorithm_config("fetchsgd", model, s, uses=USES)
 
     def check(data):
         s.check(data)
@@ -222,4 +221,4 @@ def fetchsgd(model: Model, *, k: int = 100, sketch_rows: int = 5, sketch_cols: i
 
     return Algorithm(name="fetchsgd", init=init, round=round, model=model,
                      client_params=client_params_of_global(lambda st: st.params),
-                     global_params=lambda st: st.params, check=check, config=config, setup=s)
+                     global_params=lambda st: st.params, check=check, setup=s)

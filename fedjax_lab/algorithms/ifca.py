@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab.extend import (ClientBatches, ClientContext, RowRound, ServerRound, Setup,
-                               algorithm_config, defaults, dense_bytes, init_server, local_train,
+                               defaults, dense_bytes, init_server, local_train,
                                mean_loss, resolve, row_algorithm, tree_sub, validate)
 
 
@@ -96,6 +96,5 @@ def ifca(model, *, num_clusters: int = 2, setup: Setup = Setup()):
     spec = RowRound(init_server=init_state, init_row=lambda server: jnp.zeros((), jnp.int32),
                     sample=rnd.sample, step=step,
                     params=lambda server, rows: jax.tree.map(lambda a: a[rows], server.params))
-    config = algorithm_config("ifca", model, s)
-    alg = row_algorithm(spec, name="ifca", model=model, check=rnd.check, config=config)
+    alg = row_algorithm(spec, name="ifca", model=model, check=rnd.check)
     return dataclasses.replace(alg, setup=s)

@@ -36,7 +36,7 @@ from flax import struct
 from fedjax_lab import compression as cz
 from fedjax_lab.algorithms.fetchsgd import (SKETCHED, USES, check_client_opt, client_gradients,
                                             normalized, num_params)
-from fedjax_lab.extend import (Algorithm, Model, Setup, algorithm_config, client_params_of_global,
+from fedjax_lab.extend import (Algorithm, Model, Setup, client_params_of_global,
                                client_weights, comm, defaults, flatten, participate, resolve,
                                server_update, tree_put, tree_scale, tree_take, validate,
                                weighted_mean_scalar)
@@ -60,7 +60,6 @@ def local_topk(model: Model, *, k: int = 100, error_feedback: bool = True,
     server_tx = s.server_opt.build("server_optimizer")
     drop = bool(s.work.drop_stragglers)         # None: keep stragglers' partial gradients
     name = "local_topk" if error_feedback else "local_topk_no_ef"
-    config = algorithm_config("local_topk", model, s, uses=USES)
 
     def check(data):
         s.check(data)
@@ -104,4 +103,4 @@ def local_topk(model: Model, *, k: int = 100, error_feedback: bool = True,
 
     return Algorithm(name=name, init=init, round=round, model=model,
                      client_params=client_params_of_global(lambda st: st.params),
-                     global_params=lambda st: st.params, check=check, config=config, setup=s)
+                     global_params=lambda st: st.params, check=check, setup=s)

@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lab.extend import (Cohort, LocalWork, Model, Optimizer, ServerRound, Setup,
-                               algorithm_config, batch_loss, defaults, local_train, meta,
+                               batch_loss, defaults, local_train, meta,
                                participate, resolve, tree_add, tree_scale, tree_sub, tree_vdot,
                                validate)
 
@@ -146,8 +146,7 @@ def _per_fedavg(model, setup, factory, *, inner_lr, hessian, hvp_delta, adapt_st
 
     rnd = PerFedAvgRound(model, s, client=client)
     name = factory.__name__
-    config = algorithm_config(name, model, s)
-    alg = rnd.algorithm(name, config)
+    alg = rnd.algorithm(name, {})
     params_of = lambda state: state.params
     adapt = meta.gd_adapt(model, inner_lr, steps=adapt_steps, params_of=params_of) \
         if adapt_batch_size is None else \

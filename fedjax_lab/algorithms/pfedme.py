@@ -31,7 +31,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fedjax_lab.extend import (RowRound, ServerRound, Setup, algorithm_config, batch_loss, defaults,
+from fedjax_lab.extend import (RowRound, ServerRound, Setup, batch_loss, defaults,
                                local_train, resolve, row_algorithm, tree_scale, tree_sq_norm,
                                tree_sub, tree_where, validate)
 
@@ -85,7 +85,6 @@ def pfedme(model, *, lam: float = 15.0, inner_steps: int = 5, personal_lr: float
 
     spec = RowRound(init_server=rnd.init, init_row=lambda server: server.params,
                     sample=rnd.sample, step=step, params=lambda server, rows: rows)
-    config = algorithm_config("pfedme", model, s)
     alg = row_algorithm(spec, name="pfedme", model=model, global_params=lambda st: st.params,
-                        check=rnd.check, config=config)
+                        check=rnd.check)
     return dataclasses.replace(alg, setup=s)

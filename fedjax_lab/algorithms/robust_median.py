@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from fedjax_lab import aggregators
 from fedjax_lab import uplink
 from fedjax_lab.extend import (Algorithm, Cohort, LocalWork, Model, Optimizer, ServerRound, Setup,
-                               algorithm_config, batch_loss, comm, defaults, local_train, resolve,
+                               batch_loss, comm, defaults, local_train, resolve,
                                tree_scale, tree_sub, validate)
 
 USES = frozenset({"cohort", "work", "client_opt", "server_opt", "aggregator", "attack"})
@@ -122,13 +122,12 @@ def _family(model, factory, setup, *, noise, sigma, vote=None) -> Algorithm:
         setup = setup if setup.aggregator is not None else \
             dataclasses.replace(setup, aggregator=VOTES[vote]())
     s = resolve(setup, factory, drop_stragglers=False)
-    config = algorithm_config(factory.__name__, model, s, uses=USES)
     down = None if vote is None else _vote_bytes(s)
     s = dataclasses.replace(s, uplink=send, aggregator=s.aggregator if vote is None
                             else _reads_signs(s.aggregator))
     return ServerRound(model, s, client=gradient_client(model, s.client_opt),
                        gradient_message=True,
-                       down_bytes=down).algorithm(factory.__name__, config)
+                       down_bytes=down).algorithm(factory.__name__, {})
 
 
 @defaults(SIGNSGD, uses=USES)

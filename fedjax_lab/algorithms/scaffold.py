@@ -50,7 +50,7 @@ def scaffold(model, *, option: str = "II", control_variates: bool = True,
                          f"momentum {opt.momentum} and schedule {opt.lr_schedule!r}")
     eta_l = opt.lr
     if not control_variates:
-        return server_averaging(model, s, scaffold, option=option, control_variates=False)
+        return server_averaging(model, s, scaffold)
 
     def c_plus(res, ctx):
         if option == "I":
@@ -65,7 +65,7 @@ def scaffold(model, *, option: str = "II", control_variates: bool = True,
         return delta_y, tree_add(c, tree_scale(delta_c, reported / num_clients))
 
     return server_averaging(
-        model, s, scaffold, option=option, control_variates=True,
+        model, s, scaffold,
         local_objective=lambda y, ctx: tree_vdot(tree_sub(ctx.extra, ctx.row), y),
         message=lambda res, ctx: (tree_sub(res.params, ctx.w_t), tree_sub(c_plus(res, ctx),
                                                                           ctx.row)),

@@ -344,7 +344,7 @@ def defaults(setup: Setup, uses=ALL_FIELDS, model: Optional[str] = None,
             alg = factory(*args, **kwargs)
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            return stamp_config(alg, {k: v for k, v in bound.arguments.items() if k in recorded})
+            return stamp(alg, build, {k: v for k, v in bound.arguments.items() if k in recorded})
         build.defaults, build.uses = setup, frozenset(uses)
         build.default_model = model or DEFAULT_MODEL
         build.no_hypergrad = dict(no_hypergrad or {})
@@ -367,16 +367,22 @@ def _scalar_params(factory, signature) -> set:
             and scalar(hints.get(p, float))}
 
 
-def stamp_config(alg, own: dict):
-    """`alg` with its config.json record completed from the factory's call: each of the factory's
-    own arguments (`own`, bound from its signature with the defaults applied) that the algorithm
-    did not record itself. So an algorithm file writes no hyperparameter list: `defaults` stamps
-    them (what an algorithm records under a key of its own, e.g. a model's description, wins)."""
-    config = getattr(alg, "config", None)
-    if not isinstance(config, dict) or "algorithm" not in config:
+def stamp(alg, factory, own: dict):
+    """`alg` as its factory's call records it, so that an algorithm file writes no config:
+        name     the factory's name, unless the algorithm named itself (local top-k without
+                 error feedback is "local_topk_no_ef")
+        config   config.json: the factory's (registered) name, the model's name, the fields of the resolved `alg.setup`
+                 that the factory uses, and each of the factory's own arguments (`own`, bound
+                 from its signature with the defaults applied); what the algorithm records
+                 itself in `alg.config` wins (a value it derives, or `derived`: what no flag sets)
+    An algorithm whose own setup is not resolved (alg.setup None) is left as it is."""
+    if not hasattr(alg, "config") or getattr(alg, "setup", None) is None:
         return alg
-    missing = {k: values.json_value(v) for k, v in own.items() if k not in config}
-    return dataclasses.replace(alg, config={**config, **missing}) if missing else alg
+    record = lambda v: {k: record(x) for k, x in v.items()} if isinstance(v, dict) \
+        else values.json_value(v)
+    config = dict(algorithm_config(factory.__name__, alg.model, alg.setup, factory.uses, **own),
+                  **record(alg.config or {}))
+    return dataclasses.replace(alg, name=alg.name or factory.__name__, config=config)
 
 
 def default_model(factory) -> str:

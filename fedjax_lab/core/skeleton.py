@@ -428,9 +428,9 @@ def server_averaging(model: Model, setup: Setup, factory, *, objective=None,
                      send_extra: bool = False, start=None, up_bytes=None, down_bytes=None,
                      local_split=None, client_tx=None, **hparams) -> Algorithm:
     """An algorithm built on the skeleton: `setup` resolved over `factory`'s defaults, local
-    training on F_k (+ objective(w, w_t)) as the client, the hooks of the module docstring, and
-    config.json recorded from the factory's name (and `hparams`, which `defaults` fills from the
-    factory's call: an algorithm need not pass them).
+    training on F_k (+ objective(w, w_t)) as the client, the hooks of the module docstring, named
+    after the factory. `defaults` records the factory's call in config.json; `hparams` are
+    recorded too (for a factory without `defaults`; an algorithm need not pass them).
     `drop_stragglers` is the algorithm's default for LocalWork(drop_stragglers=None)."""
     s = resolve(setup, factory, drop_stragglers=drop_stragglers)
     skeleton = ServerRound(model, s, objective=objective,

@@ -56,7 +56,7 @@ which hook was missing.
             lambda c_i, c, x, y: c_i - c + (x - y) / (res.num_steps * eta_l),
             ctx.row, ctx.extra, ctx.w_t, res.params)
         return server_averaging(
-            model, s, scaffold, option=option,
+            model, s, scaffold,
             local_objective=lambda y, ctx: tree_vdot(tree_sub(ctx.extra, ctx.row), y),
             message=lambda res, ctx: (tree_sub(res.params, ctx.w_t), tree_sub(c_plus(res, ctx), ctx.row)),
             init_row=tree_zeros_like, new_row=c_plus, init_extra=tree_zeros_like, send_extra=True,
@@ -71,7 +71,8 @@ which hook was missing.
 * `defaults` records the call: the returned algorithm's `alg.config` (config.json, checkpoints,
   resume) gets each of the factory's own bool / int / float / str arguments, bound from its
   signature with the defaults applied, so the file lists no hyperparameter twice. A model or other
-  object the algorithm takes is its own to describe (`algorithm_config(..., derived=...)`).
+  object the algorithm takes is its own to describe: what the factory returns in `alg.config`
+  (say `config=dict(derived=dict(server_model=...))`) is kept, and `derived` is what no flag sets.
 * Validate at once, before anything compiles: a `ValueError` naming the argument and the expected
   value (`fedjax_lab.extend.validate`). SCAFFOLD's option II divides by `K eta_l`, so it refuses
   a client optimizer other than plain SGD.
