@@ -37,7 +37,8 @@ The hooks (each optional):
                                           and the server's direction follow from it
     client_tx(tx) -> tx                   wraps the client optimizer (FedRep's phases)
 
-A round of one's own is built from the same pieces: `participate`, `local_train`,
+A round of one's own is built from the same pieces: `begin_round` (key split, cohort, batches,
+stragglers, attack), `round_ids`, `participate`, `local_train`,
 `client_weights`, `server_update`, `RowRound` + `row_algorithm` (docs: fedjax_lab/docs/
 add_an_algorithm.py). Nothing here is new code: it is the public face of `core/`.
 """
@@ -58,8 +59,8 @@ from fedjax_lab.core.sampling import first_draw
 from fedjax_lab.core.setup import (Cohort, LocalWork, Optimizer, Setup, algorithm_config, defaults,
                                    resolve, with_drop)
 from fedjax_lab.core.skeleton import (ClientBatches, ClientContext, Exchange, ServerRound,
-                                      client_keys, local_delta, map_clients, mean_loss,
-                                      merge_trees, server_averaging)
+                                      begin_round, client_keys, local_delta, map_clients,
+                                      mean_loss, merge_trees, round_ids, server_averaging)
 from fedjax_lab.core.tree import (flatten, tree_add, tree_broadcast, tree_num_params, tree_put,
                                   tree_scale, tree_sq_norm, tree_sub, tree_take, tree_vdot,
                                   tree_weighted_mean, tree_where, tree_zeros_like)
@@ -73,7 +74,8 @@ __all__ = [
     "Cohort", "LocalWork", "Optimizer", "Setup", "algorithm_config", "defaults", "resolve",
     "with_drop", "validate", "values", "schedule",
     # round pieces for an algorithm with a round of its own
-    "ServerState", "client_weights", "init_server", "participate", "sample_ids", "first_draw",
+    "begin_round", "round_ids", "ServerState", "client_weights", "init_server", "participate",
+    "sample_ids", "first_draw",
     "server_update", "weighted_mean_scalar", "local_train", "Batches", "draw_batches",
     "client_params_of_global", "personal_sums", "summarize", "comm", "dense_bytes",
     # per-client rows, meta-learning, heterogeneous architectures

@@ -68,8 +68,8 @@ import jax.numpy as jnp
 from fedjax_lab.algorithms.fedavg import FEDAVG
 from fedjax_lab.algorithms.fedprox import proximal_term
 from fedjax_lab.extend import (Model, Optimizer, RowAlgorithm, RowRound, ServerRound, Setup,
-                               client_keys, defaults, draw_batches, local_train,
-                               row_algorithm, sample_ids, validate, weighted_mean_scalar, with_drop)
+                               client_keys, defaults, draw_batches, local_train, row_algorithm,
+                               validate, weighted_mean_scalar, with_drop)
 
 
 @defaults(FEDAVG)
@@ -133,8 +133,7 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
         return server, rnd.end_rows(pres.params, ids), metrics
 
     spec = RowRound(init_server=rnd.init, init_row=lambda server: server.params,
-                    sample=lambda data, key: sample_ids(jax.random.split(key, 3)[0], data,
-                                                        s.cohort),
+                    sample=functools.partial(rnd.sample, streams=3),
                     step=step, params=lambda server, rows: rows)
     alg = row_algorithm(spec, name="ditto", model=model, global_params=lambda st: st.params,
                         check=rnd.check, config=dict(global_solver=solver_name))

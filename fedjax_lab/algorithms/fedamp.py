@@ -63,9 +63,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from fedjax_lab.extend import (ClientRows, Cohort, LocalWork, Model, Optimizer, RowAlgorithm, Setup,
-                               client_keys, comm, defaults, first_draw, flatten,
-                               local_train, participate, resolve, tree_broadcast, tree_put,
+from fedjax_lab.extend import (ClientRows, Cohort, LocalWork, Model, Optimizer, RowAlgorithm,
+                               Setup, begin_round, client_keys, comm, defaults, first_draw,
+                               flatten, local_train, resolve, tree_broadcast, tree_put,
                                tree_sq_norm, tree_sub, tree_take, validate, values,
                                weighted_mean_scalar)
 
@@ -185,7 +185,7 @@ def _fedamp(model: Model, factory, setup: Setup, *, lam, alpha_k, sigma, attenti
                          "(every sampled client's row keeps its partial work); expected "
                          "drop_stragglers None or False")
     _check_step_size(s.client_opt, lam, alpha_k)
-    cohort, work = s.cohort, s.work
+    cohort = s.cohort
     client_tx = s.client_opt.build("client_optimizer")
     name = factory.__name__
 
@@ -235,8 +235,7 @@ def _fedamp(model: Model, factory, setup: Setup, *, lam, alpha_k, sigma, attenti
         return jax.vmap(unravel)(u), xi_self.reshape(-1)[:ids.shape[0]]
 
     def round(state, data, key):
-        k_part, k_train = jax.random.split(key)
-        part = participate(k_part, data, cohort, work)
+        part, data, (k_train,) = begin_round(key, data, s)
         u, xi_self = cloud_models(state.rows, part.ids, part.valid)
         own = tree_take(state.rows, part.ids)
         coef = lam / (2.0 * alpha_k)

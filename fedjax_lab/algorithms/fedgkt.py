@@ -73,9 +73,9 @@ import optax
 from flax import struct
 
 from fedjax_lab.extend import (LocalWork, Model, Optimizer, RowAlgorithm, RowRound, Setup,
-                               client_keys, defaults, local_train, participate,
-                               personal_sums, resolve, row_algorithm, sample_ids, tree_broadcast,
-                               tree_where, validate, weighted_mean_scalar)
+                               begin_round, client_keys, defaults, local_train, personal_sums,
+                               resolve, round_ids, row_algorithm, tree_broadcast, tree_where,
+                               validate, weighted_mean_scalar)
 from fedjax_lab.models.gkt import GKTPair, pair
 
 USES = frozenset({"cohort", "work", "client_opt", "server_opt"})
@@ -154,8 +154,7 @@ def fedgkt(model: Model, *, server: Optional[Model] = None, alpha: float = 1.0,
         return {"params": srv.client_init, "opt_state": client_tx.init(srv.client_init)}
 
     def step(srv, rows, ids, data, key):
-        k_part, k_train, k_server = jax.random.split(key, 3)
-        part = participate(k_part, data, s.cohort, s.work, ids=ids)
+        part, data, (k_train, k_server) = begin_round(key, data, s, ids=ids, streams=3)
         # ClientTrain: the loss reads y, z_s and the mask by example id (local_train hands the
         # loss the rows of the step's batch as its "labels")
         def client_loss(p, xb, rows_b, rng):
@@ -186,8 +185,7 @@ def fedgkt(model: Model, *, server: Optional[Model] = None, alpha: float = 1.0,
         return srv, {"params": res.params, "opt_state": res.opt_state}, metrics
 
     spec = RowRound(init_server=init_server, init_row=init_row,
-                    sample=lambda data, key: sample_ids(jax.random.split(key, 3)[0], data,
-                                                        s.cohort),
+                    sample=lambda data, key: round_ids(key, data, s, streams=3),
                     step=step,
                     params=lambda srv, rows: {"client": rows["params"],
                                               "server": tree_broadcast(srv.params, _rows(rows))})

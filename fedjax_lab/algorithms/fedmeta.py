@@ -49,10 +49,9 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab.extend import (Batches, Cohort, LocalWork, MetaAlgorithm, Model, Optimizer,
-                               ServerRound, Setup, check_support_fraction,
-                               client_params_of_global, defaults, gd_adapt, gd_steps, init_server,
-                               masked_loss, resolve, split_support_query, support_query_rows,
-                               validate)
+                               ServerRound, Setup, check_support_fraction, client_params_of_global,
+                               defaults, gd_adapt, gd_steps, init_server, masked_loss, resolve,
+                               split_support_query, support_query_rows, validate)
 
 USES = frozenset({"cohort", "server_opt", "aggregator", "attack", "uplink"})
 # Server Adam at lr 0.1 with alpha = 0.5 and 3 inner steps: the settings under which FedMeta's claim

@@ -82,8 +82,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from fedjax_lab.extend import (ClientRows, Cohort, HeteroAlgorithm, LocalWork, Model, Optimizer,
-                               Setup, client_keys, defaults, hetero, local_train,
-                               participate, resolve, sample_ids, summarize, validate)
+                               Setup, begin_round, client_keys, defaults, hetero, local_train,
+                               resolve, summarize, validate)
 
 FEDPROTO = Setup(work=LocalWork(batch_size=8, epochs=1),
                  client_opt=Optimizer("sgd", lr=0.01, momentum=0.5))
@@ -197,12 +197,11 @@ def fedproto(model: Union[Model, Sequence[Model]], *, lam: float = 1.0,
         return ClientRows(server=server, rows=hetero.init_rows(arch, key, data))
 
     def round_(state, data, key):
-        k_part, k_train = jax.random.split(key)
         N, K = data.num_clients, data.num_classes
         server = state.server
-        cohort = Cohort(N) if all_clients else s.cohort
-        ids = jnp.arange(N, dtype=jnp.int32) if all_clients else sample_ids(k_part, data, cohort)
-        part = participate(k_part, data, cohort, s.work, ids=ids)
+        part, data, (k_train,) = begin_round(
+            key, data, s, cohort=Cohort(N) if all_clients else None,
+            ids=jnp.arange(N, dtype=jnp.int32) if all_clients else None)
         width = max(data.max_client_size, 1)
         lo, n = data.offsets[part.ids], data.client_sizes[part.ids]
         if prototypes == "after_training":     # [C, width] the client's rows (-1: none)

@@ -74,10 +74,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from fedjax_lab import compression as cz
-from fedjax_lab.extend import (Algorithm, Cohort, LocalWork, Model, Optimizer, Setup,
-                               client_params_of_global, client_weights, comm,
-                               defaults, flatten, local_delta, map_clients, participate, resolve,
-                               schedule, validate, weighted_mean_scalar)
+from fedjax_lab.extend import (Algorithm, Cohort, LocalWork, Model, Optimizer, Setup, begin_round,
+                               client_params_of_global, client_weights, comm, defaults, flatten,
+                               local_delta, map_clients, resolve, schedule, validate,
+                               weighted_mean_scalar)
 
 
 SCATTER_BUDGET = 1 << 26   # values per batched scatter-add (256 MB of float32) when sketching clients
@@ -180,10 +180,9 @@ def fetchsgd(model: Model, *, k: int = 100, sketch_rows: int = 5, sketch_cols: i
                              sketch=cs, round=jnp.zeros((), jnp.int32))
 
     def round(state, data, key):
-        k_part, k_train = jax.random.split(key)
+        part, data, (k_train,) = begin_round(key, data, s)
         cs = state.sketch
         lr = eta_at(state.round) if callable(eta_at) else eta_at
-        part = participate(k_part, data, s.cohort, s.work)
         g, losses, objectives = client_gradients(model, s.client_opt, state.params, data, part,
                                                  k_train)
         p = client_weights(part, s.cohort, drop_stragglers=drop)

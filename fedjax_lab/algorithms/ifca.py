@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lab.extend import (ClientBatches, ClientContext, RowRound, ServerRound, Setup,
-                               defaults, dense_bytes, init_server, local_train,
-                               mean_loss, resolve, row_algorithm, tree_sub, validate)
+                               defaults, dense_bytes, init_server, local_train, mean_loss, resolve,
+                               row_algorithm, tree_sub, validate)
 
 
 NO_HYPERGRAD = {"*": "each client's cluster is argmin_j F_i(theta_j), a step without a derivative: "

@@ -36,10 +36,9 @@ from flax import struct
 from fedjax_lab import compression as cz
 from fedjax_lab.algorithms.fetchsgd import (SKETCHED, USES, check_client_opt, client_gradients,
                                             normalized, num_params)
-from fedjax_lab.extend import (Algorithm, Model, Setup, client_params_of_global,
-                               client_weights, comm, defaults, flatten, participate, resolve,
-                               server_update, tree_put, tree_scale, tree_take, validate,
-                               weighted_mean_scalar)
+from fedjax_lab.extend import (Algorithm, Model, Setup, begin_round, client_params_of_global,
+                               client_weights, comm, defaults, flatten, resolve, server_update,
+                               tree_put, tree_scale, tree_take, validate, weighted_mean_scalar)
 
 
 @struct.dataclass
@@ -77,8 +76,7 @@ def local_topk(model: Model, *, k: int = 100, error_feedback: bool = True,
                               round=jnp.zeros((), jnp.int32))
 
     def round(state, data, key):
-        k_part, k_train = jax.random.split(key)
-        part = participate(k_part, data, s.cohort, s.work)
+        part, data, (k_train,) = begin_round(key, data, s)
         g, losses, objectives = client_gradients(model, s.client_opt, state.params, data, part,
                                                  k_train)
         d = g.shape[1]

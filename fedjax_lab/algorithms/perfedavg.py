@@ -63,10 +63,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lab.extend import (Cohort, LocalWork, Model, Optimizer, ServerRound, Setup,
-                               batch_loss, defaults, local_train, meta,
-                               participate, resolve, tree_add, tree_scale, tree_sub, tree_vdot,
-                               validate)
+from fedjax_lab.extend import (Cohort, LocalWork, Model, Optimizer, ServerRound, Setup, batch_loss,
+                               defaults, local_train, meta, participate, resolve, tree_add,
+                               tree_scale, tree_sub, tree_vdot, validate)
 
 # beta = 0.1, tau = 5 steps of batch 10 (three batches each) and alpha = 0.3 (the factories'
 # inner_lr): the settings under which the claim shows at the README's small size

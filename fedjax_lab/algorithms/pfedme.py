@@ -31,9 +31,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fedjax_lab.extend import (RowRound, ServerRound, Setup, batch_loss, defaults,
-                               local_train, resolve, row_algorithm, tree_scale, tree_sq_norm,
-                               tree_sub, tree_where, validate)
+from fedjax_lab.extend import (RowRound, ServerRound, Setup, batch_loss, defaults, local_train,
+                               resolve, row_algorithm, tree_scale, tree_sq_norm, tree_sub,
+                               tree_where, validate)
 
 
 NO_HYPERGRAD = {"*": "theta~ (the inner GD's solution) enters the envelope step through a "

@@ -63,8 +63,8 @@ import jax.numpy as jnp
 from fedjax_lab import aggregators
 from fedjax_lab import uplink
 from fedjax_lab.extend import (Algorithm, Cohort, LocalWork, Model, Optimizer, ServerRound, Setup,
-                               batch_loss, comm, defaults, local_train, resolve,
-                               tree_scale, tree_sub, validate)
+                               batch_loss, comm, defaults, local_train, resolve, tree_scale,
+                               tree_sub, validate)
 
 USES = frozenset({"cohort", "work", "client_opt", "server_opt", "aggregator", "attack"})
 _SHARED = dict(cohort=Cohort(clients_per_round=10, sampling="uniform", weighting="uniform"),

@@ -368,26 +368,20 @@ class ServerRound:
         return direction, as_vector(sums[1]), as_vector(sums[2])
 
     def round(self, state, data, key):
-        k_part, k_train = jax.random.split(key)
-        part = self.participate(k_part, data)
-        return self.step(state, self.setup.attack.poison(data), part, k_train=k_train, key=key)
+        part, data, (k_train,) = begin_round(key, data, self.setup, draw=self.participate)
+        return self.step(state, data, part, k_train=k_train, key=key)
 
     def sample(self, data, key, streams: int = 2):
-        """The round's [C] client ids from its key alone (what `round` and `begin_rows(key, ...,
-        streams)` sample; a host store computes them ahead): the cohort of the first of the
-        `streams` keys the round key splits into."""
-        return sample_ids(jax.random.split(key, streams)[0], data, self.setup.cohort)
+        """The round's [C] client ids from its key alone (`round_ids`; RowRound.sample)."""
+        return round_ids(key, data, self.setup, streams)
 
     def begin_rows(self, key, data, ids, rows, streams: int = 2):
-        """The start of a round over the sampled clients' rows [C, ...], written once for row_step
-        and for the algorithms with their own client step: (part, rows, data, keys) with the
-        round key split into `streams` keys, the first drawing the cohort of the clients `ids`
-        (streams=2: the split that `round` and `sample` make) and keys the others; the rows
-        padded to the cohort (a client mesh pads it with step-less dummies; `end_rows` cuts
-        them off the new rows); the data as the attack poisons it."""
-        k_part, *keys = jax.random.split(key, streams)
-        part = self.participate(k_part, data, ids=ids)
-        return part, pad_rows(rows, part.ids.shape[0]), self.setup.attack.poison(data), keys
+        """`begin_round` over the sampled clients' rows [C, ...], for row_step and the algorithms
+        with a client step of their own: (part, rows, data, keys), the rows padded to the cohort
+        (a client mesh pads it with step-less dummies; `end_rows` cuts them off the new rows)."""
+        part, data, keys = begin_round(key, data, self.setup, ids=ids, streams=streams,
+                                       draw=self.participate)
+        return part, pad_rows(rows, part.ids.shape[0]), data, keys
 
     @staticmethod
     def end_rows(rows, ids):
@@ -441,6 +435,25 @@ def server_averaging(model: Model, setup: Setup, factory, *, objective=None,
                            local_split=local_split, client_tx=client_tx)
     name = factory.__name__
     return skeleton.algorithm(name, algorithm_config(name, model, s, **hparams))
+
+
+def begin_round(key, data, setup: Setup, *, ids=None, streams: int = 2, cohort=None, draw=None):
+    """The start of every round, written once: the round key split into `streams` keys, the first
+    drawing the cohort (of the clients `ids` when the round has them already; `cohort`: the
+    setup's unless given), their batches and stragglers (`draw(k, data, ids=)`: `participate`
+    under the setup's cohort and local work unless given), the others returned for the round's
+    own streams (streams=2: k_train); the data as the setup's attack poisons it.
+    Returns (part, data, keys)."""
+    k_part, *keys = jax.random.split(key, streams)
+    if draw is None:
+        draw = lambda k, d, ids: participate(k, d, cohort or setup.cohort, setup.work, ids=ids)
+    return draw(k_part, data, ids=ids), setup.attack.poison(data), keys
+
+
+def round_ids(key, data, setup: Setup, streams: int = 2):
+    """The [C] client ids that `begin_round(key, ..., streams=streams)` draws, from the key alone
+    (what a host store computes ahead of a round over per-client rows)."""
+    return sample_ids(jax.random.split(key, streams)[0], data, setup.cohort)
 
 
 def merge_trees(a, b):
