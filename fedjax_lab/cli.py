@@ -103,14 +103,22 @@ def setup_params(factory, aggregator=None, uplink=None):
     return out
 
 
-def check_names(alg_name, factory):
-    """An algorithm's own hyperparameter may not shadow a run flag or a shared value's flag."""
-    from fedjax_lab.core.setup import ALL_FIELDS, setup_flags
-    uses = getattr(factory, "uses", ALL_FIELDS)
-    clash = sorted({n for n, _, _ in own_params(factory)} & (RUN_FLAGS | set(setup_flags(uses))))
+class Flags(typing.NamedTuple):
+    """An algorithm's flags, computed once per command: [(name, type, default)] of its own
+    hyperparameters and of the shared values (with its defaults)."""
+    own: list
+    shared: list
+
+
+def flags_of(alg_name, factory, aggregator=None, uplink=None) -> Flags:
+    """The algorithm's Flags; its own hyperparameter may not shadow a run flag or a shared
+    value's flag."""
+    flags = Flags(own_params(factory), setup_params(factory, aggregator, uplink))
+    clash = sorted({n for n, _, _ in flags.own} & (RUN_FLAGS | {n for n, _, _ in flags.shared}))
     if clash:
         raise ValueError(f"algorithm {alg_name!r}: keyword(s) {clash} collide with the run's or "
                          "the Setup's flags; rename them or pass them through the Setup")
+    return flags
 
 
 def _add(group, name, typ, default):
@@ -122,8 +130,8 @@ def _add(group, name, typ, default):
                            help=f"default: {default!r}")
 
 
-def run_parser(alg_name, factory, aggregator=None, uplink=None):
-    check_names(alg_name, factory)
+def run_parser(alg_name, factory, aggregator=None, uplink=None, flags: typing.Optional[Flags] = None):
+    flags = flags or flags_of(alg_name, factory, aggregator, uplink)
     p = argparse.ArgumentParser(prog=f"fedjax-lab run {alg_name}", allow_abbrev=False)
     g = p.add_argument_group("run")
     g.add_argument("--dataset", default="synthetic",
@@ -144,10 +152,10 @@ def run_parser(alg_name, factory, aggregator=None, uplink=None):
                    help="JSON or TOML file with the same keys as the flags (a run's config.json "
                         "re-runs it); flags given here override it")
     own = p.add_argument_group(f"{alg_name} hyperparameters (from the factory signature)")
-    for name, typ, default in own_params(factory):
+    for name, typ, default in flags.own:
         _add(own, name, typ, default)
     shared = p.add_argument_group("shared values (core/setup.py), with this algorithm's defaults")
-    for name, typ, default in setup_params(factory, aggregator, uplink):
+    for name, typ, default in flags.shared:
         _add(shared, name, typ, default)
     return p
 
@@ -217,8 +225,9 @@ def _parse(argv, command="run", add=None):
                          f"not of {alg_name!r}")
     factory = ALGORITHMS[alg_name][0]
     try:
-        parser = run_parser(alg_name, factory, known.aggregator or cfg.get("aggregator"),
-                            known.uplink or cfg.get("uplink"))
+        flags = flags_of(alg_name, factory, known.aggregator or cfg.get("aggregator"),
+                         known.uplink or cfg.get("uplink"))
+        parser = run_parser(alg_name, factory, flags=flags)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if add is not None:
@@ -234,11 +243,10 @@ def _parse(argv, command="run", add=None):
     if unknown:
         raise SystemExit(_explain_unknown(unknown, parser, alg_name).replace(
             "fedjax-lab run", f"fedjax-lab {command}"))
-    hparams = {name: getattr(args, name) for name, _, _ in own_params(factory)}
+    hparams = {name: getattr(args, name) for name, _, _ in flags.own}
     # Only what the user changed (a flag, or a --config key) goes into the Setup: the rest are the
     # algorithm's own defaults, which may depend on its hyperparameters (signSGD's vote).
-    flat = {name: getattr(args, name) for name, _, default in
-            setup_params(factory, getattr(args, "aggregator", None), getattr(args, "uplink", None))
+    flat = {name: getattr(args, name) for name, _, default in flags.shared
             if getattr(args, name) != default}
     return factory, parser, args, hparams, flat
 
