@@ -35,9 +35,10 @@ and an algorithm changes it through hooks, each optional (`fedjax_lab.extend` li
 The skeleton reports `local_loss`, `local_objective`, `clients_aggregated` and the `bytes_*`
 metrics, pads the cohort for a client mesh, keeps rows on device or in the host store, and
 composes with every aggregator, attack, uplink and server optimizer of the `Setup`. If your
-round cannot be written with these hooks, build it from the same pieces (`participate`,
-`local_train`, `client_weights`, `server_update`, `RowRound` + `row_algorithm`) and tell us
-which hook was missing.
+round cannot be written with these hooks, build it from the same pieces (`begin_round(key,
+data, setup)` -> (participation, data as the attack poisons it, the round's other keys),
+`local_train`, `client_weights`, `server_update`, `RowRound` + `row_algorithm` with
+`round_ids` as its sampler) and tell us which hook was missing.
 
 ## 2. Write the factory
 
