@@ -111,6 +111,6 @@ def apfl(model, *, alpha: float = 0.5, adaptive_alpha: bool = True, setup: Setup
                     init_row=lambda server: {"v": server.params,
                                              "alpha": jnp.asarray(alpha, jnp.float32)},
                     sample=rnd.sample, step=step, params=deploy)
-    alg = row_algorithm(spec, name="apfl", model=model, global_params=lambda st: st.params,
+    alg = row_algorithm(spec, model=model, global_params=lambda st: st.params,
                         check=rnd.check, config=base.config)
     return dataclasses.replace(alg, setup=s)

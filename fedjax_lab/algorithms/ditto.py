@@ -135,7 +135,7 @@ def ditto(model: Model, *, lam: float = 0.1, personal_lr: Optional[float] = None
     spec = RowRound(init_server=rnd.init, init_row=lambda server: server.params,
                     sample=functools.partial(rnd.sample, streams=3),
                     step=step, params=lambda server, rows: rows)
-    alg = row_algorithm(spec, name="ditto", model=model, global_params=lambda st: st.params,
+    alg = row_algorithm(spec, model=model, global_params=lambda st: st.params,
                         check=rnd.check, config=dict(global_solver=solver_name))
     return dataclasses.replace(alg, setup=s)
 

@@ -189,7 +189,7 @@ def fedgkt(model: Model, *, server: Optional[Model] = None, alpha: float = 1.0,
                     step=step,
                     params=lambda srv, rows: {"client": rows["params"],
                                               "server": tree_broadcast(srv.params, _rows(rows))})
-    alg = row_algorithm(spec, name="fedgkt", model=big, check=check,
+    alg = row_algorithm(spec, model=big, check=check,
                         config=dict(derived=dict(server_model=server.name)))
     return dataclasses.replace(alg, setup=s)
 

@@ -291,7 +291,7 @@ def fedproto(model: Union[Model, Sequence[Model]], *, lam: float = 1.0,
 
     config = dict(group_of=group_of if isinstance(group_of, str) else list(arch.group_of),
                   derived=dict(all_clients=all_clients, models=[m.name for m in arch.models]))
-    return HeteroAlgorithm(name="fedproto", init=init, round=round_, client_params=client_params,
+    return HeteroAlgorithm(init=init, round=round_, client_params=client_params,
                            model=arch.models[0], global_params=None, personalized=False,
                            check=check, config=config, setup=s, architectures=arch,
                            evaluate_sums=evaluate_sums)

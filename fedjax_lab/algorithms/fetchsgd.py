@@ -218,6 +218,6 @@ def fetchsgd(model: Model, *, k: int = 100, sketch_rows: int = 5, sketch_cols: i
                                             num_up=num_up, num_down=s.cohort.clients_per_round))
         return state.replace(params=params, momentum=s_u, error=s_e, round=state.round + 1), metrics
 
-    return Algorithm(name="fetchsgd", init=init, round=round, model=model,
+    return Algorithm(init=init, round=round, model=model,
                      client_params=client_params_of_global(lambda st: st.params),
                      global_params=lambda st: st.params, check=check, setup=s)

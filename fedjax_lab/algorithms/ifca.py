@@ -96,5 +96,5 @@ def ifca(model, *, num_clusters: int = 2, setup: Setup = Setup()):
     spec = RowRound(init_server=init_state, init_row=lambda server: jnp.zeros((), jnp.int32),
                     sample=rnd.sample, step=step,
                     params=lambda server, rows: jax.tree.map(lambda a: a[rows], server.params))
-    alg = row_algorithm(spec, name="ifca", model=model, check=rnd.check)
+    alg = row_algorithm(spec, model=model, check=rnd.check)
     return dataclasses.replace(alg, setup=s)

@@ -85,6 +85,6 @@ def pfedme(model, *, lam: float = 15.0, inner_steps: int = 5, personal_lr: float
 
     spec = RowRound(init_server=rnd.init, init_row=lambda server: server.params,
                     sample=rnd.sample, step=step, params=lambda server, rows: rows)
-    alg = row_algorithm(spec, name="pfedme", model=model, global_params=lambda st: st.params,
+    alg = row_algorithm(spec, model=model, global_params=lambda st: st.params,
                         check=rnd.check)
     return dataclasses.replace(alg, setup=s)

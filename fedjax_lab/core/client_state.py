@@ -64,7 +64,7 @@ def init_rows(spec: RowRound, key, data) -> ClientRows:
     return ClientRows(server=server, rows=rows)
 
 
-def row_algorithm(spec: RowRound, *, name: str, model, global_params=None,
+def row_algorithm(spec: RowRound, *, name: str = "", model, global_params=None,
                   check: Callable = lambda data: None, config: Optional[dict] = None,
                   personalized: bool = True) -> RowAlgorithm:
     """The Algorithm record of a stateful method: state = ClientRows(server, rows [N, ...])."""

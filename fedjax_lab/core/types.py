@@ -58,7 +58,7 @@ def batch_loss(model: Model, params, x, y, rng=None, *, train=True):
     return jnp.mean(model.loss(model.apply(params, x, train=train, rng=rng), y))
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class Algorithm:
     """An algorithm is an immutable record of pure functions (in the spirit of optax):
 
@@ -70,8 +70,9 @@ class Algorithm:
     `check(data)` raises ValueError on bad hyperparameters for this data, before any compilation;
     `config` holds the factory's hyperparameters (written to config.json and checkpoints).
     `setup` is the resolved `Setup` (cohort, local work, optimizers, ...) it runs with.
+    `name` and `config` are stamped by the factory's `defaults` (core/setup.py) from its call.
     """
-    name: str
+    name: str = ""
     init: Callable[[PRNGKey, Any], Any]
     round: Callable[[Any, Any, PRNGKey], tuple[Any, dict]]
     client_params: Callable[[Any, jax.Array], Params]
