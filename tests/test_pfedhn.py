@@ -91,16 +91,16 @@ def test_one_plain_sgd_step_is_the_chain_rule():
     ids, part = round_plan(d, key, cohort, alg.setup.work)
     i, rows = int(ids[0]), part.batches.idx[0, 0]
     hn = alg.hypernet(d.x[:1], d.num_clients)
-    e = state.rows["embed"][i]
+    e = state.rows.embed[i]
     loss = lambda phi, e_: jnp.mean(model.loss(model.apply(hn.apply(phi, e_), d.x[rows]), d.y[rows]))
-    g_phi, g_e = jax.jit(jax.grad(loss, argnums=(0, 1)))(state.server["phi"], e)
-    want = jax.tree.map(lambda p, g: p - beta * eta * g, state.server["phi"], g_phi)
-    for a, b in zip(jax.tree.leaves(new.server["phi"]), jax.tree.leaves(want)):
+    g_phi, g_e = jax.jit(jax.grad(loss, argnums=(0, 1)))(state.server.phi, e)
+    want = jax.tree.map(lambda p, g: p - beta * eta * g, state.server.phi, g_phi)
+    for a, b in zip(jax.tree.leaves(new.server.phi), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(new.rows["embed"][i], e - gamma * eta * g_e,
+    np.testing.assert_allclose(new.rows.embed[i], e - gamma * eta * g_e,
                                rtol=1e-5, atol=1e-7)
     others = np.arange(d.num_clients) != i
-    np.testing.assert_array_equal(new.rows["embed"][others], state.rows["embed"][others])
+    np.testing.assert_array_equal(new.rows.embed[others], state.rows.embed[others])
     assert float(jnp.max(jnp.abs(g_phi["heads"][0]["kernel"]))) > 1e-3
 
 
@@ -129,15 +129,15 @@ def test_two_rounds_equal_a_per_client_reference_loop(pc):
     assert float(m["grad_norm"]) > clip                   # the server clip was active
     phi, E, heads = reference_rounds(alg, state, d, keys, pc=pc, inner=inner, server=server,
                                      embed_lr=embed_lr, clip=clip)
-    for a, b in zip(jax.tree.leaves(new.server["phi"]), jax.tree.leaves(phi)):
+    for a, b in zip(jax.tree.leaves(new.server.phi), jax.tree.leaves(phi)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
-    np.testing.assert_allclose(new.rows["embed"], E, rtol=2e-4, atol=2e-6)
-    moved = np.any(np.asarray(new.rows["embed"]) != np.asarray(state.rows["embed"]), axis=1)
+    np.testing.assert_allclose(new.rows.embed, E, rtol=2e-4, atol=2e-6)
+    moved = np.any(np.asarray(new.rows.embed) != np.asarray(state.rows.embed), axis=1)
     assert moved.sum() >= 3
     if pc:
         for k in range(d.num_clients):
-            np.testing.assert_allclose(new.rows["head"][0][k], heads[k][0], rtol=2e-4, atol=2e-6)
-            np.testing.assert_allclose(new.rows["head"][1][k], heads[k][1], rtol=2e-4, atol=2e-6)
+            np.testing.assert_allclose(new.rows.head[0][k], heads[k][0], rtol=2e-4, atol=2e-6)
+            np.testing.assert_allclose(new.rows.head[1][k], heads[k][1], rtol=2e-4, atol=2e-6)
     per_client = 4 * (HIDDEN_T * DIM + HIDDEN_T if pc else CLASSES * DIM + CLASSES)
     assert float(m["bytes_down_per_client"]) == float(m["bytes_up_per_client"]) == per_client
     assert float(m["bytes_down"]) == 3 * per_client
@@ -169,11 +169,11 @@ def test_host_store_equals_the_device_rows():
     server, store = store_for(alg, jax.random.split(jax.random.key(3))[0], d)
     out = run_with_store(alg, d, store, rounds=4, key=3)
     rows = jax.tree.unflatten(store.treedef, store.leaves)
-    for a, b in zip(jax.tree.leaves(res.state.server["phi"]), jax.tree.leaves(out.server["phi"])):
+    for a, b in zip(jax.tree.leaves(res.state.server.phi), jax.tree.leaves(out.server.phi)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    seen = ~np.asarray(rows["fresh"])
+    seen = ~np.asarray(rows.fresh)
     assert 2 <= seen.sum() < 6
-    np.testing.assert_allclose(np.asarray(res.state.rows["embed"])[seen], rows["embed"][seen],
+    np.testing.assert_allclose(np.asarray(res.state.rows.embed)[seen], rows.embed[seen],
                                rtol=1e-6, atol=1e-7)
 
 

@@ -15,71 +15,57 @@ Round t, sampled clients S_t, for i in S_t (vmapped):
     phi <- ServerOpt(phi, g_phi),  e_i <- EmbedOpt(e_i, g_{e_i})
 Both products are one `jax.vjp` of the vmapped h (never a Jacobian). With k = 1 plain SGD step of
 size eta, Delta_i = eta grad L_i(theta_i) and g_phi = eta grad_phi L_i(h(e_i; phi)): the chain rule.
+pFedHN-PC ("personalized classifier"): h generates all but the head (the leaves `model.head` reads;
+mlp: "out", cnn: "fc"; an all-head model such as logistic is refused); client i keeps its head and
+the head's optimizer state in its row and trains it with theta_i; only theta_i / Delta_i travel.
 
-pFedHN-PC ("personalized classifier"): h generates every layer but the head; client i keeps a private
-head (a row of the state, with its own persistent optimizer state), trained jointly with theta_i by
-the same inner optimizer; only the generated body's theta_i / Delta_i travel.
-Which params are the head: exactly the leaves `model.head` reads (read from its jaxpr; the zoo's
-mlp: "out", cnn / cnn_cifar: "fc"); a model whose params are all head (logistic) is refused.
-
-Defaults (the official trainer, github.com/AvivSham/pFedHN, experiments/pfedhn/trainer.py):
-  * inner optimizer: the Setup's client optimizer (SGD lr 5e-3 momentum 0.9) after
-    clip_by_global_norm(`inner_clip` = 50) and weight decay `inner_wd` = 5e-5 (torch's SGD adds
-    wd * theta after the clip: `with_decay`); k = 50 steps of batch 64 (Setup.work); a fresh
-    optimizer state every round (PC's head: kept in its row).
-  * phi: the Setup's server optimizer (SGD lr 1e-2 momentum 0.9) with weight decay `server_wd` =
-    1e-3; embeddings: the same rule at lr `embed_lr` (None: the server lr, as the code's
-    embed_lr=None), momentum rows of their own; the clip at `clip` = 50 is over phi and the
-    embeddings together (torch's clip_grad_norm_ over hnet.parameters()).
-  * h: hidden 100, n_hidden 3, embed_dim = int(1 + N / 4) (embed_dim=-1 in the code); e_i ~ N(0, I).
+Defaults (the official trainer, github.com/AvivSham/pFedHN, experiments/pfedhn/trainer.py): inner
+optimizer the client optimizer (SGD lr 5e-3 momentum 0.9) after clip_by_global_norm(`inner_clip` =
+50) and weight decay `inner_wd` = 5e-5 (`with_decay`), fresh every round, k = 50 steps of batch 64;
+phi: the server optimizer (SGD lr 1e-2 momentum 0.9) with weight decay `server_wd` = 1e-3; each e_i
+the same rule at `embed_lr` (None: the server lr); `clip` = 50 over phi and the embeddings together
+(clip_grad_norm_ over hnet); h: hidden 100, n_hidden 3, d = int(1 + N / 4); e_i ~ N(0, I).
 
 Paper vs. official code (the choices here):
-  * The code draws one client per step; the default here is a cohort per round (Setup.cohort,
-    vmapped, phi's gradient the p-weighted mean, p uniform by default); `Cohort(clients_per_round=1)`
-    is the code's one-client step exactly (same clip, same optimizer steps).
-  * Each embedding gets its own client's whole gradient (not divided by the cohort size), so its
-    step does not depend on C; the clip norm is that of (g_phi, all sampled g_e).
-  * torch's dense SGD decays every embedding row and its momentum at every step; here only the
-    sampled rows change (what a row store for millions of clients needs).
-  * PC: the code clips only the body's gradient and inits each client's head independently (its
-    official PC lr is 5e-2); here the head takes the whole client optimizer (its clip included, on
-    its own gradient) and every head starts at model.init's head; lr 1e-2 for both variants.
-  * Stragglers (LocalWork.stragglers) send the Delta_i of their partial work (drop_stragglers=True
-    leaves them out of g_phi and of the embedding step). Accuracy: `client_params` is h(e_i; phi)
-    (PC: with the head); core/meta.adapted_evaluation reports it pooled (sum correct / sum n, the
-    official metric) and as the mean over clients.
-  * Host store (core/store.py): rows start "fresh" there (init_row cannot know the client); a
-    fresh row takes its N(0, I) embedding from fold_in(embed_key, id) when first sampled, the same
-    value `init` gives on device. A never-sampled fresh row deploys h(0; phi).
-
+  * The code draws one client per step; here a cohort per round (Setup.cohort, vmapped, g_phi the
+    p-weighted mean, p uniform by default); `Cohort(clients_per_round=1)` is the code's step exactly.
+  * Each e_i gets its client's whole gradient (not divided by the cohort size). torch's dense SGD
+    decays every embedding and its momentum at every step; here only the sampled rows change.
+  * PC: the code clips only the body's gradient and inits each head independently (PC lr 5e-2);
+    here the head takes the client optimizer too, clipped on its own (optax.multi_transform over
+    (body, head)), and every head starts at model.init's head.
+  * Stragglers send the Delta_i of their partial work (LocalWork(drop_stragglers=True) leaves them
+    out). Setup.attack: label flipping poisons the attackers' data, an update attack their Delta_i.
+  * Host store (core/store.py): rows start "fresh" and take e_i from fold_in(embed_key, i) when
+    first sampled, as `init` does; a never-sampled fresh row deploys h(0; phi).
 New clients (the paper's generalization experiment; no released code): `alg.new_client(...)` gives
-adapt(state, support, ids) for core/meta.adapted_evaluation: phi frozen, a fresh embedding (the mean
-of the trained ones; PC: and a head, the mean of the trained heads) learned by SGD with momentum on
-the new client's own data, all new clients at once (vmapped).
+adapt(state, support, ids) for core/meta.adapted_evaluation: phi frozen, a fresh embedding (the
+trained ones' mean; PC: and head, the trained heads' mean) learned by SGD with momentum on each new
+client's own data, all at once (vmapped).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 
 from fedjax_lab.extend import (ClientRows, Cohort, LocalWork, Model, Optimizer, RowAlgorithm,
-                               RowRound, Setup, algorithm_config, batch_loss, client_keys,
-                               client_weights, comm, defaults, draw_batches, local_train,
-                               participate, resolve, row_algorithm, sample_ids, tree_sq_norm,
-                               tree_sub, validate, weighted_mean_scalar)
+                               RowRound, ServerRound, Setup, algorithm_config, batch_loss,
+                               client_keys, client_weights, comm, defaults, draw_batches,
+                               local_train, resolve, row_algorithm, tree_scale, tree_sq_norm,
+                               tree_sub, tree_where, validate, weighted_mean_scalar)
 from fedjax_lab.models.hypernet import GENERATORS, head_leaves, hypernetwork
-
 
 PFEDHN = Setup(cohort=Cohort(clients_per_round=10, weighting="uniform"),
                work=LocalWork(batch_size=64, local_steps=50),
                client_opt=Optimizer("sgd", lr=5e-3, momentum=0.9),
                server_opt=Optimizer("sgd", lr=1e-2, momentum=0.9))
-USES = frozenset({"cohort", "work", "client_opt", "server_opt"})
+USES = frozenset({"cohort", "work", "client_opt", "server_opt", "attack"})
 
 
 def with_decay(tx, weight_decay, clip=None):
@@ -87,6 +73,187 @@ def with_decay(tx, weight_decay, clip=None):
     parts = [] if clip is None else [optax.clip_by_global_norm(clip)]
     parts += [optax.add_decayed_weights(weight_decay)] if weight_decay else []
     return optax.chain(*parts, tx)
+
+
+@struct.dataclass
+class HyperServer:
+    """The server's state; the input's shape and d ride as static fields (no zero-size arrays,
+    which orbax would not checkpoint)."""
+    phi: Any                  # h's params
+    opt: Any                  # ServerOpt's state of phi
+    embed_key: jax.Array      # key data: e_i ~ N(0, I) from fold_in(embed_key, i)
+    round: jax.Array
+    head0: Any = None         # PC: model.init's head leaves, where every head starts
+    x_like: Any = struct.field(pytree_node=False, default=None)   # ShapeDtypeStruct of x[:1]
+    embed_dim: int = struct.field(pytree_node=False, default=0)   # d
+
+
+@struct.dataclass
+class HyperRow:
+    """Client i's row of ClientRows.rows (stacked [N, ...])."""
+    embed: jax.Array          # e_i [d]
+    embed_opt: Any            # EmbedOpt's state of e_i
+    fresh: jax.Array          # not sampled yet (host store): e_i is still to be drawn
+    head: Any = None          # PC: the private head's leaves
+    head_opt: Any = None      # PC: the head's part of the inner optimizer's state
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Hyper:
+    """What a pfedhn / pfedhn_pc call fixes: the skeleton (model, setup), h, the optimizers."""
+    rnd: ServerRound
+    pc: bool
+    embed_dim: Optional[int]                  # d (None: int(1 + N / 4))
+    hidden: int
+    n_hidden: int
+    generator: str
+    chunk: int
+    clip: float
+    client_tx: optax.GradientTransformation   # the inner optimizer (PC: of the body and the head)
+    server_tx: optax.GradientTransformation   # phi's
+    embed_tx: optax.GradientTransformation    # each e_i's
+
+    def dim(self, num_clients):
+        return self.embed_dim or int(1 + num_clients / 4)
+
+
+def layout(hp: Hyper, x_like, d: int):
+    """(h with e_i in R^d, merge(body, head) -> params, head_of(params)) for inputs like x_like."""
+    model = hp.rnd.model
+    leaves, treedef = jax.tree.flatten(jax.eval_shape(model.init, jax.random.key(0), x_like))
+    is_head = head_leaves(model, x_like) if hp.pc else [False] * len(leaves)
+    target = [l for l, h in zip(leaves, is_head) if not h] if hp.pc else \
+        jax.tree.unflatten(treedef, leaves)           # pFedHN: h emits the params pytree
+    hn = hypernetwork(target, embed_dim=d, hidden=hp.hidden, n_hidden=hp.n_hidden,
+                      generator=hp.generator, chunk=hp.chunk)
+
+    def merge(body, head):
+        it_b, it_h = iter(body), iter(head)
+        return jax.tree.unflatten(treedef, [next(it_h) if h else next(it_b) for h in is_head])
+    return hn, merge, lambda params: [l for l, h in zip(jax.tree.leaves(params), is_head) if h]
+
+
+def base_embeddings(server: HyperServer, ids):
+    """e_i ~ N(0, I) from fold_in(embed_key, i): what `init` stores, what a fresh row takes."""
+    k = jax.random.wrap_key_data(server.embed_key)
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k, i), (server.embed_dim,)))(ids)
+
+
+def init_server(hp: Hyper, key, data) -> HyperServer:
+    hp.rnd.check(data)
+    k_phi, k_embed, k_model = jax.random.split(key, 3)
+    x_like = jax.ShapeDtypeStruct((1,) + data.x.shape[1:], data.x.dtype)
+    hn, _, head_of = layout(hp, x_like, hp.dim(data.num_clients))
+    phi = hn.init(k_phi)
+    return HyperServer(phi=phi, opt=hp.server_tx.init(phi), embed_key=jax.random.key_data(k_embed),
+                       round=jnp.zeros((), jnp.int32), x_like=x_like, embed_dim=hn.embed_dim,
+                       head0=head_of(hp.rnd.model.init(k_model, data.x[:1])) if hp.pc else None)
+
+
+def init_row(hp: Hyper, server: HyperServer, embed=None) -> HyperRow:
+    """A client's first row from its e_i; embed=None: a fresh row (the host store's)."""
+    e = jnp.zeros((server.embed_dim,), jnp.float32) if embed is None else embed
+    row = HyperRow(embed=e, embed_opt=hp.embed_tx.init(e), fresh=jnp.bool_(embed is None))
+    return row.replace(head=server.head0, head_opt=hp.client_tx.init(
+        (None, server.head0)).inner_states["head"]) if hp.pc else row
+
+
+def init(hp: Hyper, key, data) -> ClientRows:
+    server = init_server(hp, key, data)
+    e = base_embeddings(server, jnp.arange(data.num_clients))
+    return ClientRows(server=server, rows=jax.vmap(lambda e_i: init_row(hp, server, e_i))(e))
+
+
+def local_training(hp: Hyper, merge, theta, rows: HyperRow, data, part, k_train):
+    """theta~_i: the inner optimizer's steps from theta_i (PC: on (theta_i, head_i), the head's
+    optimizer state from its row, the body's fresh). Returns (theta~, LocalResult)."""
+    b = part.batches
+    args = (data.x, data.y, b.idx, b.step_mask, client_keys(k_train, part.ids))
+    if not hp.pc:
+        res = jax.vmap(local_train(hp.rnd.model, hp.client_tx), in_axes=(0, None, None, 0, 0, 0))(
+            theta, *args)
+        return res.params, res
+    loss = lambda p, xb, yb, rng: batch_loss(hp.rnd.model, merge(*p), xb, yb, rng, train=True)
+    opt0 = jax.vmap(hp.client_tx.init)((theta, rows.head))
+    opt0 = opt0._replace(inner_states={**opt0.inner_states, "head": rows.head_opt})
+    res = jax.vmap(local_train(hp.rnd.model, hp.client_tx, loss_fn=loss),
+                   in_axes=(0, None, None, 0, 0, 0, 0))((theta, rows.head), *args, opt0)
+    return res.params[0], res
+
+
+def step(hp: Hyper, server: HyperServer, rows: HyperRow, ids, data, key):
+    """A round over the sampled clients' rows (module docstring; RowRound.step)."""
+    rnd, (hn, merge, _) = hp.rnd, layout(hp, server.x_like, server.embed_dim)
+    # participate draws the batches and stragglers from the first of 2 streams and `sample` the
+    # cohort from the first of 3: the key split of the round this replaced, kept for its numbers
+    part, rows, data, (k_train,) = rnd.begin_rows(key, data, ids, rows, streams=2)
+    e = jnp.where(rows.fresh[:, None], base_embeddings(server, part.ids), rows.embed)
+    theta, pull = jax.vjp(lambda phi, e_: jax.vmap(hn.apply, in_axes=(None, 0))(phi, e_),
+                          server.phi, e)                                 # theta_i = h(e_i; phi)
+    theta_new, res = local_training(hp, merge, theta, rows, data, part, k_train)
+    p = client_weights(part, rnd.setup.cohort, drop_stragglers=rnd.drops_stragglers)
+    delta = rnd.setup.attack.corrupt(tree_sub(theta, theta_new), part.ids, data.num_clients, key,
+                                     weights=p)                          # Delta_i, sent up
+    per_row = lambda w, v: v * w.reshape((-1,) + (1,) * (v.ndim - 1))
+    g_phi = pull(jax.tree.map(functools.partial(per_row, p / jnp.maximum(jnp.sum(p), 1e-30)),
+                              delta))[0]
+    moved = p > 0
+    g_e = per_row(moved.astype(jnp.float32), pull(delta)[1])
+    norm = jnp.sqrt(tree_sq_norm(g_phi) + jnp.sum(g_e * g_e))
+    c = jnp.minimum(1.0, hp.clip / jnp.maximum(norm, 1e-30))            # the joint clip
+    upd, opt = hp.server_tx.update(tree_scale(g_phi, c), server.opt, server.phi)
+    server = server.replace(phi=optax.apply_updates(server.phi, upd), opt=opt,
+                            round=server.round + 1)
+    e_upd, e_opt = jax.vmap(hp.embed_tx.update)(g_e * c, rows.embed_opt, e)
+    keep = functools.partial(jax.vmap(tree_where), moved)               # only reporters move
+    rows = rows.replace(embed=keep(e + e_upd, e), embed_opt=keep(e_opt, rows.embed_opt),
+                        fresh=rows.fresh & ~moved)
+    if hp.pc:
+        rows = rows.replace(head=res.params[1], head_opt=res.opt_state.inner_states["head"])
+    one, sent = jax.tree.map(lambda v: v[0], theta), jnp.sum(moved)
+    metrics = dict(local_loss=weighted_mean_scalar(res.loss, p), grad_norm=norm,
+                   clients_aggregated=sent.astype(jnp.float32),
+                   **comm.round_metrics(up_per_client=comm.dense_bytes(one),
+                                        down_per_client=comm.dense_bytes(one), num_up=sent,
+                                        num_down=ids.shape[0]))
+    return server, rnd.end_rows(rows, ids), metrics
+
+
+def deploy(hp: Hyper, server: HyperServer, rows: HyperRow):
+    """h(e_i; phi) (PC: merged with head_i); a never-sampled fresh row deploys h(0; phi)."""
+    hn, merge, _ = layout(hp, server.x_like, server.embed_dim)
+    theta = jax.vmap(hn.apply, in_axes=(None, 0))(server.phi,
+                                                  jnp.where(rows.fresh[:, None], 0.0, rows.embed))
+    return jax.vmap(merge)(theta, rows.head) if hp.pc else theta
+
+
+def new_client(hp: Hyper, *, steps: int = 50, lr: float = 1e-2, batch_size: Optional[int] = None,
+               momentum: float = 0.9, seed: int = 0):
+    """adapt(state, support, ids) -> params [K, ...] of clients `ids` of `support`: phi frozen,
+    e (PC: and the head) learned from the trained clients' mean by `steps` SGD steps."""
+    validate.positive("steps", steps, integer=True)
+    validate.positive("lr", lr)
+    b = hp.rnd.setup.work.batch_size if batch_size is None else batch_size
+    validate.positive("batch_size", b, integer=True)
+    model, tx = hp.rnd.model, optax.sgd(lr, momentum=momentum)
+
+    def adapt(state, support, ids):
+        server, rows = state.server, state.rows
+        hn, merge, _ = layout(hp, server.x_like, server.embed_dim)
+        trained = (~rows.fresh).astype(jnp.float32)
+        mean = lambda v: jnp.tensordot(trained, v, axes=1) / jnp.maximum(jnp.sum(trained), 1.0)
+        start = {"e": mean(rows.embed)}
+        if hp.pc:
+            start["head"] = jax.tree.map(mean, rows.head)
+        full = lambda q: (merge(hn.apply(server.phi, q["e"]), q["head"]) if hp.pc
+                          else hn.apply(server.phi, q["e"]))
+        f = lambda q, xb, yb, rng: batch_loss(model, full(q), xb, yb, rng, train=True)
+        key = jax.random.key(seed)
+        bt = draw_batches(key, support, ids, batch_size=b, local_steps=steps)
+        res = jax.vmap(local_train(model, tx, loss_fn=f), in_axes=(None, None, None, 0, 0, 0))(
+            start, support.x, support.y, bt.idx, bt.step_mask, client_keys(key, ids))
+        return jax.vmap(full)(res.params)
+    return adapt
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -107,8 +274,8 @@ def pfedhn(model: Model, *, embed_dim: Optional[int] = None, hidden: int = 100, 
     server_wd: weight decay of phi and e; inner_wd, inner_clip (None: none): the client
     optimizer's weight decay and gradient clip; generator "per_leaf" (one head per target leaf,
     the official code) or "chunked" (`chunk` outputs per chunk, for large targets;
-    models/hypernet.py). `setup`: cohort, local work, client / server optimizers."""
-    return _build(model, pfedhn, setup, False, **_own(locals()))
+    models/hypernet.py). `setup`: cohort, local work, client / server optimizers, attack."""
+    return hyper_algorithm(model, setup, pfedhn, pc=False, **_own(locals()))
 
 
 @defaults(PFEDHN, uses=USES, model="mlp")
@@ -119,15 +286,16 @@ def pfedhn_pc(model: Model, *, embed_dim: Optional[int] = None, hidden: int = 10
               setup: Setup = Setup()) -> HyperAlgorithm:
     """pFedHN-PC: h generates the body, each client keeps a private head (module docstring);
     the keywords are pfedhn's."""
-    return _build(model, pfedhn_pc, setup, True, **_own(locals()))
+    return hyper_algorithm(model, setup, pfedhn_pc, pc=True, **_own(locals()))
 
 
 def _own(kw):
     return {k: v for k, v in kw.items() if k not in ("model", "setup")}
 
 
-def _build(model, factory, setup, pc: bool, *, embed_dim, hidden, n_hidden, embed_lr, clip,
-           server_wd, inner_wd, inner_clip, generator, chunk) -> HyperAlgorithm:
+def hyper_algorithm(model, setup, factory, *, pc: bool, embed_dim, hidden, n_hidden, embed_lr,
+                    clip, server_wd, inner_wd, inner_clip, generator, chunk) -> HyperAlgorithm:
+    """pfedhn / pfedhn_pc: the arguments checked, the round's pieces assembled."""
     if embed_dim is not None:
         validate.positive("embed_dim", embed_dim, integer=True)
     validate.positive("hidden", hidden, integer=True)
@@ -143,186 +311,36 @@ def _build(model, factory, setup, pc: bool, *, embed_dim, hidden, n_hidden, embe
     validate.one_of("generator", generator, set(GENERATORS))
     validate.positive("chunk", chunk, integer=True)
     s = resolve(setup, factory)
-    cohort, work = s.cohort, s.work
     if embed_lr is not None and s.server_opt.tx is not None:
         raise ValueError(f"embed_lr={embed_lr!r} needs a named server optimizer (Optimizer(name, "
                          f"lr=...)) to take its rule from, got the custom optax optimizer "
                          f"{s.server_opt.name!r}; expected embed_lr=None (the embeddings then use it)")
-    client_tx = with_decay(s.client_opt.build("client_optimizer"), inner_wd, inner_clip)
-    server_tx = with_decay(s.server_opt.build("server_optimizer"), server_wd)
     embed_opt = s.server_opt if embed_lr is None else dataclasses.replace(s.server_opt, lr=embed_lr)
-    embed_tx = with_decay(embed_opt.build("server_optimizer"), server_wd)
-    keep_stragglers = not s.work.drop_stragglers
-
-    @functools.lru_cache(maxsize=8)
-    def layout(x_shape, x_dtype, d):
-        """(h, merge(body, head) -> params, head_of(params)) for inputs [.., *x_shape], e_i in R^d."""
-        x = jax.ShapeDtypeStruct((1,) + x_shape, x_dtype)
-        leaves, treedef = jax.tree.flatten(jax.eval_shape(model.init, jax.random.key(0), x))
-        is_head = head_leaves(model, x) if pc else [False] * len(leaves)
-        body = [l for l, h in zip(leaves, is_head) if not h] if pc else \
-            jax.tree.unflatten(treedef, leaves)           # pFedHN: h emits the params pytree
-        hn = hypernetwork(body, embed_dim=d,
-                          hidden=hidden, n_hidden=n_hidden, generator=generator, chunk=chunk)
-
-        def merge(body, head):
-            it_b, it_h = iter(body), iter(head)
-            return jax.tree.unflatten(treedef, [next(it_h) if h else next(it_b) for h in is_head])
-
-        head_of = lambda p: [l for l, h in zip(jax.tree.leaves(p), is_head) if h]
-        return hn, merge, head_of
-
-    dim = lambda n: embed_dim or int(1 + n / 4)
-    # the inputs' shape rides in the state as one zero example, static under jit (a zero-size array
-    # would be smaller, but orbax refuses to checkpoint one)
-    lay = lambda server, d: layout(tuple(server["x_like"].shape[1:]), server["x_like"].dtype, d)
-
-    def check(data):
-        s.check(data)
-        layout(tuple(data.x.shape[1:]), data.x.dtype, dim(data.num_clients))
-
-    def base_embeddings(server, ids, d):
-        """e_i ~ N(0, I) from fold_in(embed_key, i): what `init` stores, what a fresh row takes."""
-        k = jax.random.wrap_key_data(server["embed_key"])
-        return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k, i), (d,)))(ids)
-
-    def init_server(key, data):
-        check(data)
-        k_phi, k_embed, k_model = jax.random.split(key, 3)
-        server = {"x_like": jnp.zeros((1,) + data.x.shape[1:], data.x.dtype),
-                  "embed_key": jax.random.key_data(k_embed), "round": jnp.zeros((), jnp.int32)}
-        hn, _, head_of = lay(server, dim(data.num_clients))
-        server.update(phi=hn.init(k_phi), embed0=jnp.zeros((hn.embed_dim,), jnp.float32))
-        server["opt"] = server_tx.init(server["phi"])
-        if pc:
-            server["head0"] = head_of(model.init(k_model, data.x[:1]))
-        return server
-
-    def row_of(server, e, fresh):
-        row = {"embed": e, "embed_opt": embed_tx.init(e), "fresh": fresh}
-        if pc:
-            row.update(head=server["head0"], head_opt=client_tx.init(server["head0"]))
-        return row
-
-    def init(key, data):
-        server = init_server(key, data)
-        e = base_embeddings(server, jnp.arange(data.num_clients), dim(data.num_clients))
-        return ClientRows(server=server, rows=jax.vmap(lambda e_: row_of(server, e_, jnp.bool_(False)))(e))
-
-    def fresh_row(server):
-        return row_of(server, jnp.zeros_like(server["embed0"]), jnp.bool_(True))
-
-    def generate(phi, hn, e):
-        return jax.vmap(hn.apply, in_axes=(None, 0))(phi, e)
-
-    def step(server, rows, ids, data, key):
-        hn, merge, _ = lay(server, rows["embed"].shape[-1])
-        k_part, k_train = jax.random.split(key)
-        part = participate(k_part, data, cohort, work, ids=ids)
-        num = ids.shape[0]
-        if part.ids.shape[0] != num:     # a client mesh pads the round with step-less dummies
-            rows = jax.tree.map(lambda x: jnp.concatenate(
-                [x, jnp.repeat(x[:1], part.ids.shape[0] - num, axis=0)]), rows)
-        e = jnp.where(rows["fresh"][:, None], base_embeddings(server, part.ids, hn.embed_dim),
-                      rows["embed"])
-        theta, pull = jax.vjp(lambda phi, e_: generate(phi, hn, e_), server["phi"], e)
-        args = (data.x, data.y, part.batches.idx, part.batches.step_mask,
-                client_keys(k_train, part.ids))
-        if pc:      # (theta_i, head_i) trained together; the head's optimizer state persists
-            loss = lambda p, xb, yb, rng: batch_loss(model, merge(*p), xb, yb, rng, train=True)
-            train = local_train(model, pair(client_tx, client_tx), loss_fn=loss)
-            opt0 = (jax.vmap(client_tx.init)(theta), rows["head_opt"])
-            res = jax.vmap(train, in_axes=(0, None, None, 0, 0, 0, 0))(
-                (theta, rows["head"]), *args, opt0)
-            theta_new = res.params[0]
-        else:
-            res = jax.vmap(local_train(model, client_tx), in_axes=(0, None, None, 0, 0, 0))(
-                theta, *args)
-            theta_new = res.params
-        delta = tree_sub(theta, theta_new)                        # Delta_i, sent up
-        p = client_weights(part, cohort, drop_stragglers=not keep_stragglers)
-        p_bar = p / jnp.maximum(jnp.sum(p), 1e-30)
-        per_row = lambda w, v: v * w.reshape((-1,) + (1,) * (v.ndim - 1))
-        g_phi = pull(jax.tree.map(functools.partial(per_row, p_bar), delta))[0]
-        g_e = per_row((p > 0).astype(jnp.float32), pull(delta)[1])
-        norm = jnp.sqrt(tree_sq_norm(g_phi) + jnp.sum(g_e * g_e))
-        c = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30))
-        upd, opt = server_tx.update(jax.tree.map(lambda g: g * c, g_phi), server["opt"],
-                                    server["phi"])
-        server = dict(server, phi=optax.apply_updates(server["phi"], upd), opt=opt,
-                      round=server["round"] + 1)
-        e_upd, e_opt = jax.vmap(embed_tx.update)(g_e * c, rows["embed_opt"], e)
-        moved = p > 0
-        keep = lambda new, old: jax.tree.map(
-            lambda a, b: jnp.where(moved.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
-        new_rows = dict(rows, embed=keep(e + e_upd, e), embed_opt=keep(e_opt, rows["embed_opt"]),
-                        fresh=rows["fresh"] & ~moved)
-        if pc:
-            new_rows.update(head=res.params[1], head_opt=res.opt_state[1])
-        one = jax.tree.map(lambda v: v[0], theta)
-        sent = jnp.sum(moved)
-        metrics = dict(local_loss=weighted_mean_scalar(res.loss, p), grad_norm=norm,
-                       clients_aggregated=sent.astype(jnp.float32),
-                       **comm.round_metrics(up_per_client=comm.dense_bytes(one),
-                                            down_per_client=comm.dense_bytes(one),
-                                            num_up=sent, num_down=num))
-        return server, jax.tree.map(lambda v: v[:num], new_rows), metrics
-
-    def deploy(server, rows):
-        hn, merge, _ = lay(server, rows["embed"].shape[-1])
-        theta = generate(server["phi"], hn, jnp.where(rows["fresh"][:, None], 0.0, rows["embed"]))
-        return jax.vmap(merge)(theta, rows["head"]) if pc else theta
-
-    spec = RowRound(init_server=init_server, init_row=fresh_row,
-                    sample=lambda data, key: sample_ids(jax.random.split(key, 3)[0], data, cohort),
-                    step=step, params=deploy)
-    name = factory.__name__
-    config = algorithm_config(name, model, s, uses=USES)
-    alg = row_algorithm(spec, name=name, model=model, check=check, config=config)
-
-    def new_client(*, steps: int = 50, lr: float = 1e-2, batch_size: Optional[int] = None,
-                   momentum: float = 0.9, seed: int = 0):
-        """adapt(state, support, ids) -> params [K, ...] of clients `ids` of `support`: phi frozen,
-        e (PC: and the head) learned from the trained clients' mean by `steps` SGD steps."""
-        validate.positive("steps", steps, integer=True)
-        validate.positive("lr", lr)
-        b = work.batch_size if batch_size is None else batch_size
-        validate.positive("batch_size", b, integer=True)
-        tx = optax.sgd(lr, momentum=momentum)
-
-        def adapt(state, support, ids):
-            server, rows = state.server, state.rows
-            hn, merge, _ = lay(server, rows["embed"].shape[-1])
-            trained = (~rows["fresh"]).astype(jnp.float32)
-            mean = lambda v: jnp.tensordot(trained, v, axes=1) / jnp.maximum(jnp.sum(trained), 1.0)
-            start = {"e": mean(rows["embed"])}
-            if pc:
-                start["head"] = jax.tree.map(mean, rows["head"])
-            full = lambda q: (merge(hn.apply(server["phi"], q["e"]), q["head"]) if pc
-                              else hn.apply(server["phi"], q["e"]))
-            f = lambda q, xb, yb, rng: batch_loss(model, full(q), xb, yb, rng, train=True)
-            key = jax.random.key(seed)
-            bt = draw_batches(key, support, ids, batch_size=b, local_steps=steps)
-            res = jax.vmap(local_train(model, tx, loss_fn=f), in_axes=(None, None, None, 0, 0, 0))(
-                start, support.x, support.y, bt.idx, bt.step_mask, client_keys(key, ids))
-            return jax.vmap(full)(res.params)
-        return adapt
+    # stragglers keep their partial work unless LocalWork.drop_stragglers is True
+    rnd = ServerRound(model, s, drop_stragglers=s.work.drop_stragglers is True)
+    client_tx = with_decay(s.client_opt.build("client_optimizer"), inner_wd, inner_clip)
+    if pc:      # (theta_i, head_i): the client optimizer on each, its own clip
+        client_tx = optax.multi_transform({"body": client_tx, "head": client_tx}, ("body", "head"))
+    hp = Hyper(rnd, pc, embed_dim, hidden, n_hidden, generator, chunk, clip, client_tx,
+               server_tx=with_decay(s.server_opt.build("server_optimizer"), server_wd),
+               embed_tx=with_decay(embed_opt.build("server_optimizer"), server_wd))
 
     def hypernet(sample_x, num_clients):
-        return layout(tuple(sample_x.shape[1:]), sample_x.dtype, dim(num_clients))[0]
+        x_like = jax.ShapeDtypeStruct((1,) + sample_x.shape[1:], sample_x.dtype)
+        return layout(hp, x_like, hp.dim(num_clients))[0]
 
+    def check(data):
+        rnd.check(data)
+        hypernet(data.x, data.num_clients)
+
+    spec = RowRound(init_server=functools.partial(init_server, hp),
+                    init_row=functools.partial(init_row, hp),
+                    sample=functools.partial(rnd.sample, streams=3),    # see `step`
+                    step=functools.partial(step, hp), params=functools.partial(deploy, hp))
+    name = factory.__name__
+    alg = row_algorithm(spec, name=name, model=model, check=check,
+                        config=algorithm_config(name, model, s, uses=USES))
     fields = {f.name: getattr(alg, f.name) for f in dataclasses.fields(alg)}
-    fields.update(init=init, setup=s)
-    return HyperAlgorithm(**fields, new_client=new_client, hypernet=hypernet)
-
-
-def pair(tx_a: optax.GradientTransformation, tx_b: optax.GradientTransformation):
-    """An optax transformation of a pair (a, b): tx_a on a, tx_b on b, state (state_a, state_b)."""
-    def init(p):
-        return (tx_a.init(p[0]), tx_b.init(p[1]))
-
-    def update(g, state, p=None):
-        ua, sa = tx_a.update(g[0], state[0], None if p is None else p[0])
-        ub, sb = tx_b.update(g[1], state[1], None if p is None else p[1])
-        return (ua, ub), (sa, sb)
-    return optax.GradientTransformation(init, update)
+    fields.update(init=functools.partial(init, hp), setup=s)
+    return HyperAlgorithm(**fields, new_client=functools.partial(new_client, hp),
+                          hypernet=hypernet)

@@ -71,10 +71,10 @@ def reference_rounds(alg, state, d, keys, *, pc, inner, server, embed_lr, clip, 
     """Rounds by the paper's rule, client after client, in numpy (float64). dims: (DIM, CLASSES,
     HIDDEN_T) of the target model (logistic, or pc: one hidden layer + head)."""
     DIM, CLASSES, HIDDEN_T = dims or (4, 3, 5)
-    phi = np_tree(state.server["phi"])
-    E = np.asarray(state.rows["embed"], np.float64).copy()
+    phi = np_tree(state.server.phi)
+    E = np.asarray(state.rows.embed, np.float64).copy()
     E_mom = np.zeros_like(E)
-    head0 = [np.asarray(v, np.float64) for v in state.server["head0"]] if pc else None
+    head0 = [np.asarray(v, np.float64) for v in state.server.head0] if pc else None
     heads = {k: [h.copy() for h in head0] for k in range(d.num_clients)} if pc else None
     head_mom = {k: [np.zeros_like(h) for h in head0] for k in range(d.num_clients)} if pc else None
     phi_mom = jax.tree.map(np.zeros_like, phi)
@@ -189,11 +189,11 @@ def conformance_pc(alg, data, state, key):
     inner = dict(lr=s.client_opt.lr, wd=cfg["inner_wd"], clip=cfg["inner_clip"])
     server = dict(lr=s.server_opt.lr, momentum=s.server_opt.momentum, wd=cfg["server_wd"])
     embed_lr = s.server_opt.lr if cfg["embed_lr"] is None else cfg["embed_lr"]
-    phi = np_tree(state.server["phi"])
-    E = np.asarray(state.rows["embed"], np.float64).copy()
-    fresh = np.asarray(state.rows["fresh"])
-    head0 = [np.asarray(v, np.float64) for v in state.server["head0"]]          # [bias, kernel]
-    rows_head = [np.asarray(v, np.float64) for v in state.rows["head"]]
+    phi = np_tree(state.server.phi)
+    E = np.asarray(state.rows.embed, np.float64).copy()
+    fresh = np.asarray(state.rows.fresh)
+    head0 = [np.asarray(v, np.float64) for v in state.server.head0]          # [bias, kernel]
+    rows_head = [np.asarray(v, np.float64) for v in state.rows.head]
     heads = {i: [h.copy() for h in head0] if fresh[i] else [rows_head[0][i].copy(), rows_head[1][i].copy()]
              for i in range(data.num_clients)}
     tmpl = alg.client_params(state, np.arange(1))
