@@ -55,10 +55,10 @@ import optax
 from flax import struct
 
 from fedjax_lab.extend import (ClientRows, Cohort, LocalWork, Model, Optimizer, RowAlgorithm,
-                               RowRound, ServerRound, Setup, algorithm_config, batch_loss,
-                               client_keys, client_weights, comm, defaults, draw_batches,
-                               local_train, resolve, row_algorithm, tree_scale, tree_sq_norm,
-                               tree_sub, tree_where, validate, weighted_mean_scalar)
+                               RowRound, ServerRound, Setup, batch_loss, client_keys,
+                               client_weights, comm, defaults, draw_batches, local_train, resolve,
+                               row_algorithm, tree_scale, tree_sq_norm, tree_sub, tree_where,
+                               validate, weighted_mean_scalar)
 from fedjax_lab.models.hypernet import GENERATORS, head_leaves, hypernetwork
 
 PFEDHN = Setup(cohort=Cohort(clients_per_round=10, weighting="uniform"),
@@ -337,9 +337,7 @@ def hyper_algorithm(model, setup, factory, *, pc: bool, embed_dim, hidden, n_hid
                     init_row=functools.partial(init_row, hp),
                     sample=functools.partial(rnd.sample, streams=3),    # see `step`
                     step=functools.partial(step, hp), params=functools.partial(deploy, hp))
-    name = factory.__name__
-    alg = row_algorithm(spec, name=name, model=model, check=check,
-                        config=algorithm_config(name, model, s, uses=USES))
+    alg = row_algorithm(spec, model=model, check=check)
     fields = {f.name: getattr(alg, f.name) for f in dataclasses.fields(alg)}
     fields.update(init=functools.partial(init, hp), setup=s)
     return HyperAlgorithm(**fields, new_client=functools.partial(new_client, hp),
