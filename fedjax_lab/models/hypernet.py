@@ -20,7 +20,7 @@ independent of P but for the K chunk embeddings (FedAvg CNN, chunk 16,384: 1.8 M
 reports either.
 
 `head_leaves(model, sample_x)` tells which of a model's params its `head` reads (pFedHN-PC keeps
-those private and generates the rest).
+those private and generates the rest); `head_mask(model, params, z)` is its pytree form (FedGen).
 
 Initialization follows torch's `nn.Linear` default (what the official code gets): kernel and bias
 uniform in +- 1 / sqrt(fan_in); chunk embeddings N(0, 1) like `nn.Embedding`.
@@ -121,6 +121,16 @@ def hypernetwork(target, *, embed_dim: int, hidden: int = 100, n_hidden: int = 3
                         embed_dim=embed_dim, target=target)
 
 
+def head_mask(model, params, z):
+    """A pytree of bools like `params` (arrays, tracers or shapes): True for the leaves that
+    `model.head(params, z)` reads, found in its jaxpr (nothing is computed)."""
+    leaves, treedef = jax.tree.flatten(params)
+    jaxpr = jax.make_jaxpr(lambda ls, z_: model.head(jax.tree.unflatten(treedef, ls), z_))(
+        leaves, z).jaxpr
+    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+    return jax.tree.unflatten(treedef, [id(v) in used for v in jaxpr.invars[:len(leaves)]])
+
+
 def head_leaves(model, sample_x) -> list:
     """[bool per params leaf]: the leaves `model.head` reads, found in the jaxpr of
     `head(params, z)` (nothing is computed): the split pFedHN-PC keeps private. The zoo's mlp: "out",
@@ -129,12 +139,8 @@ def head_leaves(model, sample_x) -> list:
         raise ValueError(f"model {model.name!r} has no features/head split; pfedhn_pc needs one "
                          "(a model of the zoo such as mlp or cnn)")
     params = jax.eval_shape(model.init, jax.random.key(0), sample_x)
-    leaves, treedef = jax.tree.flatten(params)
-    z = jax.eval_shape(model.features, params, sample_x)
-    jaxpr = jax.make_jaxpr(lambda ls, z_: model.head(jax.tree.unflatten(treedef, ls), z_))(
-        leaves, z).jaxpr
-    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
-    mask = [id(v) in used for v in jaxpr.invars[:len(leaves)]]
+    mask = jax.tree.leaves(head_mask(model, params, jax.eval_shape(model.features, params,
+                                                                   sample_x)))
     if all(mask):
         raise ValueError(f"model {model.name!r}: every parameter is in its head (nothing for the "
                          "hypernetwork to generate); pfedhn_pc needs a model with a body, e.g. mlp")
