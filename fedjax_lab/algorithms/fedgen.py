@@ -59,9 +59,9 @@ from flax import struct
 
 from fedjax_lab.algorithms.fedavg import FEDAVG
 from fedjax_lab.extend import (Algorithm, Cohort, LocalWork, Model, Optimizer, RowRound,
-                               ServerRound, ServerState, Setup, algorithm_config,
-                               client_params_of_global, comm, defaults, local_delta, local_train,
-                               resolve, row_algorithm, tree_add, tree_sub, validate)
+                               ServerRound, ServerState, Setup, client_params_of_global, comm,
+                               defaults, local_delta, local_train, resolve, row_algorithm,
+                               tree_add, tree_sub, validate)
 from fedjax_lab.aggregators.privacy import DPMean
 from fedjax_lab.models.generator import NOISE_KINDS, Generator, generator as make_generator
 from fedjax_lab.models.hypernet import head_mask
@@ -153,10 +153,9 @@ def fedgen(model: Model, *, generator: Optional[Generator] = None, use_generator
     hp = HParams(generator, use_generator, alpha, gen_batch_size, generator_steps, generator_lr,
                  generator_batch_size, eta, noise, generator_loss, label_sampling, latent_beta,
                  schedule, generator_weight_decay, share)
-    derived = None if generator is None else dict(generator=(
+    config = {} if generator is None else dict(derived=dict(generator=(
         f"generator(latent_dim={generator.latent_dim}, noise_dim={generator.noise_dim}, "
-        f"hidden={generator.hidden})"))
-    config = algorithm_config("fedgen", model, s, derived=derived)
+        f"hidden={generator.hidden})")))
     return assemble(hp, ServerRound(model, s), config)
 
 
@@ -168,7 +167,7 @@ def assemble(hp: HParams, rnd: ServerRound, config: dict) -> Algorithm:
     step = functools.partial(fedgen_round, hp, rnd)        # (state, rows, ids, data, key)
     if hp.share == "model":
         glob = lambda st: st.server.params
-        return Algorithm(name="fedgen", init=init, model=rnd.model,
+        return Algorithm(init=init, model=rnd.model,
                          round=lambda st, data, key: step(st, None, None, data, key)[::2],
                          client_params=client_params_of_global(glob), global_params=glob,
                          check=check, config=config, setup=rnd.setup)
@@ -176,7 +175,7 @@ def assemble(hp: HParams, rnd: ServerRound, config: dict) -> Algorithm:
                                            rows, st.server.params)
     spec = RowRound(init_server=init, init_row=lambda st: st.server.params, sample=rnd.sample,
                     step=step, params=personal)
-    alg = row_algorithm(spec, name="fedgen", model=rnd.model, check=check, config=config)
+    alg = row_algorithm(spec, model=rnd.model, check=check, config=config)
     return dataclasses.replace(alg, setup=rnd.setup)
 
 

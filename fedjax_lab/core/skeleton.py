@@ -378,7 +378,8 @@ class ServerRound:
     def begin_rows(self, key, data, ids, rows, streams: int = 2):
         """`begin_round` over the sampled clients' rows [C, ...], for row_step and the algorithms
         with a client step of their own: (part, rows, data, keys), the rows padded to the cohort
-        (a client mesh pads it with step-less dummies; `end_rows` cuts them off the new rows)."""
+        (a client mesh pads it with step-less dummies; `end_rows` cuts them off the new rows).
+        rows = ids = None is `begin_round` (FedGen runs both of its shares through one round)."""
         part, data, keys = begin_round(key, data, self.setup, ids=ids, streams=streams,
                                        draw=self.participate)
         return part, pad_rows(rows, part.ids.shape[0]), data, keys
