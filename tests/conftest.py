@@ -38,8 +38,10 @@ def synthetic_small():
 
 
 def count_compiles():
-    """Context manager counting XLA compilations: backend compiles, and programs loaded from the
-    persistent compilation cache instead (which would have been compiled without it)."""
+    """Context manager counting XLA compilations: one backend-compile event per program, which
+    jax 0.10 logs for a program loaded from the persistent compilation cache as well (next to
+    its cache-retrieval event, which is therefore not counted: a cache hit counted twice made
+    tests/test_hetero.py's one-program check fail on a warm local cache)."""
     import contextlib
 
     @contextlib.contextmanager
@@ -47,8 +49,7 @@ def count_compiles():
         events = []
 
         def listener(event, duration, **kw):
-            if event in ("/jax/core/compile/backend_compile_duration",
-                         "/jax/compilation_cache/cache_retrieval_time_sec"):
+            if event == "/jax/core/compile/backend_compile_duration":
                 events.append(event)
         jax.monitoring.register_event_duration_secs_listener(listener)
         try:

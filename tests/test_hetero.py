@@ -119,7 +119,7 @@ def test_each_group_traced_once_and_compiled_once_for_many_rounds():
         for ids in cohorts:
             rows, _ = step(rows, ids)
     assert traces == [1, 1, 1]          # each architecture's client function traced once
-    assert len(compiles) == 1           # one XLA program for every round and cohort
+    assert len(compiles) == 1, compiles  # one XLA program for every round and cohort
     assert step._cache_size() == 1
 
 
