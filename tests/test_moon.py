@@ -88,9 +88,12 @@ def test_moon_matches_a_per_client_reference_loop(tiny_data):
     assert float(metrics["local_objective"]) > float(metrics["local_loss"])   # + mu l_con
 
 
-def test_mu_zero_is_fedavg_bit_for_bit(tiny_data):
-    """mu = 0 is FedAvg exactly over three rounds; mu = 1 is FedAvg in round 1 (every previous
-    model is w_0 = w_t: l_con has zero gradient) and not afterwards."""
+def test_mu_zero_is_fedavg(tiny_data):
+    """mu = 0 is FedAvg over three rounds, to float rounding (the two are different programs: the
+    zero-weighted l_con's graph changes how XLA fuses the supervised gradient; bit for bit under
+    XLA's fusion emitters, 5e-9 apart under the elemental ones of the default test run); mu = 1 is
+    FedAvg in round 1 (every previous model is w_0 = w_t: l_con has zero gradient) and not
+    afterwards."""
     model = fl.models.mlp(3, hidden=HIDDEN)
     flat = dict(clients_per_round=4, local_steps=3, batch_size=4, client_lr=0.3)
     params = {}
@@ -102,7 +105,8 @@ def test_mu_zero_is_fedavg_bit_for_bit(tiny_data):
             state = fn(state, tiny_data, jax.random.key(5 + r))[0]
             params[name].append(alg.global_params(state))
     for r in range(3):
-        jax.tree.map(np.testing.assert_array_equal, params["off"][r], params["avg"][r])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
+                     params["off"][r], params["avg"][r])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                  params["on"][0], params["avg"][0])
     gap = lambda r: max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
