@@ -372,9 +372,7 @@ def draw(key, probs, n: int, noise_dim: int, noise: str):
 
 def label_counts(data, ids):
     """[C, K] training-label counts n_{k,y} of clients `ids` (what they upload)."""
-    counts = jax.ops.segment_sum(jax.nn.one_hot(data.y, data.num_classes), data.client_ids(),
-                                 num_segments=data.num_clients)
-    return jnp.take(counts, ids, axis=0, mode="clip")
+    return jnp.take(data.label_counts(), ids, axis=0, mode="clip")
 
 
 def feature_size(model: Model, data) -> int:

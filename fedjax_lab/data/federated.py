@@ -48,6 +48,12 @@ class FederatedArrays:
         """[total] owner of every example (for segment sums in evaluation)."""
         return jnp.searchsorted(self.offsets[1:], jnp.arange(self.num_examples), side="right")
 
+    def label_counts(self) -> jax.Array:
+        """[N, K] float32: n_{k,y}, the number of client k's examples of label y (on device, for
+        rounds; data/stats.label_counts is the host-side table)."""
+        return jax.ops.segment_sum(jax.nn.one_hot(self.y, self.num_classes), self.client_ids(),
+                                   num_segments=self.num_clients)
+
 
 def federated_arrays(x, y, offsets, *, test: Optional[FederatedArrays] = None, num_classes=None,
                      allow_empty: bool = False, name: str = "data") -> FederatedArrays:
