@@ -69,9 +69,11 @@ data, setup)` -> (participation, data as the attack poisons it, the round's othe
   uplink) is the `Setup`, never re-listed. `defaults(setup, uses=..., model=...)` attaches the
   algorithm's default Setup, the Setup fields it uses (`resolve` refuses the others, naming them)
   and the model its mechanism needs when the user names none.
-* `defaults` records the call: the returned algorithm's `alg.config` (config.json, checkpoints,
-  resume) gets each of the factory's own bool / int / float / str arguments, bound from its
-  signature with the defaults applied, so the file lists no hyperparameter twice. A model or other
+* `defaults` records the call: the returned algorithm gets its name (the factory's) and its
+  `alg.config` (config.json, checkpoints, resume): the name, the model, the fields of the resolved
+  `alg.setup` it uses, and each of the factory's own bool / int / float / str arguments, bound
+  from its signature with the defaults applied, so the file lists no hyperparameter twice and
+  writes no config. A model or other
   object the algorithm takes is its own to describe: what the factory returns in `alg.config`
   (say `config=dict(derived=dict(server_model=...))`) is kept, and `derived` is what no flag sets.
 * Validate at once, before anything compiles: a `ValueError` naming the argument and the expected
