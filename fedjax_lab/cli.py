@@ -130,7 +130,8 @@ def _add(group, name, typ, default):
                            help=f"default: {default!r}")
 
 
-def run_parser(alg_name, factory, aggregator=None, uplink=None, flags: typing.Optional[Flags] = None):
+def run_parser(alg_name, factory, aggregator=None, uplink=None,
+               flags: typing.Optional[Flags] = None):
     flags = flags or flags_of(alg_name, factory, aggregator, uplink)
     p = argparse.ArgumentParser(prog=f"fedjax-lab run {alg_name}", allow_abbrev=False)
     g = p.add_argument_group("run")

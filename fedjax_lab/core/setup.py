@@ -371,10 +371,11 @@ def stamp(alg, factory, own: dict):
     """`alg` as its factory's call records it, so that an algorithm file writes no config:
         name     the factory's name, unless the algorithm named itself (local top-k without
                  error feedback is "local_topk_no_ef")
-        config   config.json: the factory's (registered) name, the model's name, the fields of the resolved `alg.setup`
-                 that the factory uses, and each of the factory's own arguments (`own`, bound
-                 from its signature with the defaults applied); what the algorithm records
-                 itself in `alg.config` wins (a value it derives, or `derived`: what no flag sets)
+        config   config.json: the factory's (registered) name, the model's name, the fields of
+                 the resolved `alg.setup` that the factory uses, and each of the factory's own
+                 arguments (`own`, bound from its signature with the defaults applied); what the
+                 algorithm records itself in `alg.config` wins (a value it derives, or
+                 `derived`: what no flag sets)
     An algorithm whose own setup is not resolved (alg.setup None) is left as it is."""
     if not hasattr(alg, "config") or getattr(alg, "setup", None) is None:
         return alg
