@@ -310,14 +310,13 @@ def hyper_algorithm(model, setup, factory, *, pc: bool, embed_dim, hidden, n_hid
         validate.positive("inner_clip", inner_clip)
     validate.one_of("generator", generator, set(GENERATORS))
     validate.positive("chunk", chunk, integer=True)
-    s = resolve(setup, factory)
+    s = resolve(setup, factory, drop_stragglers=False)     # stragglers keep their partial work
     if embed_lr is not None and s.server_opt.tx is not None:
         raise ValueError(f"embed_lr={embed_lr!r} needs a named server optimizer (Optimizer(name, "
                          f"lr=...)) to take its rule from, got the custom optax optimizer "
                          f"{s.server_opt.name!r}; expected embed_lr=None (the embeddings then use it)")
     embed_opt = s.server_opt if embed_lr is None else dataclasses.replace(s.server_opt, lr=embed_lr)
-    # stragglers keep their partial work unless LocalWork.drop_stragglers is True
-    rnd = ServerRound(model, s, drop_stragglers=s.work.drop_stragglers is True)
+    rnd = ServerRound(model, s)
     client_tx = with_decay(s.client_opt.build("client_optimizer"), inner_wd, inner_clip)
     if pc:      # (theta_i, head_i): the client optimizer on each, its own clip
         client_tx = optax.multi_transform({"body": client_tx, "head": client_tx}, ("body", "head"))
