@@ -92,6 +92,14 @@ def params_of(alg, state):
     return out
 
 
+_params_program = jax.jit(params_of, static_argnums=0)
+
+
+def host_params(alg, state):
+    """params_of as numpy, one program per algorithm (run eagerly, each leaf compiles its own)."""
+    return jax.device_get(_params_program(alg, state))
+
+
 def _lines(path):
     with open(os.path.join(path, "metrics.jsonl")) as f:
         return f.read().splitlines()
@@ -128,7 +136,7 @@ def case(name, tmp_path_factory) -> Case:
         again = fedjax_lab.run(alg, data, rounds=ROUNDS, **common)
         one = fedjax_lab.run(alg, data, rounds=1, **common)
         _CASES[name] = Case(name, alg, d, full, again,
-                            jax.tree.map(np.asarray, params_of(alg, one.state)))
+                            host_params(alg, one.state))
     return _CASES[name]
 
 
@@ -144,7 +152,7 @@ def test_one_round_equals_its_reference_loop(name, tmp_path_factory):
     c = case(name, tmp_path_factory)
     data = tiny_data()
     k_init, k_rounds = jax.random.split(jax.random.key(0))
-    state0 = c.alg.init(k_init, data)
+    state0 = driver.init_state(c.alg, k_init, data)       # fl.run's alg.init(k_init, data)
     want = REFERENCES[name](c.alg, data, state0, jax.random.fold_in(k_rounds, 1))
     assert set(want) & {"global", "clients"}, f"{name}: the reference returned neither global nor clients"
     rtol, atol = want.get("rtol", RTOL), want.get("atol", ATOL)
@@ -158,7 +166,7 @@ def test_one_round_equals_its_reference_loop(name, tmp_path_factory):
         paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(want[part])[0]]
         moved = 0.0
         for path, g, w, w0 in zip(paths, got_leaves, want_leaves,
-                                  jax.tree.leaves(params_of(c.alg, state0)[part])):
+                                  jax.tree.leaves(host_params(c.alg, state0)[part])):
             np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=f"{name} {part}{path}")
             moved = max(moved, float(np.abs(np.asarray(w0, np.float64) - w).max()))
         assert moved > 10 * atol, f"{name} {part}: the round did not move the params ({moved})"
@@ -188,7 +196,7 @@ def test_checkpoint_then_resume_equals_the_uninterrupted_run(name, tmp_path_fact
 def test_config_json_rebuilds_the_same_run_through_the_cli(name, tmp_path_factory):
     """`fedjax-lab run --config config.json` parses it (no unknown key) into the same run: the same
     data (fingerprint), key, rounds, evaluation period and algorithm config, and the same one-round
-    program (its lowered StableHLO, traced, not compiled). The slow test below re-runs every
+    program (its jaxpr and constants: traced, neither lowered nor compiled). The slow test below re-runs every
     algorithm through the CLI and compares metrics.jsonl line by line."""
     c = case(name, tmp_path_factory)
     path = os.path.join(c.dir, "full", "config.json")
@@ -203,8 +211,13 @@ def test_config_json_rebuilds_the_same_run_through_the_cli(name, tmp_path_factor
 
     def one_round(a):
         state = jax.eval_shape(a.init, k_init, data)
-        return jax.jit(a.round).lower(state, data, key).as_text()
-    assert one_round(alg) == one_round(c.alg), f"{name}: the CLI built another round program"
+        closed = jax.make_jaxpr(a.round)(state, data, key)
+        return str(closed.jaxpr), jax.device_get(closed.consts)
+    (program, consts), (want, want_consts) = one_round(alg), one_round(c.alg)
+    assert program == want, f"{name}: the CLI built another round program"
+    assert len(consts) == len(want_consts)
+    for a, b in zip(consts, want_consts):
+        np.testing.assert_array_equal(a, b, err_msg=f"{name}: a constant of the round program differs")
 
 
 @pytest.mark.slow
@@ -294,8 +307,8 @@ def test_vmap_over_traced_float_hyperparameters_equals_the_separate_runs(name, t
         return params_of(alg, state)
 
     program = jax.jit(jax.vmap(one_round))
-    batched = program(rows)
-    alone = program(jnp.stack([rows[1], rows[1]]))        # the same program: no compilation
+    # the same program: no compilation; compared on the host (eager slicing compiles per leaf)
+    batched, alone = jax.device_get((program(rows), program(jnp.stack([rows[1], rows[1]]))))
     # float tolerance: a batched matmul / convolution may sum in another order
     chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], batched), c.one, rtol=1e-4, atol=1e-5,
                                 custom_message=f"{name} {names}: defaults vs fl.run")
@@ -303,7 +316,7 @@ def test_vmap_over_traced_float_hyperparameters_equals_the_separate_runs(name, t
                                 rtol=1e-4, atol=1e-5, custom_message=f"{name} {names}: {rows[1]} vs alone")
     # the traced values are used: the two rows differ (not each hyperparameter need matter in
     # round 1, e.g. FedProto's lam before any prototype exists; the learning rates do)
-    diff = jax.tree.leaves(jax.tree.map(lambda a: float(jnp.abs(a[0] - a[1]).max()), batched))
+    diff = jax.tree.leaves(jax.tree.map(lambda a: float(np.abs(a[0] - a[1]).max()), batched))
     assert max(diff) > 0, f"{name}: changing {names} changed nothing"
 
 

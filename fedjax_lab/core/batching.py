@@ -21,6 +21,7 @@ reference loop given the same key draws the same batches.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -182,9 +183,12 @@ def client_batches(key, lo, n, *, num_steps: int, batch_size: int, passes: int, 
     return (lo + local).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("batch_size", "local_steps", "epochs", "shuffle",
+                                             "num_steps"))
 def draw_batches(key, data, ids, *, batch_size: int, local_steps=None, epochs=None,
                  shuffle: str = "auto", num_steps=None) -> Batches:
-    """Batches for the sampled clients `ids` ([C] int). See the module docstring."""
+    """Batches for the sampled clients `ids` ([C] int). See the module docstring. Jitted: called
+    outside a round (a reference loop, a notebook), it is one program, not ~150 one-op ones."""
     S = plan_steps(data, local_steps=local_steps, epochs=epochs, batch_size=batch_size) \
         if num_steps is None else num_steps
     C = ids.shape[0]

@@ -19,6 +19,14 @@ from jax import lax
 from fedjax_lab.core.types import Model
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init(module: nn.Module, stateful: bool, key, sample_x):
+    """A linen module's params as one program, shared by equal modules (flax modules hash and compare
+    by their fields): eagerly, `module.init` is one program per initializer op."""
+    out = module.init({"params": key, "dropout": key}, sample_x, train=False)
+    return {"params": out["params"], "batch_stats": out["batch_stats"]} if stateful else out["params"]
+
+
 def from_linen(module: nn.Module, name: str) -> Model:
     """A linen module as a Model. A module with BatchNorm (class attribute `has_batch_norm = True`,
     its running statistics in the "batch_stats" collection) gets params
@@ -37,9 +45,11 @@ def from_linen(module: nn.Module, name: str) -> Model:
         return module.apply(variables(params), x, train=train, rngs=rngs, method=method)
 
     def init(key, sample_x):
-        out = module.init({"params": key, "dropout": key}, sample_x, train=False)
-        return {"params": out["params"], "batch_stats": out["batch_stats"]} if stateful \
-            else out["params"]
+        try:
+            hash(module)
+        except TypeError:               # a field that does not hash: this instance's own program
+            return _init.__wrapped__(module, stateful, key, sample_x)
+        return _init(module, stateful, key, sample_x)
 
     def apply(params, x, *, train=False, rng=None):
         return call(params, x, train, rng)
