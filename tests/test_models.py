@@ -443,9 +443,9 @@ def test_cnn_gradients_equal_stock_flax_on_real_digits_with_tied_background(fact
     model, plain = factory(10), _PlainCNN(padding)
     params = model.init(KEY, x[:1])
     params = jax.tree.map(lambda a: a + 0.05, params)     # positive biases: positive ties
-    ours = jax.grad(lambda p: jnp.mean(model.loss(model.apply(p, x), y)))(params)
-    want = jax.grad(lambda q: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        plain.apply({"params": q}, x), y)))(params)
+    ours = jax.jit(jax.grad(lambda p: jnp.mean(model.loss(model.apply(p, x), y))))(params)
+    want = jax.jit(jax.grad(lambda q: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        plain.apply({"params": q}, x), y))))(params)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
