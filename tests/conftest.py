@@ -111,6 +111,8 @@ SLOW_FOR_TIME = {
     "test_ifca.py::test_ifca_recovers_planted_groups_and_beats_one_global_model",
     "test_fedrep.py::test_fedrep_beats_fedavg_on_two_label_clients",
     "test_pfedme.py::test_personalized_models_beat_fedavg_on_two_label_clients",
+    # the CLI's CNN still runs in test_cli_runs_fedavg_with_the_cnn_on_mock_mnist
+    "test_cnn_end_to_end.py::test_cli_fedavg_cnn_learns_real_digits",
 } | {f"test_golden.py::test_golden_run_is_unchanged[{name}]" for name in (
     "fedadagrad", "fedavgm", "fedyogi", "fedopt", "heurfedamp", "noisy_mediansgd", "noisy_signsgd",
     "perfedavg_hf", "fedmeta_fomaml", "fedmeta_metasgd")}

@@ -266,9 +266,9 @@ def build_traced(name, values):
 
 
 def _traced_floats(name):
-    """The float hyperparameters the algorithm accepts as traced values (found by tracing one round
-    abstractly, no compilation: all at once, else one at a time); the others it needs as Python
-    numbers (it says so by failing)."""
+    """The float hyperparameters the algorithm accepts as traced values, one at a time (found by
+    tracing one round abstractly, no compilation); the others it needs as Python numbers (it says
+    so by failing)."""
     data = tiny_data()
     k_init, key = jax.random.split(jax.random.key(0))
 
@@ -281,19 +281,12 @@ def _traced_floats(name):
         except Exception:   # noqa: BLE001 - a static float: any tracer error
             return False
         return True
-    floats = own_floats(name)
-    return floats if traces(floats) else [f for f in floats if traces([f])]
+    return [f for f in own_floats(name) if traces([f])]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_vmap_over_traced_float_hyperparameters_equals_the_separate_runs(name, tmp_path_factory):
-    """Round 1 vmapped over two settings of every traced float: row 0 (the defaults) equals the
-    separate run (round 1 of the suite's fl.run, compiled on its own with Python floats); row 1
-    equals the same program run on row 1 alone (each row its own run, no crosstalk)."""
-    floats = _traced_floats(name)
-    if not floats:
-        pytest.skip(f"{name} has no float hyperparameter that can be traced")
-    c = case(name, tmp_path_factory)
+def _vmapped_round(name, floats):
+    """(names, rows, program): round 1 of `name` from its init, vmapped over rows of the traced
+    `floats` (row 0 their defaults, row 1 other values), returning params_of."""
     data = tiny_data()
     k_init, k_rounds = jax.random.split(jax.random.key(0))
     names = [p for p, _ in floats]
@@ -305,10 +298,31 @@ def test_vmap_over_traced_float_hyperparameters_equals_the_separate_runs(name, t
         state = alg.init(k_init, data)
         state, _ = alg.round(state, data, jax.random.fold_in(k_rounds, 1))
         return params_of(alg, state)
+    return names, rows, jax.jit(jax.vmap(one_round))
 
-    program = jax.jit(jax.vmap(one_round))
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vmap_over_traced_float_hyperparameters_equals_the_separate_runs(name, tmp_path_factory):
+    """Round 1 vmapped over two settings of every traced float: row 0 (the defaults) equals the
+    separate run (round 1 of the suite's fl.run, compiled on its own with Python floats); row 1
+    equals the same program run on row 1 alone (each row its own run, no crosstalk). All the
+    float hyperparameters are traced at once when the algorithm takes them so (one trace), else
+    those it takes traced one at a time."""
+    floats = own_floats(name)
+    if not floats:
+        pytest.skip(f"{name} has no float hyperparameter")
+    try:
+        names, rows, program = _vmapped_round(name, floats)
+        batched = program(rows)
+    except Exception:   # noqa: BLE001 - a static float among them: any tracer error
+        floats = _traced_floats(name)
+        if not floats:
+            pytest.skip(f"{name} has no float hyperparameter that can be traced")
+        names, rows, program = _vmapped_round(name, floats)
+        batched = program(rows)
+    c = case(name, tmp_path_factory)
     # the same program: no compilation; compared on the host (eager slicing compiles per leaf)
-    batched, alone = jax.device_get((program(rows), program(jnp.stack([rows[1], rows[1]]))))
+    batched, alone = jax.device_get((batched, program(jnp.stack([rows[1], rows[1]]))))
     # float tolerance: a batched matmul / convolution may sum in another order
     chex.assert_trees_all_close(jax.tree.map(lambda a: a[0], batched), c.one, rtol=1e-4, atol=1e-5,
                                 custom_message=f"{name} {names}: defaults vs fl.run")
