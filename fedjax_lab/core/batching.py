@@ -188,7 +188,8 @@ def client_batches(key, lo, n, *, num_steps: int, batch_size: int, passes: int, 
 def draw_batches(key, data, ids, *, batch_size: int, local_steps=None, epochs=None,
                  shuffle: str = "auto", num_steps=None) -> Batches:
     """Batches for the sampled clients `ids` ([C] int). See the module docstring. Jitted: called
-    outside a round (a reference loop, a notebook), it is one program, not ~150 one-op ones."""
+    outside a round (a reference loop, a notebook), it is one program, not over a hundred
+    one-op ones."""
     S = plan_steps(data, local_steps=local_steps, epochs=epochs, batch_size=batch_size) \
         if num_steps is None else num_steps
     C = ids.shape[0]

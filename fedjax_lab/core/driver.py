@@ -45,7 +45,8 @@ evaluate = jax.jit(evaluation_sums, static_argnums=0)
 @functools.partial(jax.jit, static_argnames=("alg",))
 def init_state(alg: Algorithm, key, data):
     """`alg.init(key, data)` as one XLA program: run eagerly, a model's init is dozens of one-op
-    programs, each traced, lowered and compiled on its own (FedGKT's: 86, ~30 ms apiece)."""
+    programs, each traced, lowered and compiled on its own (~30 ms apiece here; a conformance case
+    of FedGKT compiled 86 of them)."""
     return alg.init(key, data)
 
 

@@ -47,7 +47,7 @@ def from_linen(module: nn.Module, name: str) -> Model:
     def init(key, sample_x):
         try:
             hash(module)
-        except TypeError:               # a field that does not hash: this instance's own program
+        except TypeError:               # a field that does not hash: eagerly, as before
             return _init.__wrapped__(module, stateful, key, sample_x)
         return _init(module, stateful, key, sample_x)
 
