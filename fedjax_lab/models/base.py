@@ -44,12 +44,14 @@ def from_linen(module: nn.Module, name: str) -> Model:
                                 method=method)[0]
         return module.apply(variables(params), x, train=train, rngs=rngs, method=method)
 
+    try:
+        hash(module)
+        init_fn = _init
+    except TypeError:                   # a field that does not hash: eagerly, as before
+        init_fn = _init.__wrapped__
+
     def init(key, sample_x):
-        try:
-            hash(module)
-        except TypeError:               # a field that does not hash: eagerly, as before
-            return _init.__wrapped__(module, stateful, key, sample_x)
-        return _init(module, stateful, key, sample_x)
+        return init_fn(module, stateful, key, sample_x)
 
     def apply(params, x, *, train=False, rng=None):
         return call(params, x, train, rng)
