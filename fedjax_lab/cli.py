@@ -297,6 +297,30 @@ def _sweep_flags(parser):
                    help="runs per compiled chunk (default: all runs of a program at once)")
     g.add_argument("--memory-budget", default=None,
                    help="pick runs per chunk from a memory budget, e.g. 2GB or 500MB")
+    g.add_argument("--cpu-devices", type=int, default=None,
+                   help="jax CPU devices to spread the runs over (default: one per core)")
+
+
+def _cpu_devices(argv):
+    """jax's CPU device count for a sweep: --cpu-devices N, default one per core. The sweep
+    spreads its runs over the devices, and on a CPU a device per core is how it uses more than
+    one core. It must be set before jax's backends start; when they have (`main` called from a
+    running Python program) the devices stay as they are."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--cpu-devices", type=int, default=None)
+    n = pre.parse_known_args(argv)[0].cpu_devices
+    if n is not None and n < 1:
+        raise SystemExit(f"error: --cpu-devices must be >= 1, got {n}")
+    if n is None and "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return                                 # the user's XLA flag decides
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    import jax
+    try:
+        jax.config.update("jax_num_cpu_devices", n or cores or 1)
+    except RuntimeError:                       # jax has started in this process
+        if n is not None:
+            print("note: --cpu-devices has no effect: jax has started in this process",
+                  file=sys.stderr)
 
 
 def _bytes(text):
@@ -353,6 +377,7 @@ def cmd_sweep(argv):
     """`fedjax-lab sweep ALGORITHM --grid NAME=V1,V2 [--grid ...] --seeds 0,1,2 [run flags] --out
     DIR`: one run per (point, seed) as fl.sweep runs them; DIR/RUN/{config.json, metrics.jsonl}
     in the `run` format, DIR/summary.csv, DIR/sweep.png; --resume continues a killed sweep."""
+    _cpu_devices(argv)
     factory, parser, args, hparams, flat = _parse(argv, "sweep", add=_sweep_flags)
     if not args.out:
         raise SystemExit("error: fedjax-lab sweep needs --out DIR (one directory per run)")

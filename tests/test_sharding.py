@@ -165,8 +165,68 @@ def _worker_devices(out_path):
         idx_spec=str(part.batches.idx.sharding.spec),
         idx_devices=len(part.batches.idx.sharding.device_set),
         idx_shard_shape=list(part.batches.idx.addressable_shards[0].data.shape))
+    report["sweep"] = _sweep_facts(data, os.path.join(os.path.dirname(out_path), "sweep"))
     with open(out_path, "w") as f:
         json.dump(report, f)
+
+
+SWEEP = dict(grid={"mu": [0.0, 0.1, 1.0]}, seeds=[0, 1], rounds=4, eval_every=2, progress=False)
+
+
+def _sweep_facts(data, out):
+    """fl.sweep's runs over the 4 devices (6 runs padded to 8, 2 per device) against the same
+    sweep on one device and against fl.run; a resume from its sharded checkpoint; the facts of
+    its program: a shard_map over 'runs' with 2 runs per device, no loop over them, no
+    collective."""
+    from fedjax_lab import sweep
+    from fedjax_lab.core import sweep as sw
+    from tests.test_sweep_hlo import _eqns
+    model = models.logistic(data.num_classes)
+    setup = Setup.of(clients_per_round=3, stragglers=0.5, **COMMON)
+    kw = dict(SWEEP, model=model, setup=setup)
+    cached = sw.sharded_rounds._cache_size
+    before = cached()
+    one = sweep(algorithms.fedprox, data, devices=1, **kw)
+    one_device_programs = cached() - before
+    four = sweep(algorithms.fedprox, data, out=out, checkpoint_every=2, **kw)
+    four_device_programs = cached() - before - one_device_programs
+    resumed = sweep(algorithms.fedprox, data, out=out, checkpoint_every=2, resume=True, **kw)
+    ref = run(algorithms.fedprox(model, mu=1.0, setup=setup), data, rounds=4, key=1, eval_every=2,
+              progress=False)                                  # run 5: mu = 1, seed 1
+    rel = lambda a, b: max(abs(x[k] - y[k]) / max(abs(y[k]), 1e-6)
+                           for x, y in zip(a, b) for k in y)
+
+    program = sw.Program(factory=algorithms.fedprox, model=model, static=(), traced=("mu",),
+                         kinds=(("mu", "factory"),), setup=setup)
+    mesh = sw.runs_mesh(jax.devices())
+    values = {"mu": jnp.linspace(0.0, 1.0, 8, dtype=jnp.float32)}
+    keys = jnp.stack([jax.random.split(jax.random.key(s))[1] for s in range(8)])
+    state = sw.sweep_init(program, values, data, keys)
+    args = (program, mesh, values, state, data, None, keys, jnp.int32(0), 3)   # 3 rounds
+    jaxpr = jax.make_jaxpr(sw.sharded_rounds.__wrapped__, static_argnums=(0, 1, 8))(*args).jaxpr
+    maps = _eqns(jaxpr, {"shard_map"}, [])
+    local = [e.params["jaxpr"].invars[0].aval.shape for e in maps]   # the values' local shape
+    hlo = sw.sharded_rounds.lower(*args).compile().as_text()
+    out_state = sw.sharded_rounds(*args)[0]
+    leaf = jax.tree.leaves(out_state)[0]
+    return dict(
+        one_vs_four_params=max(_maxdiff(a.state.params, b.state.params)
+                               for a, b in zip(one.runs, four.runs)),
+        one_vs_four_history=max(rel(a.history, b.history) for a, b in zip(one.runs, four.runs)),
+        resumed_params=max(_maxdiff(a.state.params, b.state.params)
+                           for a, b in zip(four.runs, resumed.runs)),
+        resumed_history=max(rel(a.history, b.history) for a, b in zip(four.runs, resumed.runs)),
+        run_vs_four_params=_maxdiff(ref.state.params, four.runs[5].state.params),
+        run_vs_four_history=rel(four.runs[5].history, ref.history),
+        result_devices=len(four.runs[0].state.params["Dense_0"]["kernel"].sharding.device_set),
+        sharded_programs=[one_device_programs, four_device_programs],
+        shard_maps=[dict(e.params["mesh"].shape) for e in maps], local_values_shapes=local,
+        loops_over_runs=len([e for e in _eqns(jaxpr, {"scan", "while"}, [])
+                             if e.params.get("length") in (2, 8)]),
+        collectives=sum(hlo.count(op) for op in ("all-reduce", "all-gather", "all-to-all",
+                                                 "collective-permute", "reduce-scatter")),
+        state_spec=str(leaf.sharding.spec), state_devices=len(leaf.sharding.device_set),
+        state_shard_rows=leaf.addressable_shards[0].data.shape[0])
 
 
 def _worker_fedamp(out_path):
@@ -290,6 +350,25 @@ def test_padding_adds_zero_weight_dummies_and_keeps_the_real_clients(four_device
     assert p["num_examples"] == p["plain_num_examples"] + [0, 0]
     assert p["idx_spec"] == str(jax.sharding.PartitionSpec("clients"))
     assert p["idx_devices"] == 4 and p["idx_shard_shape"] == [2, 4, 5]
+
+
+def test_a_sweep_over_four_devices_gives_the_one_device_numbers_and_resumes(four_devices):
+    """fl.sweep spreads its runs over the devices (issue 28): 6 runs on 4 devices, padded to 8."""
+    r = four_devices["sweep"]
+    assert r["one_vs_four_params"] < 1e-6 and r["one_vs_four_history"] < 1e-5, r
+    assert r["run_vs_four_params"] < 1e-5 and r["run_vs_four_history"] < 1e-5, r   # fl.run's
+    assert r["resumed_params"] == 0.0 and r["resumed_history"] == 0.0, r      # sharded checkpoint
+    assert r["result_devices"] == 1                     # results land on one device, as fl.run's
+    assert r["sharded_programs"] == [0, 1], r           # devices=1: none; default: all 4 devices
+
+
+def test_the_sweep_program_splits_the_runs_over_the_devices_without_a_loop(four_devices):
+    r = four_devices["sweep"]
+    assert r["shard_maps"] == [{"runs": 4}] and r["local_values_shapes"] == [[2]], r
+    assert r["loops_over_runs"] == 0, r                 # each device vmaps its 2 runs
+    assert r["collectives"] == 0, r                     # runs are independent: no communication
+    assert r["state_spec"] == str(jax.sharding.PartitionSpec("runs")), r
+    assert r["state_devices"] == 4 and r["state_shard_rows"] == 2, r
 
 
 def test_padded_fedamp_gives_the_dummy_no_attention(tmp_path):

@@ -5,6 +5,8 @@ per-run metrics, summary.csv and a figure."""
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -174,6 +176,10 @@ def test_a_float_the_algorithm_needs_as_a_number_is_found_static(tiny_data):
     (dict(grid={"mu": [0.1]}, runs_per_chunk=0), "runs_per_chunk must be > 0"),
     (dict(grid={"mu": [0.1]}, resume=True), "need out="),
     (dict(grid={"mu": [0.1]}, rounds=0), "rounds must be > 0"),
+    (dict(grid={"mu": [0.1]}, devices=0), r"devices must be between 1 and \d+ \(the local devices\)"),
+    (dict(grid={"mu": [0.1]}, devices="gpu"), "devices must be None, a count of local devices or "
+                                              "a non-empty list of jax devices, got 'gpu'"),
+    (dict(grid={"mu": [0.1]}, devices=[]), "devices must be None, a count"),
 ])
 def test_bad_sweep_arguments_fail_before_compiling(kw, match, tiny_data):
     args = dict(model=MODEL, setup=SETUP, seeds=[0], rounds=2, eval_every=2, progress=False)
@@ -230,3 +236,24 @@ def test_cli_sweep_writes_runs_summary_and_figure_and_resumes(tmp_path, capsys):
         cli.main(["sweep", "fedprox", "--grid", "nu=1,2", "--out", out])
     with pytest.raises(SystemExit, match="needs --out"):
         cli.main(["sweep", "fedprox", "--grid", "mu=1,2"])
+
+
+def test_cli_sweep_gives_jax_a_cpu_device_per_core_before_it_starts(capsys):
+    """The CLI's sweep spreads its runs over one CPU device per core (--cpu-devices N instead),
+    set before jax's backends start; in a process where jax has started, the flag is noted."""
+    from fedjax_lab import cli
+    with pytest.raises(SystemExit, match="--cpu-devices must be >= 1, got 0"):
+        cli._cpu_devices(["fedprox", "--cpu-devices", "0"])
+    before = jax.device_count()
+    cli._cpu_devices(["fedprox", "--cpu-devices", "3"])          # jax has started in this process
+    assert "no effect" in capsys.readouterr().err and jax.device_count() == before
+    code = ("import jax, os; from fedjax_lab import cli; cli._cpu_devices(['fedprox']); "
+            "print(jax.config.jax_num_cpu_devices, len(os.sched_getaffinity(0))); "
+            "cli._cpu_devices(['fedprox', '--cpu-devices', '3']); print(jax.device_count())")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(env, JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    default, cores, forced = proc.stdout.split()
+    assert default == cores and forced == "3"

@@ -18,8 +18,9 @@ all clients. "map": a `lax.map` over the clients inside the same XLA program (ea
 unbatched; `chunk` > 1 vmaps chunks of that many clients). On CPU, XLA's batched matmuls run far
 below its plain ones at MLP sizes (784-200-200-10, batch 32: the vmapped round is ~5x slower than
 a loop of per-client calls, a `lax.map` round ~6x faster than vmap; experiments/PERF.md), while for
-tiny models (logistic 60 -> 10) vmap wins. "auto" (default): "map" on a single CPU device for models
-of at least MAP_MIN_PARAMS parameters, "vmap" otherwise (accelerators, sharded client axes). The
+tiny models (logistic 60 -> 10) vmap wins. "auto" (default): "map" on CPU for models of at least
+MAP_MIN_PARAMS parameters whose client axis is not sharded over devices (one device per program:
+fl.run, or each device of a sweep's runs), "vmap" otherwise (accelerators, sharded client axes). The
 numbers are the same to float rounding either way (tests/test_bench_round.py).
 
 The local steps stay a `lax.scan` (`unroll=1`) on every backend. XLA:CPU ran jax's own
@@ -36,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lab.core.sharding import num_client_shards
 from fedjax_lab.core.tree import tree_num_params, tree_where
 from fedjax_lab.core.types import Model, batch_loss
 
@@ -143,8 +145,10 @@ def local_train(model: Model, optimizer: optax.GradientTransformation, *,
 
 
 def map_pays_off(params) -> bool:
-    """The "auto" rule: a lax.map over clients beats vmap on one CPU device for large models."""
-    return (jax.default_backend() == "cpu" and jax.device_count() == 1
+    """The "auto" rule: a lax.map over clients beats vmap on CPU for large models, unless the
+    client axis is sharded over devices. (Not `jax.device_count() == 1`: a sweep spreads its runs
+    over CPU devices and each device trains its runs' clients unsharded.)"""
+    return (jax.default_backend() == "cpu" and num_client_shards() == 1
             and tree_num_params(params) >= MAP_MIN_PARAMS)
 
 

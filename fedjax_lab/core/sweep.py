@@ -34,6 +34,17 @@ Memory. `runs_per_chunk=k` runs k runs at a time (the last chunk is padded with 
 last run, so every chunk is the same program); `memory_budget=bytes` picks k from XLA's memory
 analysis of a one-run probe compile. The numbers do not depend on k (rows are independent).
 
+Devices. `devices` (default: every local device of the default backend) spreads each chunk's
+runs evenly over the devices: `jax.shard_map` over a one-axis mesh named 'runs', each device
+running its share of the runs as the one-device program does (no communication: the runs are
+independent; the data is replicated). A chunk of k runs on D devices is padded to a multiple of D
+with copies of its last run; a one-run chunk stays on one device. `memory_budget` is per device.
+The numbers are those of one device. On a CPU, jax has one device unless told otherwise before it
+starts (`jax.config.update('jax_num_cpu_devices', n)`, or `fedjax-lab sweep`, which gives it one
+device per core): a second CPU device is how a sweep uses a second core, since XLA:CPU runs the
+small ops of one program on one core (logistic FedProx, 12 runs, 2 cores: 0.28 against 0.50 ms per
+run and round; experiments/PERF.md).
+
 Resume. With `out=`, each chunk's stacked state is checkpointed (orbax) every `checkpoint_every`
 rounds and at its end; `resume=True` skips finished chunks and continues an interrupted one from
 its last checkpoint, so a killed sweep writes the metrics an uninterrupted one would.
@@ -54,6 +65,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from fedjax_lab.core import checkpoint as ckpt
 from fedjax_lab.core import validate
@@ -165,10 +177,10 @@ def sweep_rounds(program: Program, values, state, data, adapt_data, k_rounds, fi
     sums; per-round metrics [runs, length], sums [runs, clients].
 
     The runs are a vmap (one batched op per layer for all runs x clients), except for programs
-    whose local training runs its clients as a lax.map (core/local.py: large models on one CPU
-    device, where XLA:CPU's batched matmuls and convolutions run far below its plain ones):
-    vmapping runs there would batch every client's ops over the runs inside that map (the MLP
-    sweep 0.86x, the CNN's 0.29x as fast per run as sequential fl.run's), so the runs are a
+    whose local training runs its clients as a lax.map (core/local.py: large models on CPU, the
+    client axis on one device, where XLA:CPU's batched matmuls and convolutions run far below its
+    plain ones): vmapping runs there would batch every client's ops over the runs inside that map
+    (the MLP sweep 0.86x, the CNN's 0.29x as fast per run as sequential fl.run's), so the runs are a
     lax.map too (`program.runs_as_map`): each client step unbatched, as in fl.run. On CPU the
     vmap takes at most RUNS_PER_BLOCK_CPU runs at a time (a lax.map over vmapped blocks): past
     that, the stacked arrays outgrow the caches and every op slows down per run (logistic FedProx,
@@ -189,6 +201,45 @@ def sweep_rounds(program: Program, values, state, data, adapt_data, k_rounds, fi
         return jax.lax.map(lambda a: one(*a), (values, state, k_rounds),
                            batch_size=RUNS_PER_BLOCK_CPU)
     return jax.vmap(one)(values, state, k_rounds)
+
+
+RUNS = "runs"
+
+
+def runs_mesh(devices) -> jax.sharding.Mesh:
+    """A one-axis mesh named 'runs' over `devices` (module docstring, Devices)."""
+    return jax.make_mesh((len(devices),), (RUNS,), axis_types=(AxisType.Auto,),
+                         devices=list(devices))
+
+
+@functools.partial(jax.jit, static_argnames=("program", "mesh", "length"),
+                   donate_argnames=("state",))
+def sharded_rounds(program: Program, mesh, values, state, data, adapt_data, k_rounds, first_round,
+                   length: int):
+    """`sweep_rounds` with the runs split evenly over `mesh`'s 'runs' axis: each device runs the
+    one-device program on its own runs (no communication); data and evaluation data replicated."""
+    def local(values, state, k_rounds, data, adapt_data, first_round):
+        return sweep_rounds(program, values, state, data, adapt_data, k_rounds, first_round, length)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(RUNS),) * 3 + (P(),) * 3,
+                         out_specs=P(RUNS))(values, state, k_rounds, data, adapt_data, first_round)
+
+
+def devices_of(devices) -> list:
+    """The devices a sweep spreads its runs over: None (every local device of the default
+    backend), a count n (the first n of them) or a non-empty list of jax devices."""
+    local = jax.local_devices()
+    if devices is None:
+        return local
+    if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(local):
+            raise ValueError(f"devices must be between 1 and {len(local)} (the local devices), "
+                             f"got {devices}")
+        return local[:int(devices)]
+    if not isinstance(devices, (list, tuple)) or not devices \
+            or not all(isinstance(d, jax.Device) for d in devices):
+        raise ValueError("devices must be None, a count of local devices or a non-empty list of "
+                         f"jax devices, got {devices!r}")
+    return list(devices)
 
 
 _CLIENTS_MAPPED: dict = {}
@@ -255,13 +306,14 @@ def sweep(factory, data, *, grid: dict, seeds=(0,), rounds: int, eval_every: int
           model: Optional[Model] = None, fixed: Optional[dict] = None, setup: Setup = Setup(),
           static=(), runs_per_chunk: Optional[int] = None, memory_budget: Optional[float] = None,
           out: Optional[str] = None, checkpoint_every: Optional[int] = None, resume: bool = False,
-          progress: bool = True, extra_config=None) -> SweepResult:
+          progress: bool = True, extra_config=None, devices=None) -> SweepResult:
     """Run `factory` on `data` for every point of the product of `grid` and every seed (module
     docstring). grid: {name: [values]} (product over names, in order); seeds: ints; fixed:
     {name: value} shared by all runs; model: the Model (unless `model` is a grid name; None: the
     algorithm's default model, `setup.default_model(factory)`); static:
     names to keep static even if float; extra_config: a dict, or a callable(point, seed) -> dict,
-    recorded in every run's config.json (as fl.run's extra_config)."""
+    recorded in every run's config.json (as fl.run's extra_config); devices: what the runs are
+    spread over (None: every local device; a count; a list of jax devices; module docstring)."""
     validate.positive("rounds", rounds, integer=True)
     validate.positive("eval_every", eval_every, integer=True)
     if not isinstance(grid, dict):
@@ -298,6 +350,7 @@ def sweep(factory, data, *, grid: dict, seeds=(0,), rounds: int, eval_every: int
                              f"eval_every={eval_every}")
     if (resume or checkpoint_every) and out is None:
         raise ValueError("resume / checkpoint_every need out= (the sweep's directory)")
+    devs = devices_of(devices)
 
     names = list(grid)
     points = [dict(zip(names, combo)) for combo in itertools.product(*(list(grid[n]) for n in names))]
@@ -337,15 +390,18 @@ def sweep(factory, data, *, grid: dict, seeds=(0,), rounds: int, eval_every: int
         programs.append(dict(static_key))
         k = runs_per_chunk
         if k is None and memory_budget is not None:
-            k = _chunk_from_budget(program, per_run[members[0]], data, len(members), memory_budget,
-                                   eval_every, rounds, runs[members[0]][0], traced)
+            k = len(devs) * _chunk_from_budget(program, per_run[members[0]], data, len(members),
+                                               memory_budget, eval_every, rounds,
+                                               runs[members[0]][0], traced)
         k = min(k or len(members), len(members))
         chosen = k if chosen is None else min(chosen, k)
+        shards = min(len(devs), k)             # a chunk of k runs on `shards` devices
+        mesh = runs_mesh(devs[:shards]) if shards > 1 else None
         for ci in range(0, len(members), k):
             idx = members[ci:ci + k]
-            _run_chunk(program, [per_run[i] for i in idx], idx, k, runs, rnames, traced, data,
-                       rounds, eval_every, out, checkpoint_every, resume, extra_config, results,
-                       errors, bar, tag=f"chunk_{gi}_{ci // k}")
+            _run_chunk(program, [per_run[i] for i in idx], idx, -(-k // shards) * shards, runs,
+                       rnames, traced, data, rounds, eval_every, out, checkpoint_every, resume,
+                       extra_config, results, errors, bar, tag=f"chunk_{gi}_{ci // k}", mesh=mesh)
     bar.close()
     return SweepResult(names=names, points=[p for p, _ in runs], seeds=[s for _, s in runs],
                        runs=results, run_names=rnames, programs=programs, runs_per_chunk=chosen,
@@ -398,8 +454,9 @@ def _chunk_from_budget(program, alg, data, n_runs, budget, eval_every, rounds, p
 
 
 def _run_chunk(program, algs, idx, width, runs, rnames, traced, data, rounds, eval_every, out,
-               checkpoint_every, resume, extra_config, results, errors, bar, *, tag):
-    """Runs `idx` (padded to `width` with copies of the last) as one vmapped program."""
+               checkpoint_every, resume, extra_config, results, errors, bar, *, tag, mesh=None):
+    """Runs `idx` (padded to `width` with copies of the last) as one vmapped program, split over
+    `mesh`'s 'runs' axis when there is one."""
     pad = idx + [idx[-1]] * (width - len(idx))
     values = {n: jnp.asarray([float(runs[i][0][n]) for i in pad], jnp.float32) for n in traced}
     keys = [jax.random.split(_as_key(int(runs[i][1]))[0]) for i in pad]
@@ -413,7 +470,13 @@ def _run_chunk(program, algs, idx, width, runs, rnames, traced, data, rounds, ev
                             key=_as_key(int(runs[i][1]))[1], data=fp, **extra))
     adapt = algs[0].adapt_split(data) if getattr(algs[0], "adapt", None) is not None else None
     accountants = [_accountant(alg, data, None) for alg in algs]   # the driver's default
+    if mesh is not None:                     # runs split over the devices, the rest replicated
+        split, whole = NamedSharding(mesh, P(RUNS)), NamedSharding(mesh, P())
+        values, k_init, k_rounds = jax.device_put((values, k_init, k_rounds), split)
+        data, adapt = jax.device_put((data, adapt), whole)
     state = sweep_init(program, values, data, k_init)
+    if mesh is not None:
+        state = jax.device_put(state, split)
     histories = [[] for _ in idx]
     start = 0
     mgr = None
@@ -453,8 +516,12 @@ def _run_chunk(program, algs, idx, width, runs, rnames, traced, data, rounds, ev
     t = start
     while t < rounds:
         length = min(eval_every, rounds - t)
-        state, per_round, sums = sweep_rounds(program, values, state, data, adapt, k_rounds,
-                                              jnp.int32(t), length)
+        if mesh is None:
+            state, per_round, sums = sweep_rounds(program, values, state, data, adapt, k_rounds,
+                                                  jnp.int32(t), length)
+        else:
+            state, per_round, sums = sharded_rounds(program, mesh, values, state, data, adapt,
+                                                    k_rounds, jnp.int32(t), length)
         per_round, sums = jax.device_get((per_round, sums))
         for j, i in enumerate(idx):
             if i in errors:
@@ -476,6 +543,8 @@ def _run_chunk(program, algs, idx, width, runs, rnames, traced, data, rounds, ev
                                       "round": t,
                                       "errors": {rnames[i]: errors[i] for i in idx if i in errors}})
         bar.update(length * len(idx))
+    if mesh is not None:                     # results on one device, as fl.run's
+        state = jax.device_put(state, mesh.devices.flat[0])
     for j, i in enumerate(idx):
         results[i] = RunResult(state=_take(state, j), history=histories[j])
 
