@@ -4,6 +4,7 @@ another (`fl.run`), side by side in one process, per run, for R in 1, 4, 12, 48 
     python experiments/sweep_vs_runs.py                          # all workloads, R = 1 4 12 48
     python experiments/sweep_vs_runs.py --workloads logistic --runs 12 --repeats 9
     python experiments/sweep_vs_runs.py --device gpu             # + FedAvg round and CNN round
+    python experiments/sweep_vs_runs.py --cpu-devices 2          # the sweep on both CPU cores
 
 The runs are FedProx (mu in {0, 0.01, 0.1, 1}, the first min(R, 4) of them) x R / 4 seeds:
 * logistic: models.logistic(10) on Synthetic(1,1), 30 clients (power-law sizes 45..800), 10 per
@@ -27,10 +28,15 @@ least 3, up to --repeats, fewer once a row has taken --max-seconds). Both sides 
 numbers: the script checks every run's final train loss against its sweep row. `--memory-budget`
 (bytes) is passed to the sweep, which then chunks the runs from XLA's memory analysis.
 
+`--cpu-devices D` gives jax D CPU devices (set before jax starts) and the sweep spreads its runs
+over them (fl.sweep's `devices`, one per core). The sequential side is then the faster of two
+contenders, both measured in every repeat: `fl.run` on one device, and `fl.run(mesh=client_mesh())`,
+its clients split over the D devices; the table's sequential column is the faster one's median.
+
 `--device gpu` runs everything on the GPU (JAX_PLATFORMS=cuda, set before jax is imported) and then,
 in the same command, the FedAvg round benchmark (bench_round.py, logistic C=1000 and MLP C=100) and
 the CNN round (bench_cnn.py round 8 100), so that one short GPU session gives the whole table.
-Writes `<out>/sweep_vs_runs.json` (and prints a markdown table).
+Writes `<out>/sweep_vs_runs.json` (`sweep_vs_runs_cpuD.json` with D CPU devices; and prints a markdown table).
 """
 from __future__ import annotations
 
@@ -84,6 +90,7 @@ def measure(name: str, R: int, repeats: int, memory_budget=None, max_seconds=240
     import numpy as np
     import fedjax_lab as fl
     from fedjax_lab import algorithms
+    from fedjax_lab.core import sharding
 
     if name not in cache:                    # one model per workload: fl.run's programs are
         make_model, data, setup, lengths, every = workload(name)     # compiled once per mu value
@@ -105,6 +112,17 @@ def measure(name: str, R: int, repeats: int, memory_budget=None, max_seconds=240
         jax.block_until_ready(jax.tree.leaves(res.state))
         return (time.perf_counter() - t, time.process_time() - c), loss
 
+    mesh = sharding.client_mesh() if jax.device_count() > 1 else None
+
+    def runs_mesh(rounds):                   # the contender with its clients over the devices
+        t, c = time.perf_counter(), time.process_time()
+        for mu in mus:
+            for s in seeds:
+                res = fl.run(algs[mu], data, rounds=rounds, key=s, eval_every=every,
+                             progress=False, mesh=mesh)
+        jax.block_until_ready(jax.tree.leaves(res.state))
+        return (time.perf_counter() - t, time.process_time() - c), None
+
     def swept(rounds):
         t, c = time.perf_counter(), time.process_time()
         res = fl.sweep(algorithms.fedprox, data, model=model, setup=setup, grid={"mu": mus},
@@ -116,11 +134,14 @@ def measure(name: str, R: int, repeats: int, memory_budget=None, max_seconds=240
 
     (cold_runs, _), loss_r = runs(r1)
     (cold_sweep, _), loss_s, res = swept(r1)
-    times = {k: [] for k in ("runs_r1", "runs_r2", "sweep_r1", "sweep_r2")}
+    sides = ("sweep", "runs") + (("runs_mesh",) if mesh is not None else ())
+    if mesh is not None:
+        runs_mesh(r1)
+    times = {f"{side}_{r}": [] for side in sides for r in ("r1", "r2")}
     cpu = {k: [] for k in times}
     start = time.perf_counter()
     for rep in range(repeats):               # alternate the order of the sides
-        calls = [("sweep", swept), ("runs", runs)]
+        calls = [("sweep", swept), ("runs", runs)] + ([("runs_mesh", runs_mesh)] if mesh else [])
         for side, fn in (calls if rep % 2 == 0 else calls[::-1]):
             for r, length in (("r1", r1), ("r2", r2)):
                 wall, used = fn(length)[0]
@@ -130,14 +151,18 @@ def measure(name: str, R: int, repeats: int, memory_budget=None, max_seconds=240
             break
     med = lambda xs: float(statistics.median(xs))
     diff = lambda d, side: med([b - a for a, b in zip(d[f"{side}_r1"], d[f"{side}_r2"])])
-    per_round = {side: diff(times, side) / (r2 - r1) / R for side in ("runs", "sweep")}
+    per_round = {side: diff(times, side) / (r2 - r1) / R for side in sides}
+    seq = min(("runs",) + (("runs_mesh",) if mesh is not None else ()), key=per_round.get)
     return dict(workload=name, runs=R, rounds=(r1, r2), eval_every=every,
+                devices=jax.device_count(), sequential=seq,
+                runs_one_device_ms=1e3 * per_round["runs"],
+                runs_clients_sharded_ms=1e3 * per_round.get("runs_mesh", float("nan")),
                 repeats=len(times["runs_r1"]), runs_per_chunk=res.runs_per_chunk,
                 runs_as_map=_runs_as_map(model, data, setup),
-                sweep_ms=1e3 * per_round["sweep"], runs_ms=1e3 * per_round["runs"],
-                ratio=per_round["runs"] / per_round["sweep"],
-                cpu_ratio=diff(cpu, "runs") / diff(cpu, "sweep"),
-                e2e_ratio=med(times["runs_r2"]) / med(times["sweep_r2"]),
+                sweep_ms=1e3 * per_round["sweep"], runs_ms=1e3 * per_round[seq],
+                ratio=per_round[seq] / per_round["sweep"],
+                cpu_ratio=diff(cpu, seq) / diff(cpu, "sweep"),
+                e2e_ratio=med(times[f"{seq}_r2"]) / med(times["sweep_r2"]),
                 compile_sweep_s=cold_sweep - med(times["sweep_r1"]),
                 compile_runs_s=cold_runs - med(times["runs_r1"]),
                 new_run_programs=len(new_programs),
@@ -156,13 +181,14 @@ def _runs_as_map(model, data, setup) -> bool:
 
 
 def table(rows) -> str:
-    out = ["| workload | runs | sweep ms / run / round | sequential ms / run / round | ratio | "
+    out = ["| workload | devices | runs | sweep ms / run / round | sequential ms / run / round | ratio | "
            "CPU-time ratio | end to end | compile: sweep / runs (new programs) | repeats | "
-           "max rel. loss diff |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "max rel. loss diff |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in rows:
         mapped = " (runs mapped)" if x["runs_as_map"] and x["runs"] > 1 else ""
-        out.append(f"| {x['workload']}{mapped} | "
-                   f"{x['runs']} | {x['sweep_ms']:.2f} | {x['runs_ms']:.2f} | "
+        seq = " (clients sharded)" if x["sequential"] == "runs_mesh" else ""
+        out.append(f"| {x['workload']}{mapped} | {x['devices']} | "
+                   f"{x['runs']} | {x['sweep_ms']:.2f} | {x['runs_ms']:.2f}{seq} | "
                    f"**{x['ratio']:.2f}x** | {x['cpu_ratio']:.2f}x | {x['e2e_ratio']:.2f}x | "
                    f"{x['compile_sweep_s']:.1f} s /"
                    f" {x['compile_runs_s']:.1f} s ({x['new_run_programs']}) | {x['repeats']} | "
@@ -180,12 +206,16 @@ def main(argv=None) -> dict:
                    help="stop repeating a row after 3 repeats once it has taken this long")
     p.add_argument("--device", choices=["cpu", "gpu"], default=None,
                    help="gpu: JAX_PLATFORMS=cuda, plus the FedAvg and CNN round benchmarks")
+    p.add_argument("--cpu-devices", type=int, default=1,
+                   help="jax CPU devices (the sweep spreads its runs over them; module doc)")
     p.add_argument("--out", default="experiments/figures")
     args = p.parse_args(argv)
     if args.device is not None:              # before jax is imported anywhere in this process
         os.environ["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda"}[args.device]
     import jax
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)   # before jax's backends start
     env = dict(backend=jax.default_backend(), device=jax.devices()[0].device_kind,
+               devices=jax.device_count(),
                cpus=os.cpu_count(), load_avg_1min=round(os.getloadavg()[0], 2))
     print(json.dumps(env), flush=True)
     rows = []
@@ -197,7 +227,8 @@ def main(argv=None) -> dict:
     print(f"\nFedProx sweeps on {env['backend']} ({env['device']}), per run and round: medians "
           "over warm repeats of T(r2) - T(r1), sides alternating:\n" + table(rows), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sweep_vs_runs.json"), "w") as f:
+    suffix = f"_cpu{args.cpu_devices}" if args.cpu_devices > 1 else ""
+    with open(os.path.join(args.out, f"sweep_vs_runs{suffix}.json"), "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=2)
     if args.device == "gpu":                 # the rest of the GPU table, in the same command
         here = os.path.dirname(os.path.abspath(__file__))
