@@ -175,7 +175,8 @@ SWEEP = dict(grid={"mu": [0.0, 0.1, 1.0]}, seeds=[0, 1], rounds=4, eval_every=2,
 
 def _sweep_facts(data, out):
     """fl.sweep's runs over the 4 devices (6 runs padded to 8, 2 per device) against the same
-    sweep on one device and against fl.run; a resume from its sharded checkpoint; the facts of
+    sweep on one device and against fl.run; a resume from its sharded checkpoint, on 4 devices
+    and on one (the checkpoint holds the 6 runs, not the padding); the facts of
     its program: a shard_map over 'runs' with 2 runs per device, no loop over them, no
     collective."""
     from fedjax_lab import sweep
@@ -191,6 +192,10 @@ def _sweep_facts(data, out):
     four = sweep(algorithms.fedprox, data, out=out, checkpoint_every=2, **kw)
     four_device_programs = cached() - before - one_device_programs
     resumed = sweep(algorithms.fedprox, data, out=out, checkpoint_every=2, resume=True, **kw)
+    moved = out + "_moved"                   # 2 rounds on 4 devices (8 rows), 2 more on one (6)
+    sweep(algorithms.fedprox, data, out=moved, checkpoint_every=2, **dict(kw, rounds=2))
+    moved = sweep(algorithms.fedprox, data, out=moved, checkpoint_every=2, resume=True, devices=1,
+                  **kw)
     ref = run(algorithms.fedprox(model, mu=1.0, setup=setup), data, rounds=4, key=1, eval_every=2,
               progress=False)                                  # run 5: mu = 1, seed 1
     rel = lambda a, b: max(abs(x[k] - y[k]) / max(abs(y[k]), 1e-6)
@@ -216,6 +221,9 @@ def _sweep_facts(data, out):
         resumed_params=max(_maxdiff(a.state.params, b.state.params)
                            for a, b in zip(four.runs, resumed.runs)),
         resumed_history=max(rel(a.history, b.history) for a, b in zip(four.runs, resumed.runs)),
+        moved_params=max(_maxdiff(a.state.params, b.state.params)
+                         for a, b in zip(one.runs, moved.runs)),
+        moved_history=max(rel(a.history, b.history) for a, b in zip(one.runs, moved.runs)),
         run_vs_four_params=_maxdiff(ref.state.params, four.runs[5].state.params),
         run_vs_four_history=rel(four.runs[5].history, ref.history),
         result_devices=len(four.runs[0].state.params["Dense_0"]["kernel"].sharding.device_set),
@@ -358,6 +366,7 @@ def test_a_sweep_over_four_devices_gives_the_one_device_numbers_and_resumes(four
     assert r["one_vs_four_params"] < 1e-6 and r["one_vs_four_history"] < 1e-5, r
     assert r["run_vs_four_params"] < 1e-5 and r["run_vs_four_history"] < 1e-5, r   # fl.run's
     assert r["resumed_params"] == 0.0 and r["resumed_history"] == 0.0, r      # sharded checkpoint
+    assert r["moved_params"] < 1e-6 and r["moved_history"] < 1e-5, r   # resumed on one device
     assert r["result_devices"] == 1                     # results land on one device, as fl.run's
     assert r["sharded_programs"] == [0, 1], r           # devices=1: none; default: all 4 devices
 

@@ -47,7 +47,8 @@ run and round; experiments/PERF.md).
 
 Resume. With `out=`, each chunk's stacked state is checkpointed (orbax) every `checkpoint_every`
 rounds and at its end; `resume=True` skips finished chunks and continues an interrupted one from
-its last checkpoint, so a killed sweep writes the metrics an uninterrupted one would.
+its last checkpoint, so a killed sweep writes the metrics an uninterrupted one would. A checkpoint
+holds the chunk's own runs, not its padding, so a sweep resumes on another number of devices.
 """
 from __future__ import annotations
 
@@ -477,6 +478,7 @@ def _run_chunk(program, algs, idx, width, runs, rnames, traced, data, rounds, ev
     state = sweep_init(program, values, data, k_init)
     if mesh is not None:
         state = jax.device_put(state, split)
+    one_device = None if mesh is None else mesh.devices.flat[0]
     histories = [[] for _ in idx]
     start = 0
     mgr = None
@@ -487,7 +489,10 @@ def _run_chunk(program, algs, idx, width, runs, rnames, traced, data, rounds, ev
         mgr = ckpt.manager(cdir)
         step = ckpt.latest_step(mgr) if resume else None
         if step is not None:
-            state, meta = ckpt.restore(mgr, step, state)
+            own, meta = ckpt.restore(mgr, step, _own_rows(state, len(idx), one_device))
+            state = _padded_rows(own, width)
+            if mesh is not None:
+                state = jax.device_put(state, split)
             if meta["runs"] != [rnames[i] for i in idx]:
                 raise ValueError(f"cannot resume {out}: chunk {tag} holds runs {meta['runs']}, "
                                  f"this sweep puts {[rnames[i] for i in idx]} there")
@@ -539,14 +544,34 @@ def _run_chunk(program, algs, idx, width, runs, rnames, traced, data, rounds, ev
                     f.write(json.dumps(record, sort_keys=True) + "\n")
         t += length
         if mgr is not None and ((checkpoint_every and t % checkpoint_every == 0) or t == rounds):
-            ckpt.save(mgr, t, state, {"runs": [rnames[i] for i in idx], "configs": configs,
+            ckpt.save(mgr, t, _own_rows(state, len(idx), one_device),
+                      {"runs": [rnames[i] for i in idx], "configs": configs,
                                       "round": t,
                                       "errors": {rnames[i]: errors[i] for i in idx if i in errors}})
         bar.update(length * len(idx))
     if mesh is not None:                     # results on one device, as fl.run's
-        state = jax.device_put(state, mesh.devices.flat[0])
+        state = jax.device_put(state, one_device)
     for j, i in enumerate(idx):
         results[i] = RunResult(state=_take(state, j), history=histories[j])
+
+
+def _own_rows(state, n, device):
+    """The first n rows (the chunk's own runs, not its padding) of a chunk's state, on `device`
+    (None: where they are): what a checkpoint holds, so that it does not depend on the padding,
+    which depends on the number of devices."""
+    return _rows(state if device is None else jax.device_put(state, device), n)
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _rows(tree, n):
+    return jax.tree.map(lambda x: x[:n], tree)
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def _padded_rows(tree, width):
+    """Rows padded to `width` with copies of the last (a padded run is a copy of the last run, so
+    its state is the last run's state)."""
+    return jax.tree.map(lambda x: jnp.concatenate([x] + [x[-1:]] * (width - x.shape[0])), tree)
 
 
 @jax.jit
