@@ -41,6 +41,7 @@ Writes `<out>/sweep_vs_runs.json` (`sweep_vs_runs_cpuD.json` with D CPU devices;
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -101,27 +102,19 @@ def measure(name: str, R: int, repeats: int, memory_budget=None, max_seconds=240
     for mu in new_programs:
         algs[mu] = algorithms.fedprox(model, mu=mu, setup=setup)
 
-    def runs(rounds):
+    def runs(rounds, mesh=None):             # mesh: the clients split over the devices
         t, c = time.perf_counter(), time.process_time()
         loss = []
         for mu in mus:
             for s in seeds:
                 res = fl.run(algs[mu], data, rounds=rounds, key=s, eval_every=every,
-                             progress=False)
+                             progress=False, mesh=mesh)
                 loss.append(res.history[-1]["train_loss"])
         jax.block_until_ready(jax.tree.leaves(res.state))
         return (time.perf_counter() - t, time.process_time() - c), loss
 
     mesh = sharding.client_mesh() if jax.device_count() > 1 else None
-
-    def runs_mesh(rounds):                   # the contender with its clients over the devices
-        t, c = time.perf_counter(), time.process_time()
-        for mu in mus:
-            for s in seeds:
-                res = fl.run(algs[mu], data, rounds=rounds, key=s, eval_every=every,
-                             progress=False, mesh=mesh)
-        jax.block_until_ready(jax.tree.leaves(res.state))
-        return (time.perf_counter() - t, time.process_time() - c), None
+    runs_mesh = functools.partial(runs, mesh=mesh)
 
     def swept(rounds):
         t, c = time.perf_counter(), time.process_time()

@@ -166,6 +166,11 @@ def _worker_devices(out_path):
         idx_devices=len(part.batches.idx.sharding.device_set),
         idx_shard_shape=list(part.batches.idx.addressable_shards[0].data.shape))
     report["sweep"] = _sweep_facts(data, os.path.join(os.path.dirname(out_path), "sweep"))
+    from fedjax_lab.core.local import map_pays_off   # the client-map rule on a multi-device CPU
+    mlp = jax.eval_shape(models.mlp(10).init, jax.random.key(0), jnp.zeros((1, 784)))
+    with jax.set_mesh(mesh):
+        sharded = map_pays_off(mlp)
+    report["map_rule"] = dict(unsharded=map_pays_off(mlp), sharded=sharded)
     with open(out_path, "w") as f:
         json.dump(report, f)
 
@@ -378,6 +383,12 @@ def test_the_sweep_program_splits_the_runs_over_the_devices_without_a_loop(four_
     assert r["collectives"] == 0, r                     # runs are independent: no communication
     assert r["state_spec"] == str(jax.sharding.PartitionSpec("runs")), r
     assert r["state_devices"] == 4 and r["state_shard_rows"] == 2, r
+
+
+def test_the_client_map_rule_asks_whether_the_client_axis_is_sharded(four_devices):
+    """Large models map their clients on CPU unless the client axis is split over devices; four
+    devices without a client mesh (fl.run on one of them, a sweep's runs) still map."""
+    assert four_devices["map_rule"] == {"unsharded": True, "sharded": False}
 
 
 def test_padded_fedamp_gives_the_dummy_no_attention(tmp_path):
