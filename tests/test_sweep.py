@@ -126,6 +126,9 @@ def test_a_chunked_sweep_killed_and_resumed_equals_the_whole_sweep(mu_sweep, tin
     with pytest.raises(ValueError, match="different config"):
         sweep(algorithms.fedprox, tiny_data, resume=True,
               **dict(args, setup=Setup.of(**dict(FLAT, client_lr=0.07))))
+    with pytest.raises(ValueError, match=r"chunk chunk_0_0 holds runs \['mu=0.0,seed=0', .*"
+                                         r"the same runs_per_chunk"):
+        sweep(algorithms.fedprox, tiny_data, resume=True, **dict(args, runs_per_chunk=4))
 
 
 @pytest.mark.slow

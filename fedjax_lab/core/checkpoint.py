@@ -25,6 +25,11 @@ def latest_step(mgr: ocp.CheckpointManager):
     return mgr.latest_step()
 
 
+def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
+    """The saved meta of checkpoint `step` alone (to check it before restoring the state)."""
+    return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
 def restore(mgr: ocp.CheckpointManager, step: int, like):
     """State restored with the structure, shapes and dtypes of `like`, and the saved meta."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)

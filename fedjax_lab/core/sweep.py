@@ -489,13 +489,15 @@ def _run_chunk(program, algs, idx, width, runs, rnames, traced, data, rounds, ev
         mgr = ckpt.manager(cdir)
         step = ckpt.latest_step(mgr) if resume else None
         if step is not None:
-            own, meta = ckpt.restore(mgr, step, _own_rows(state, len(idx), one_device))
+            meta = ckpt.read_meta(mgr, step)    # checked before the state's shapes are
+            if meta["runs"] != [rnames[i] for i in idx]:
+                raise ValueError(f"cannot resume {out}: chunk {tag} holds runs {meta['runs']}, "
+                                 f"this sweep puts {[rnames[i] for i in idx]} there (the same "
+                                 "runs_per_chunk / memory_budget as the first call resumes it)")
+            own, _ = ckpt.restore(mgr, step, _own_rows(state, len(idx), one_device))
             state = _padded_rows(own, width)
             if mesh is not None:
                 state = jax.device_put(state, split)
-            if meta["runs"] != [rnames[i] for i in idx]:
-                raise ValueError(f"cannot resume {out}: chunk {tag} holds runs {meta['runs']}, "
-                                 f"this sweep puts {[rnames[i] for i in idx]} there")
             for name, saved, now in zip(meta["runs"], meta["configs"], configs):
                 diff = ckpt.config_diff(saved, now)
                 if diff:
