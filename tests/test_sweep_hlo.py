@@ -1,5 +1,5 @@
 """The sweep's round program stays dense in the run axis (issue 28), checked on its jaxpr (no
-compilation, a few seconds).
+compilation, a few seconds); runs that share a seed draw their cohorts and batches once.
 
 Small models (logistic): the runs are one vmapped axis (no sequential loop over them), and the
 per-run batch drawing sorts only the keys the runs read: the full-width argsort of every pass was
@@ -11,11 +11,14 @@ matmuls and convolutions made the MLP and CNN sweeps slower per run than sequent
 import dataclasses
 import math
 
+import pytest
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lab import Setup, algorithms, models
+from fedjax_lab import Cohort, LocalWork, Setup, algorithms, models
+from fedjax_lab.core import rounds
 from fedjax_lab.core import sweep as sw
 from fedjax_lab.core.driver import _as_key
 from fedjax_lab.data import federated_arrays, synthetic
@@ -34,11 +37,11 @@ def _eqns(jaxpr, names, out):
     return out
 
 
-def _round_jaxpr(model, data, setup, runs, *, as_sweep=True):
+def _round_jaxpr(model, data, setup, runs, *, as_sweep=True, seeds=0):
     """jaxpr of one sweep round of FedProx over `runs` values of mu; as_sweep=False keeps the runs
-    a vmap whatever the clients do (the code before issue 28)."""
+    a vmap whatever the clients do (the code before issue 28); seeds: Program.seeds."""
     program = sw.Program(factory=algorithms.fedprox, model=model, static=(), traced=("mu",),
-                         kinds=(("mu", "factory"),), setup=setup)
+                         kinds=(("mu", "factory"),), setup=setup, seeds=seeds)
     if as_sweep and sw.clients_mapped(program, {"mu": 0.1}, data):
         program = dataclasses.replace(program, runs_as_map=True)
     values = {"mu": jnp.linspace(0.0, 1.0, runs, dtype=jnp.float32)}
@@ -66,6 +69,48 @@ def test_logistic_sweep_vmaps_runs_and_sorts_only_what_they_read():
     # the client sampling's shuffle of the population
     needed = runs * C * (width + (passes - 1) * min(S * B, width)) + 2 * runs * data.num_clients
     assert sorted_keys <= needed, (sorted_keys, needed, runs * C * passes * width)
+
+
+def _sorted(eqns):
+    return sum(math.prod(e.invars[0].aval.shape) for e in eqns)
+
+
+def test_runs_that_share_a_seed_draw_their_cohorts_once():
+    """12 runs of 3 seeds (Program.seeds = 3): the round draws for 3 keys, and for all 12 only in
+    the branch taken when the keys are not 3 (a check in every round); without the seed count,
+    12 draws and no such branch."""
+    C, S, B, runs = 10, 20, 10, 12
+    data = synthetic(1.0, 1.0, num_clients=30, seed=0)
+    setup = Setup.of(clients_per_round=C, local_steps=S, batch_size=B, stragglers=0.5)
+    _, plain = _round_jaxpr(models.logistic(10), data, setup, runs)
+    _, shared = _round_jaxpr(models.logistic(10), data, setup, runs, seeds=3)
+    assert not _eqns(plain, {"cond"}, [])
+    conds = [e for e in _eqns(shared, {"cond"}, [])
+             if any(_eqns(b.jaxpr, {"top_k", "sort"}, []) for b in e.params["branches"])]
+    assert len(conds) == 1, "one check per round, around the draws"
+    per_branch = sorted(_sorted(_eqns(b.jaxpr, {"top_k", "sort"}, [])) for b in conds[0].params["branches"])
+    assert per_branch[1] == _sorted(_eqns(plain, {"top_k", "sort"}, []))    # all 12 keys
+    assert per_branch[0] * runs == per_branch[1] * 3                        # 3 keys
+
+
+@pytest.mark.parametrize("pattern", ["3 seeds", "12 seeds"])
+def test_drawing_once_per_key_gives_every_row_its_own_draws(pattern):
+    """participate vmapped over 12 keys under keys_repeat(3): the plain vmap's draws, whether the
+    keys are 3 repeated (drawn 3 times) or 12 (the check fails and all 12 are drawn)."""
+    data = synthetic(1.0, 1.0, num_clients=30, seed=0)
+    cohort, work = Cohort(clients_per_round=10), LocalWork(local_steps=20, batch_size=10,
+                                                           stragglers=0.5)
+    seeds = [i % 3 for i in range(12)] if pattern == "3 seeds" else list(range(12))
+    keys = jnp.stack([jax.random.key(s) for s in seeds])
+    draw = jax.vmap(lambda k: rounds.participate(k, data, cohort, work))
+
+    def shared(k):
+        with rounds.keys_repeat(3):
+            return draw(k)
+    want, got = jax.jit(draw)(keys), jax.jit(shared)(keys)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(a, b)
+    assert len(set(map(tuple, np.asarray(got.ids).tolist()))) == len(set(seeds))
 
 
 def test_sweep_of_a_large_model_batches_no_client_op_over_the_runs():

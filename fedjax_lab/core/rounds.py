@@ -2,6 +2,9 @@
 client weights and the FedOpt server step (Reddi et al., ICLR 2021)."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -13,6 +16,7 @@ from fedjax_lab.core import sharding
 from fedjax_lab.core.batching import Batches, draw_batches
 from fedjax_lab.core.sampling import first_draw, sample_clients, straggler_steps
 from fedjax_lab.core.tree import tree_scale
+from fedjax_lab.core.values import is_traced
 
 
 @struct.dataclass
@@ -38,6 +42,23 @@ def sample_ids(key, data, cohort):
                           client_sizes=data.client_sizes, scheme=cohort.sampling)
 
 
+_DISTINCT_KEYS = contextvars.ContextVar("distinct_keys", default=0)
+
+
+@contextlib.contextmanager
+def keys_repeat(distinct: int):
+    """Tracing under this context, `participate` vmapped over a batch of keys expects at most
+    `distinct` different keys among them (a sweep's runs that share a seed share their round keys,
+    whatever their grid point): it draws once per different key and gives every row the draws of
+    its key. The number is a hint, not a promise: each round checks it and draws for every key
+    when it does not hold, so the numbers are those of the plain vmap either way."""
+    token = _DISTINCT_KEYS.set(int(distinct))
+    try:
+        yield
+    finally:
+        _DISTINCT_KEYS.reset(token)
+
+
 def participate(key, data, cohort, work, ids=None) -> Participation:
     """Sample clients, draw their batches on device and cut stragglers' work with the step mask.
 
@@ -50,7 +71,47 @@ def participate(key, data, cohort, work, ids=None) -> Participation:
     scatters drop; no steps, num_examples 0, valid False, hence weight 0 in `client_weights`) and
     every field is sharded along 'clients'. The real clients' ids, batches and stragglers are
     exactly those of the unpadded round. Without a mesh nothing is padded.
+
+    Under `keys_repeat(U)` and a vmap over keys, the draws are made once per different key (at
+    most U of them), as described there.
     """
+    distinct = _DISTINCT_KEYS.get()
+    traced = [v for c in (cohort, work) for v in (getattr(c, f.name) for f in dataclasses.fields(c))
+              if is_traced(v)]                        # a swept stragglers: draws differ per row
+    if distinct and not traced:
+        return _once_per_key(key, data, ids, cohort=cohort, work=work, distinct=distinct)
+    return _participate(key, data, cohort, work, ids)
+
+
+def _once_per_key(key, data, ids, *, cohort, work, distinct):
+    """`participate` whose vmap over keys draws once per different key (`keys_repeat`)."""
+    one = lambda k, d, i: _participate(k, d, cohort, work, i)
+    draw = jax.custom_batching.custom_vmap(one)
+
+    @draw.def_vmap
+    def rule(axis_size, in_batched, k, d, i):
+        k_b, d_b, i_b = in_batched
+        axes = lambda b: jax.tree.map(lambda x: 0 if x else None, b)
+        if not k_b or any(jax.tree.leaves((d_b, i_b))) or distinct >= axis_size:
+            out = jax.vmap(one, in_axes=(axes(k_b), axes(d_b), axes(i_b)))(k, d, i)
+            return out, jax.tree.map(lambda _: True, out)
+        raw = jax.random.key_data(k) if jnp.issubdtype(k.dtype, jax.dtypes.prng_key) else k
+        raw = raw.reshape(axis_size, -1)
+        first = jnp.argmax(jnp.all(raw[:, None] == raw[None, :], axis=-1), axis=1)  # first equal
+        is_first = first == jnp.arange(axis_size)
+        slot = jnp.cumsum(is_first) - 1                  # the place of a row's key among them
+        reps = jnp.zeros(distinct, jnp.int32).at[jnp.where(is_first, slot, distinct)].set(
+            jnp.arange(axis_size, dtype=jnp.int32), mode="drop")
+        # rows of equal keys draw equally, so both branches may read a row's draws from the first
+        # row of its key (which also makes both vary alike over a shard_map's manual axes)
+        rows = lambda keys, at: jax.tree.map(lambda a: a[at], jax.vmap(lambda kk: one(kk, d, i))(keys))
+        out = jax.lax.cond(jnp.sum(is_first) <= distinct, lambda: rows(k[reps], slot[first]),
+                           lambda: rows(k, first))
+        return out, jax.tree.map(lambda _: True, out)
+    return draw(key, data, ids)
+
+
+def _participate(key, data, cohort, work, ids) -> Participation:
     _, k_batch, k_strag = jax.random.split(key, 3)
     if ids is None:
         ids = sample_ids(key, data, cohort)

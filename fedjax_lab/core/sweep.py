@@ -73,6 +73,7 @@ from fedjax_lab.core import validate
 from fedjax_lab.core.driver import (RunResult, _accountant, _as_key, _read_history, data_fingerprint,
                                     eval_record)
 from fedjax_lab.core.evaluate import evaluation_sums
+from fedjax_lab.core.rounds import keys_repeat
 from fedjax_lab.core.setup import ALL_FIELDS, Setup, setup_flags
 from fedjax_lab.core.types import Model
 from fedjax_lab.core.values import scalar_type
@@ -148,6 +149,7 @@ class Program:
     kinds: tuple               # ((name, kind), ...) of every name in static and traced
     setup: Setup = Setup()
     runs_as_map: bool = False  # runs as a lax.map, not a vmap (sweep_rounds; set by `sweep`)
+    seeds: int = 0             # different seeds among the runs, whose draws are shared (0: unknown)
 
     def build(self, values: dict):
         kinds = dict(self.kinds)
@@ -193,15 +195,16 @@ def sweep_rounds(program: Program, values, state, data, adapt_data, k_rounds, fi
         state, per_round = jax.lax.scan(body, state, first_round + 1 + jnp.arange(length))
         return state, per_round, evaluation_sums(alg, state, data, adapt_data)
     runs = k_rounds.shape[0]
-    if runs == 1:                            # fl.run's program, no batching, no loop
-        out = one(*jax.tree.map(lambda a: a[0], (values, state, k_rounds)))
-        return jax.tree.map(lambda a: a[None], out)
-    if program.runs_as_map:
-        return jax.lax.map(lambda a: one(*a), (values, state, k_rounds))
-    if jax.default_backend() == "cpu" and runs > RUNS_PER_BLOCK_CPU:
-        return jax.lax.map(lambda a: one(*a), (values, state, k_rounds),
-                           batch_size=RUNS_PER_BLOCK_CPU)
-    return jax.vmap(one)(values, state, k_rounds)
+    with keys_repeat(program.seeds):         # the runs of one seed draw their cohorts once
+        if runs == 1:                        # fl.run's program, no batching, no loop
+            out = one(*jax.tree.map(lambda a: a[0], (values, state, k_rounds)))
+            return jax.tree.map(lambda a: a[None], out)
+        if program.runs_as_map:
+            return jax.lax.map(lambda a: one(*a), (values, state, k_rounds))
+        if jax.default_backend() == "cpu" and runs > RUNS_PER_BLOCK_CPU:
+            return jax.lax.map(lambda a: one(*a), (values, state, k_rounds),
+                               batch_size=RUNS_PER_BLOCK_CPU)
+        return jax.vmap(one)(values, state, k_rounds)
 
 
 RUNS = "runs"
@@ -222,7 +225,8 @@ def sharded_rounds(program: Program, mesh, values, state, data, adapt_data, k_ro
     def local(values, state, k_rounds, data, adapt_data, first_round):
         return sweep_rounds(program, values, state, data, adapt_data, k_rounds, first_round, length)
     return jax.shard_map(local, mesh=mesh, in_specs=(P(RUNS),) * 3 + (P(),) * 3,
-                         out_specs=P(RUNS))(values, state, k_rounds, data, adapt_data, first_round)
+                         out_specs=P(RUNS), check_vma=False,   # no collective to check
+                         )(values, state, k_rounds, data, adapt_data, first_round)
 
 
 def devices_of(devices) -> list:
@@ -362,7 +366,7 @@ def sweep(factory, data, *, grid: dict, seeds=(0,), rounds: int, eval_every: int
     if fixed.get("model") is not None:
         model = fixed.pop("model")
     base = dict(factory=factory, model=model, kinds=tuple(sorted((k, v[0]) for k, v in kinds.items())),
-                setup=setup)
+                setup=setup, seeds=len(set(seeds)))
     runs = [(p, s) for p in points for s in seeds]          # grid order: points x seeds
     # every run's algorithm with plain Python values: the factory's checks, before any tracing
     concrete = [Program(static=_items({**fixed, **p}), traced=(), **base).build({})
