@@ -76,9 +76,8 @@ def participate(key, data, cohort, work, ids=None) -> Participation:
     most U of them), as described there.
     """
     distinct = _DISTINCT_KEYS.get()
-    traced = [v for c in (cohort, work) for v in (getattr(c, f.name) for f in dataclasses.fields(c))
-              if is_traced(v)]                        # a swept stragglers: draws differ per row
-    if distinct and not traced:
+    if distinct and not any(is_traced(getattr(c, f.name)) for c in (cohort, work)
+                            for f in dataclasses.fields(c)):   # a swept stragglers: rows differ
         return _once_per_key(key, data, ids, cohort=cohort, work=work, distinct=distinct)
     return _participate(key, data, cohort, work, ids)
 
@@ -102,8 +101,8 @@ def _once_per_key(key, data, ids, *, cohort, work, distinct):
         slot = jnp.cumsum(is_first) - 1                  # the place of a row's key among them
         reps = jnp.zeros(distinct, jnp.int32).at[jnp.where(is_first, slot, distinct)].set(
             jnp.arange(axis_size, dtype=jnp.int32), mode="drop")
-        # rows of equal keys draw equally, so both branches may read a row's draws from the first
-        # row of its key (which also makes both vary alike over a shard_map's manual axes)
+        # rows of equal keys draw equally, so both branches read a row's draws from the first row
+        # of its key (the fallback too: both branches then vary alike under a checked shard_map)
         rows = lambda keys, at: jax.tree.map(lambda a: a[at], jax.vmap(lambda kk: one(kk, d, i))(keys))
         out = jax.lax.cond(jnp.sum(is_first) <= distinct, lambda: rows(k[reps], slot[first]),
                            lambda: rows(k, first))

@@ -482,14 +482,14 @@ def _run_chunk(program, algs, idx, width, runs, rnames, traced, data, rounds, ev
                             key=_as_key(int(runs[i][1]))[1], data=fp, **extra))
     adapt = algs[0].adapt_split(data) if getattr(algs[0], "adapt", None) is not None else None
     accountants = [_accountant(alg, data, None) for alg in algs]   # the driver's default
-    if mesh is not None:                     # runs split over the devices, the rest replicated
-        split, whole = NamedSharding(mesh, P(RUNS)), NamedSharding(mesh, P())
-        values, k_init, k_rounds = jax.device_put((values, k_init, k_rounds), split)
-        data, adapt = jax.device_put((data, adapt), whole)
-    state = sweep_init(program, values, data, k_init)
+    split = lambda tree: tree            # the runs' rows over the devices, the rest replicated
+    one_device = None
     if mesh is not None:
-        state = jax.device_put(state, split)
-    one_device = None if mesh is None else mesh.devices.flat[0]
+        split = lambda tree: jax.device_put(tree, NamedSharding(mesh, P(RUNS)))
+        values, k_init, k_rounds = split((values, k_init, k_rounds))
+        data, adapt = jax.device_put((data, adapt), NamedSharding(mesh, P()))
+        one_device = mesh.devices.flat[0]
+    state = split(sweep_init(program, values, data, k_init))
     histories = [[] for _ in idx]
     start = 0
     mgr = None
@@ -506,9 +506,7 @@ def _run_chunk(program, algs, idx, width, runs, rnames, traced, data, rounds, ev
                                  f"this sweep puts {[rnames[i] for i in idx]} there (the same "
                                  "runs_per_chunk / memory_budget as the first call resumes it)")
             own, _ = ckpt.restore(mgr, step, _own_rows(state, len(idx), one_device))
-            state = _padded_rows(own, width)
-            if mesh is not None:
-                state = jax.device_put(state, split)
+            state = split(_padded_rows(own, width))
             for name, saved, now in zip(meta["runs"], meta["configs"], configs):
                 diff = ckpt.config_diff(saved, now)
                 if diff:
